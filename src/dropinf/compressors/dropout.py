@@ -1,0 +1,102 @@
+"""Dropout compression: keep r coordinates drawn uniformly without replacement.
+
+The kept coordinates are the first r entries of one seeded permutation of all tracked
+coordinates, so dropout at r' < r is the first r' columns of dropout at r (an r-sweep extracts
+once). The fused path reads only the sampled (row, column) entries of each layer's factors:
+O(B·T·r) work on top of the batched backward.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layout import Slot
+from .base import Compressor
+
+# Above this many coordinates a full randperm would cost too much host memory (Pythia-1.4B has
+# 1.4e9); draws then come from a seeded stream, keeping first occurrences: still a uniformly
+# random permutation's prefix, and still nested in r. The switch depends on dim only.
+_RANDPERM_MAX_DIM = 1 << 24
+_STREAM_CHUNK = 1 << 16
+
+
+def permutation_prefix(dim: int, r: int, seed: int) -> torch.Tensor:
+    """First r entries of a seeded uniformly random permutation of range(dim) (int64, CPU)."""
+    g = torch.Generator().manual_seed(int(seed))
+    if dim <= _RANDPERM_MAX_DIM:
+        return torch.randperm(dim, generator=g)[:r]
+    kept: list[int] = []
+    seen: set[int] = set()
+    while len(kept) < r:
+        for v in torch.randint(dim, (_STREAM_CHUNK,), generator=g).tolist():
+            if v not in seen:
+                seen.add(v)
+                kept.append(v)
+                if len(kept) == r:
+                    break
+    return torch.tensor(kept, dtype=torch.long)
+
+
+class Dropout(Compressor):
+    name = "dropout"
+    nests_in_r = True
+
+    def __init__(self, dim, r, seed=0, layout=None, chunk_elems: int = 1 << 26):
+        super().__init__(dim, r, seed, layout)
+        self.indices = permutation_prefix(self.dim, self.r, self.seed)
+        self.chunk_elems = int(chunk_elems)
+        self._plans: dict = {}
+
+    # Sampled coordinate j lands in output column targets[j] with weight weights[j];
+    # dropout: column j, weight 1. SJLT overrides these two.
+    def _targets(self) -> torch.Tensor:
+        return torch.arange(self.indices.numel())
+
+    def _weights(self) -> torch.Tensor | None:
+        return None
+
+    def attrs(self):
+        return {**super().attrs(), "indices": self.indices.tolist()}
+
+    def nest(self, Y: torch.Tensor, r: int) -> torch.Tensor:
+        """Output at r from the output Y at a larger r (same seed)."""
+        return Y[:, :r]
+
+    def _compress(self, G):
+        kept = G[:, self.indices.to(G.device)]
+        return self._scatter(torch.zeros(G.shape[0], self.out_dim, dtype=G.dtype, device=G.device),
+                             torch.arange(kept.shape[1], device=G.device), kept)
+
+    def _scatter(self, out, positions, values):
+        """out[:, targets[positions]] += weights[positions] * values."""
+        w = self._weights()
+        if w is not None:
+            values = values * w.to(values.device, values.dtype)[positions]
+        return out.index_add_(1, self._targets().to(out.device)[positions], values.to(out.dtype))
+
+    def _plan(self, slot: Slot, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions j whose coordinate falls in `slot`, and their (row, col) in the matrix view."""
+        key = (slot.name, slot.offset, str(device))
+        if key not in self._plans:
+            idx = self.indices
+            pos = torch.nonzero((idx >= slot.offset) & (idx < slot.stop)).flatten()
+            local = idx[pos] - slot.offset
+            ncol = slot.matrix_shape[1]
+            self._plans[key] = tuple(t.to(device) for t in (pos, local // ncol, local % ncol))
+        return self._plans[key]
+
+    def add_outer(self, out, slot, rows, cols):
+        pos, ri, ci = self._plan(slot, out.device)
+        if pos.numel() == 0:
+            return
+        step = max(1, self.chunk_elems // max(1, rows.batch * rows.length))
+        for s in range(0, pos.numel(), step):
+            sl = slice(s, s + step)
+            vals = (rows.gather(ri[sl]) * cols.gather(ci[sl])).sum(1)
+            self._scatter(out, pos[sl], vals)
+
+    def add_vector(self, out, slot, values):
+        pos, ri, ci = self._plan(slot, out.device)
+        if pos.numel() == 0:
+            return
+        flat = ri * slot.matrix_shape[1] + ci
+        self._scatter(out, pos, values.flatten(2).index_select(-1, flat).sum(1))

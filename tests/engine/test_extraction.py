@@ -1,0 +1,183 @@
+"""Fused extraction against per-example autograd, for every supported layer type and compressor."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import dropinf
+from dropinf.extraction import Extractor
+
+from .models import (ConvNet, TextNet, TiedLM, conv_batches, conv_loss, lm_batches, lm_loss, randomize,
+                     reference_grads, text_batches, text_loss)
+
+CASES = {
+    "text": (TextNet, text_loss, text_batches),
+    "conv": (ConvNet, conv_loss, conv_batches),
+    "tied": (TiedLM, lm_loss, lm_batches),
+}
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def setup(case, dtype, seed):
+    cls, loss, batches = CASES[case]
+    torch.manual_seed(seed)
+    model = randomize(cls(), seed).to(dtype)
+    data = batches(seed=seed)
+    data = [{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in b.items()} for b in data]
+    names = [n for n, p in model.named_parameters()]
+    return model, loss, data, names
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_identity_matches_autograd(case, dtype, tol):
+    seed = torch.seed() % 10_000
+    model, loss, data, names = setup(case, dtype, seed)
+    ref = reference_grads(model, loss, data, names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = dropinf.extract(model, loss, data, "identity")
+    assert got.shape == ref.shape and got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert rel_err(got.double(), ref.double()) < tol, f"seed {seed}"
+
+
+def test_fallback_warns_once_naming_module_type():
+    model, loss, data, _ = setup("tied", torch.float64, 0)
+    with pytest.warns(UserWarning, match="TiedLM") as rec:
+        ex = Extractor(model, loss, "identity")
+    assert len(rec) == 1
+    assert ex.fallback == ["scale"]
+    assert set(ex.hooked) == {model.emb, model.mix, model.out}  # tied weight: both usages hooked
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name,r", [("dropout", 9), ("gaussian", 7), ("logra", 4), ("sjlt", 5)])
+def test_fused_path_equals_matrix_path(case, name, r):
+    seed = torch.seed() % 10_000
+    model, loss, data, names = setup(case, torch.float64, seed)
+    ref = reference_grads(model, loss, data, names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ex = Extractor(model, loss, name, r=r, seed=seed)
+        got = ex.run(data)
+    want = ex.compressor.compress(ref)
+    assert got.shape == want.shape == (ref.shape[0], ex.compressor.out_dim)
+    assert rel_err(got, want) < 1e-10, f"seed {seed}"
+
+
+def test_extract_dropout_keeps_exactly_the_public_indices():
+    model, loss, data, names = setup("text", torch.float64, 3)
+    ref = reference_grads(model, loss, data, names)
+    got = dropinf.extract(model, loss, data, "dropout", r=11, seed=42)
+    comp = dropinf.compressor("dropout", dim=ref.shape[1], r=11, seed=42)
+    assert torch.equal(got, ref[:, comp.indices]) or rel_err(got, ref[:, comp.indices]) < 1e-12
+
+
+def test_params_selection_explicit_list():
+    model, loss, data, _ = setup("text", torch.float64, 1)
+    names = ["fc.weight", "head.bias"]
+    ref = reference_grads(model, loss, data, names)
+    got = dropinf.extract(model, loss, data, "identity", params=names)
+    assert rel_err(got, ref) < 1e-10
+    with pytest.raises(dropinf.DropinfError, match="nope"):
+        dropinf.extract(model, loss, data, "identity", params=["nope"])
+
+
+def test_lora_parameters_tracked_by_default_for_peft_model():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = TextNet().double()
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc", "head"], lora_dropout=0.1)
+    model = peft.get_peft_model(base, cfg)
+    with torch.no_grad():  # lora_B starts at zero; make the test non-trivial
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    data = text_batches(seed=5)
+    names = [n for n, p in model.named_parameters() if "lora_" in n]
+    assert len(names) == 4
+    ref = reference_grads(model, text_loss, data, names)
+    got = dropinf.extract(model, text_loss, data, "identity")
+    assert rel_err(got, ref) < 1e-10
+    model.train()
+    assert model.training  # restored after extraction
+
+
+def test_model_state_restored():
+    model, loss, data, _ = setup("conv", torch.float64, 2)
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    dropinf.extract(model, loss, data, "dropout", r=3)
+    assert model.training and flags == [p.requires_grad for p in model.parameters()]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_nan_gradient_names_example_index():
+    model, loss, data, names = setup("conv", torch.float64, 0)
+    data[1]["x"][1, 0, 0, 0] = float("nan")  # batch 1 row 1 = example 3
+    with pytest.raises(dropinf.errors.NonFiniteError, match=r"\[3\]"):
+        dropinf.extract(model, loss, data, "dropout", r=4)
+
+
+def test_sink_streams_rows_in_order():
+    model, loss, data, _ = setup("text", torch.float64, 4)
+    whole = dropinf.extract(model, loss, data, "gaussian", r=6, seed=1)
+    parts = {}
+    assert dropinf.extract(model, loss, data, "gaussian", r=6, seed=1, sink=lambda s, x: parts.__setitem__(s, x)) is None
+    assert torch.equal(torch.cat([parts[k] for k in sorted(parts)]), whole)
+
+
+def test_loss_must_be_per_example():
+    model, _, data, _ = setup("conv", torch.float64, 0)
+    with pytest.raises(dropinf.errors.ShapeError, match=r"\[B\]"):
+        dropinf.extract(model, lambda m, b: conv_loss(m, b).mean(), data, "dropout", r=3)
+
+
+def _hf_lm_loss(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = batch["attention_mask"][:, 1:].to(logits.dtype)
+    tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+    return (tok * mask).sum(1) / mask.sum(1)
+
+
+def _padded_lm_batches(vocab, n=4, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([T, 3, 5, 2])[:n]
+    ids = torch.randint(vocab, (n, T), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    return [{"input_ids": ids[s:s + 2], "attention_mask": mask[s:s + 2]} for s in range(0, n, 2)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_causal_lm_padded_batches(arch):
+    """GPT-2 (Conv1D, LayerNorm, tied embeddings) and Llama (RMSNorm, rotary) with right padding:
+    the fused path covers every parameter and equals per-example autograd."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=17, n_positions=8, n_embd=8, n_layer=2, n_head=2,
+                                      attn_implementation="eager")
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=17, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8,
+                                       attn_implementation="eager")
+        model = transformers.LlamaForCausalLM(cfg)
+    model = model.double()
+    for p in model.parameters():  # random norms too
+        if p.dim() == 1:
+            torch.nn.init.normal_(p, 1.0, 0.3)
+    data = _padded_lm_batches(17)
+    names = [n for n, _ in model.named_parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback allowed
+        ex = Extractor(model, _hf_lm_loss, "identity")
+    ref = reference_grads(model, _hf_lm_loss, data, names)
+    got = ex.run(data)
+    assert rel_err(got, ref) < 1e-10
+    drop = Extractor(model, _hf_lm_loss, "dropout", r=50, seed=1).run(data)
+    assert rel_err(drop, ref[:, dropinf.compressor("dropout", dim=ref.shape[1], r=50, seed=1).indices]) < 1e-10
