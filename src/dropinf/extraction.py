@@ -109,14 +109,14 @@ class Extractor:
                 # Shared across the batch (e.g. position embeddings, shape (1, T)): expand so that
                 # each example's gradient stays separate instead of being summed by broadcasting.
                 x, output = x.expand(B, *x.shape[1:]), output.expand(B, *output.shape[1:])
-            saved = handler.capture(module, x)
+            saved = [handler.capture(module, x)]  # a box, emptied once used so memory frees during backward
             if not output.requires_grad:  # first tracked layer: start the activation graph here
                 leaf = output.detach().requires_grad_()
                 leaves.append(leaf)
                 output = leaf.clone()  # a non-leaf, so later in-place ops stay legal
 
             def on_grad(delta):
-                handler.emit(module, saved, delta, slots, comp, state["out"])
+                handler.emit(module, saved.pop(), delta, slots, comp, state["out"])
 
             output.register_hook(on_grad)
             return output

@@ -62,41 +62,45 @@ class Dropout(Compressor):
         return Y[:, :r]
 
     def _compress(self, G):
-        kept = G[:, self.indices.to(G.device)]
-        return self._scatter(torch.zeros(G.shape[0], self.out_dim, dtype=G.dtype, device=G.device),
-                             torch.arange(kept.shape[1], device=G.device), kept)
-
-    def _scatter(self, out, positions, values):
-        """out[:, targets[positions]] += weights[positions] * values."""
+        out = torch.zeros(G.shape[0], self.out_dim, dtype=G.dtype, device=G.device)
         w = self._weights()
+        kept = G[:, self.indices.to(G.device)]
         if w is not None:
-            values = values * w.to(values.device, values.dtype)[positions]
-        return out.index_add_(1, self._targets().to(out.device)[positions], values.to(out.dtype))
+            kept = kept * w.to(G.device, G.dtype)
+        return out.index_add_(1, self._targets().to(G.device), kept)
 
-    def _plan(self, slot: Slot, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Positions j whose coordinate falls in `slot`, and their (row, col) in the matrix view."""
+    def _plan(self, slot: Slot, device):
+        """For the sampled coordinates inside `slot`: output column, weight (or None), and the
+        (row, col) in the slot's matrix view; kept on `device` so batches trigger no host copies."""
         key = (slot.name, slot.offset, str(device))
         if key not in self._plans:
             idx = self.indices
             pos = torch.nonzero((idx >= slot.offset) & (idx < slot.stop)).flatten()
             local = idx[pos] - slot.offset
             ncol = slot.matrix_shape[1]
-            self._plans[key] = tuple(t.to(device) for t in (pos, local // ncol, local % ncol))
+            w = self._weights()
+            self._plans[key] = (self._targets()[pos].to(device), None if w is None else w[pos].to(device),
+                                (local // ncol).to(device), (local % ncol).to(device), local.to(device))
         return self._plans[key]
 
+    @staticmethod
+    def _add(out, cols, w, vals):
+        if w is not None:
+            vals = vals * w.to(vals.dtype)
+        out.index_add_(1, cols, vals.to(out.dtype))
+
     def add_outer(self, out, slot, rows, cols):
-        pos, ri, ci = self._plan(slot, out.device)
-        if pos.numel() == 0:
+        tgt, w, ri, ci, _ = self._plan(slot, out.device)
+        if tgt.numel() == 0:
             return
         step = max(1, self.chunk_elems // max(1, rows.batch * rows.length))
-        for s in range(0, pos.numel(), step):
+        for s in range(0, tgt.numel(), step):
             sl = slice(s, s + step)
             vals = (rows.gather(ri[sl]) * cols.gather(ci[sl])).sum(1)
-            self._scatter(out, pos[sl], vals)
+            self._add(out, tgt[sl], None if w is None else w[sl], vals)
 
     def add_vector(self, out, slot, values):
-        pos, ri, ci = self._plan(slot, out.device)
-        if pos.numel() == 0:
+        tgt, w, _, _, local = self._plan(slot, out.device)
+        if tgt.numel() == 0:
             return
-        flat = ri * slot.matrix_shape[1] + ci
-        self._scatter(out, pos, values.flatten(2).index_select(-1, flat).sum(1))
+        self._add(out, tgt, w, values.flatten(2).index_select(-1, local).sum(1))

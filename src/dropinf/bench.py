@@ -1,0 +1,371 @@
+"""Benchmark: compressed per-example gradient extraction against a training step, one process, one GPU.
+
+    python -m dropinf.bench --arch gpt2 --dtype float32 --out results/reference/bench/gpt2_fp32.csv
+
+For each architecture (built from its config with random weights: no downloads) it times, on the
+same batch: (a) the floor, a batched forward+backward with all weight gradients and no optimizer;
+(b) fused extraction into (B, r) with each compressor; (c) the paper's way, a batch-size-1 loop that
+forms each full gradient then gathers (dropout) or projects it (dense Gaussian); (d) Zarr write
+throughput, an end-to-end run (extract + write N examples to Zarr) and scoring from Zarr.
+Timings: warm-up, CUDA events, median of repeats (see /work/.library/device/METHOD.md), after the
+timed paths are checked against per-example autograd. Rows are CSV with provenance.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .compressors.base import compressor as make_compressor
+from .extraction import Extractor, _to_device
+from .layout import select_parameters
+
+# ---- architectures (random init from config) ---------------------------------------------------
+
+
+def _lm_loss(model, batch):
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+    tok = F.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+    return tok.mean(1)
+
+
+def _img_loss(model, batch):
+    return F.cross_entropy(model(batch["x"]).float(), batch["y"], reduction="none")
+
+
+def build_arch(name: str, dtype: torch.dtype, device):
+    """(model, loss_fn, make_batch(B, generator)) for a named architecture."""
+    import transformers as tf
+
+    if name == "resnet9":
+        from .models.resnet9 import ResNet9
+
+        model = ResNet9(in_channels=3, num_classes=10)
+
+        def make(B, g):
+            return {"x": torch.randn(B, 3, 32, 32, generator=g).to(device, dtype),
+                    "y": torch.randint(10, (B,), generator=g).to(device)}
+        return model.to(device, dtype), _img_loss, make
+    if name == "gpt2":
+        cfg, seq = tf.GPT2Config(), 256  # GPT-2 small: 124M parameters
+        model = tf.GPT2LMHeadModel(cfg)
+    elif name == "gpt2-tiny":
+        cfg, seq = tf.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=1000, n_positions=64), 32
+        model = tf.GPT2LMHeadModel(cfg)
+    elif name == "pythia-1.4b":
+        cfg, seq = tf.GPTNeoXConfig(vocab_size=50304, hidden_size=2048, num_hidden_layers=24,
+                                    num_attention_heads=16, intermediate_size=8192, rotary_pct=0.25,
+                                    max_position_embeddings=2048, use_parallel_residual=True,
+                                    tie_word_embeddings=False), 128
+        model = tf.GPTNeoXForCausalLM(cfg)
+    elif name == "llama-3.2-1b":
+        cfg, seq = tf.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                  num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                  max_position_embeddings=2048, rope_theta=500000.0,
+                                  tie_word_embeddings=True, rms_norm_eps=1e-5), 128
+        model = tf.LlamaForCausalLM(cfg)
+    else:
+        raise SystemExit(f"unknown architecture {name!r}")
+    vocab = cfg.vocab_size
+    model.config._attn_implementation = "sdpa"
+
+    def make(B, g):
+        return {"input_ids": torch.randint(vocab, (B, seq), generator=g).to(device)}
+    return model.to(device, dtype), _lm_loss, make
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+
+def cuda_time(fn, warmup=2, repeats=5) -> float:
+    """Median seconds of fn() over `repeats`, after `warmup` calls (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_mem(fn) -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def provenance(device) -> dict:
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            return ""
+    return {
+        "git_commit": git("rev-parse", "HEAD") or os.environ.get("DROPINF_COMMIT", ""),
+        "dropinf_version": __version__, "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda or "",
+        "device": torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cpu",
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# ---- the measured paths -------------------------------------------------------------------------
+
+
+def floor_step(model, loss_fn, batch, params):
+    for p in params:
+        p.grad = None
+    loss_fn(model, batch).sum().backward()
+
+
+def per_example_loop(model, loss_fn, batch, params, post):
+    """The paper's way: one full gradient per example (batch size 1), then `post(flat_grad)`."""
+    B = next(iter(batch.values())).shape[0]
+    outs = []
+    for i in range(B):
+        for p in params:
+            p.grad = None
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        loss_fn(model, one).sum().backward()
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        outs.append(post(flat))
+    return torch.stack(outs)
+
+
+def check_against_autograd(model, loss_fn, batch, names, compressors, device) -> dict:
+    """Relative error of fused extraction vs per-example autograd (first 2 examples), per compressor."""
+    params = dict(model.named_parameters())
+    tracked = [params[n] for n in names]
+    two = {k: v[:2] for k, v in batch.items()}
+    model.eval()
+    ref = []
+    for i in range(2):
+        one = {k: v[i:i + 1] for k, v in two.items()}
+        gs = torch.autograd.grad(loss_fn(model, one).sum(), tracked)
+        ref.append(torch.cat([g.float().reshape(-1) for g in gs]))
+    ref = torch.stack(ref)
+    errs = {}
+    for name, ex in compressors.items():
+        if name == "identity":
+            continue
+        got = ex.run([two]).to(ref.device)
+        if name == "dropout" or name.startswith("dropout"):
+            want = ref[:, ex.compressor.indices.to(ref.device)]
+        else:
+            want = ex.compressor.compress(ref)
+        errs[name] = ((got - want).norm() / want.norm()).item()
+    return errs
+
+
+def run(args) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model, loss_fn, make = build_arch(args.arch, dtype, device)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    batch = make(args.batch, g)
+    named = select_parameters(model, None)
+    params = [p for _, p in named]
+    names = [n for n, _ in named]
+    dim = sum(p.numel() for p in params)
+    prov = provenance(device)
+    base = {"arch": args.arch, "dtype": args.dtype, "batch": args.batch, "dim": dim, **prov}
+    seq = batch["input_ids"].shape[1] if "input_ids" in batch else 0
+    base["seq_len"] = seq
+    rows = []
+
+    def emit(path, r, seconds, mem, **extra):
+        row = {**base, "path": path, "r": r, "ms_per_example": 1e3 * seconds / args.batch,
+               "peak_gib": mem, **extra}
+        rows.append(row)
+        print(f"{args.arch:14s} {args.dtype:8s} {path:28s} r={r!s:6s} {row['ms_per_example']:9.3f} ms/ex "
+              f"peak {mem:6.2f} GiB {extra if extra else ''}", flush=True)
+        return row
+
+    floor = cuda_time(lambda: floor_step(model, loss_fn, batch, params), args.warmup, args.repeats)
+    floor_mem = peak_mem(lambda: floor_step(model, loss_fn, batch, params))
+    for p in params:
+        p.grad = None
+    emit("floor_fwd_bwd", "", floor, floor_mem, ratio_to_floor=1.0)
+
+    specs = [("dropout", r) for r in args.r] + [("gaussian", args.gaussian_r), ("logra", args.logra_r),
+                                               ("sjlt", args.sjlt_r)]
+    if args.identity and dim * args.batch * 4 < 16 * 2**30:
+        specs.append(("identity", None))
+    extractors = {}
+    for name, r in specs:
+        key = f"{name}" if name != "dropout" else f"dropout_r{r}"
+        extractors[key] = Extractor(model, loss_fn, name, r=r, seed=0, params=names)
+    if args.check:
+        errs = check_against_autograd(model, loss_fn, batch, names,
+                                      {k: v for k, v in extractors.items() if k != "identity"}, device)
+        for k, e in errs.items():
+            print(f"check {k}: relative error vs per-example autograd {e:.2e}", flush=True)
+            rows.append({**base, "path": f"check_{k}", "r": "", "rel_err_vs_autograd": e})
+
+    def fused(ex):
+        with torch.enable_grad():
+            for p in params:
+                p.requires_grad_(False)
+            try:
+                ex._fused(batch, torch.float32)
+            finally:
+                for p in params:
+                    p.requires_grad_(True)
+
+    for key, ex in extractors.items():
+        try:
+            t = cuda_time(lambda: fused(ex), args.warmup, args.repeats)
+            m = peak_mem(lambda: fused(ex))
+            emit(f"fused_{key}", ex.compressor.out_dim, t, m, ratio_to_floor=t / floor,
+                 mem_ratio_to_floor=m / floor_mem if floor_mem == floor_mem else "")
+        except torch.OutOfMemoryError as err:
+            rows.append({**base, "path": f"fused_{key}", "r": "", "error": f"OOM: {err}"[:200]})
+            torch.cuda.empty_cache()
+
+    if args.paper_loop:
+        model.eval()
+        r = args.r[0]
+        idx = make_compressor("dropout", dim=dim, r=r, seed=0).indices.to(device)
+        small = {k: v[: args.loop_examples] for k, v in batch.items()}
+        t = cuda_time(lambda: per_example_loop(model, loss_fn, small, params, lambda f: f[idx]), 1, 3)
+        emit("paper_loop_dropout", r, t * args.batch / args.loop_examples, float("nan"),
+             ratio_to_floor=t * args.batch / args.loop_examples / floor)
+        pbytes = dim * r * 2  # the dense projection kept on the GPU in bf16, as the paper's baseline
+        if pbytes < 0.5 * (torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0):
+            P = torch.randn(r, dim, device=device, dtype=torch.bfloat16) / r ** 0.5
+            t = cuda_time(lambda: per_example_loop(model, loss_fn, small, params,
+                                                   lambda f: P @ f.to(torch.bfloat16)), 1, 3)
+            emit("paper_loop_dense_gaussian_bf16", r, t * args.batch / args.loop_examples,
+                 float("nan"), ratio_to_floor=t * args.batch / args.loop_examples / floor,
+                 projection_gib=pbytes / 2**30)
+            del P
+        for p in params:
+            p.grad = None
+
+    if args.e2e:
+        rows.extend(end_to_end(args, model, loss_fn, make, names, base))
+    return rows
+
+
+def end_to_end(args, model, loss_fn, make, names, base) -> list[dict]:
+    """N examples: extract (dropout) and write to a Zarr array; then score from Zarr on the GPU."""
+    import zarr
+
+    from .influence import influence
+
+    out = []
+    tmp = Path(tempfile.mkdtemp(prefix="dropinf-bench-"))
+    try:
+        r = args.r[-1]
+        g = torch.Generator().manual_seed(2)
+        batches = [make(args.batch, g) for _ in range(max(1, args.e2e_examples // args.batch))]
+        n = len(batches) * args.batch
+        ex = Extractor(model, loss_fn, "dropout", r=r, seed=0, params=names)
+        ex.run(batches[:1])  # warm-up (plans, kernels)
+        arr = zarr.create_array(tmp / "g.zarr", shape=(n, r), chunks=(args.batch * 4, r), dtype="float32")
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        t0 = time.perf_counter()
+        ex.run(batches, sink=lambda s, x: arr.__setitem__(slice(s, s + x.shape[0]), x.cpu().numpy()))
+        secs = time.perf_counter() - t0
+        out.append({**base, "path": "e2e_extract_dropout_to_zarr", "r": r, "n_examples": n,
+                    "seconds": secs, "ms_per_example": 1e3 * secs / n})
+        print(f"e2e: {n} examples extracted + written to Zarr in {secs:.2f} s", flush=True)
+        # Zarr write throughput alone
+        data = torch.randn(n, r).numpy()
+        arr2 = zarr.create_array(tmp / "w.zarr", shape=(n, r), chunks=(args.batch * 4, r), dtype="float32")
+        t0 = time.perf_counter()
+        arr2[:] = data
+        w = time.perf_counter() - t0
+        out.append({**base, "path": "zarr_write", "r": r, "n_examples": n, "seconds": w,
+                    "mb_per_s": data.nbytes / 2**20 / w})
+        # scoring: n_train x n_test at r = 4096 from Zarr
+        nt, mt, rs = args.score_train, args.score_test, 4096
+        big = zarr.create_array(tmp / "s.zarr", shape=(nt, rs), chunks=(2048, rs), dtype="float32")
+        big[:] = torch.randn(nt, rs).numpy()
+        test = torch.randn(mt, rs)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        influence(big, test, "exact", device=dev, dtype=torch.float32)  # warm-up
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        t0 = time.perf_counter()
+        s = influence(big, test, "exact", device=dev, dtype=torch.float32, reduce=False)
+        secs = time.perf_counter() - t0
+        assert s.shape == (nt, mt)
+        out.append({**base, "path": "score_exact_from_zarr", "r": rs, "n_examples": nt, "n_test": mt,
+                    "seconds": secs})
+        print(f"score: {nt} x {mt} at r={rs} from Zarr in {secs:.2f} s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m dropinf.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="gpt2", help="gpt2 | gpt2-tiny | pythia-1.4b | llama-3.2-1b | resnet9")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--r", type=int, nargs="+", default=[64, 512], help="dropout sizes")
+    ap.add_argument("--gaussian-r", type=int, default=512)
+    ap.add_argument("--logra-r", type=int, default=4096, help="per-layer budget (64x64)")
+    ap.add_argument("--sjlt-r", type=int, default=512)
+    ap.add_argument("--identity", action="store_true", help="also time raw per-example gradients if they fit")
+    ap.add_argument("--paper-loop", action="store_true", help="also time the batch-size-1 loop")
+    ap.add_argument("--loop-examples", type=int, default=8)
+    ap.add_argument("--e2e", action="store_true", help="end-to-end extract→Zarr and scoring from Zarr")
+    ap.add_argument("--e2e-examples", type=int, default=2000)
+    ap.add_argument("--score-train", type=int, default=10000)
+    ap.add_argument("--score-test", type=int, default=1000)
+    ap.add_argument("--no-check", dest="check", action="store_false")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None, help="CSV path (default results/bench/<arch>_<dtype>.csv)")
+    args = ap.parse_args(argv)
+    rows = run(args)
+    out = args.out or f"results/bench/{args.arch}_{args.dtype}.csv"
+    write_csv(rows, out)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
