@@ -54,3 +54,8 @@ def load_dataset(name: str, **opts) -> TaskData:
     except KeyError:
         raise DropinfError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}") from None
     return fn(**opts)
+
+from . import digits  # noqa: E402,F401  (registration)
+
+
+from . import amazon_reviews, austen, cifar10, fashion_mnist, hf  # noqa: E402,F401  (registration)

@@ -41,3 +41,8 @@ def build_model(name: str, data, **opts) -> ModelSpec:
     except KeyError:
         raise DropinfError(f"unknown model {name!r}; known: {sorted(MODELS)}") from None
     return fn(data, **opts)
+
+from . import mlp  # noqa: E402,F401  (registration)
+
+
+from . import causal_lm, gpt2, resnet9, text_classifier  # noqa: E402,F401  (registration)
