@@ -30,14 +30,15 @@ from . import __version__
 from .compressors.base import compressor as make_compressor
 from .extraction import Extractor, _to_device
 from .layout import select_parameters
+from .models.lm import per_example_lm_loss
 
 # ---- architectures (random init from config) ---------------------------------------------------
 
 
 def _lm_loss(model, batch):
-    logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
-    tok = F.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
-    return tok.mean(1)
+    # the project's LM loss (contiguous (B*T, V) cross-entropy: a transposed (B, V, T) layout
+    # would hit PyTorch's slow "spatial" softmax and dominate both floor and extraction)
+    return per_example_lm_loss(model(input_ids=batch["input_ids"], use_cache=False).logits, batch["input_ids"])
 
 
 def _img_loss(model, batch):
@@ -145,6 +146,28 @@ def floor_step(model, loss_fn, batch, params):
     loss_fn(model, batch).sum().backward()
 
 
+def graphed_floor(model, loss_fn, batch, params):
+    """The floor as one CUDA graph (weight gradients returned, not accumulated): for comparing
+    graph-replayed extraction with a training step that also has no Python in its loop."""
+    static = {k: v.clone() for k, v in batch.items()}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            torch.autograd.grad(loss_fn(model, static).sum(), params)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = torch.autograd.grad(loss_fn(model, static).sum(), params)
+
+    def replay():
+        for k, v in batch.items():
+            static[k].copy_(v)
+        graph.replay()
+    replay.keep = (graph, grads)
+    return replay
+
+
 def per_example_loop(model, loss_fn, batch, params, post):
     """The paper's way: one full gradient per example (batch size 1), then `post(flat_grad)`."""
     B = next(iter(batch.values())).shape[0]
@@ -215,40 +238,55 @@ def run(args) -> list[dict]:
     for p in params:
         p.grad = None
     emit("floor_fwd_bwd", "", floor, floor_mem, ratio_to_floor=1.0)
+    graph_floor = None
+    if args.graph and device.type == "cuda":
+        replay = graphed_floor(model, loss_fn, batch, params)
+        graph_floor = cuda_time(replay, args.warmup, args.repeats)
+        # peak memory of a replay is not comparable (the graph's private pool is allocated at capture)
+        emit("floor_fwd_bwd_cudagraph", "", graph_floor, float("nan"), ratio_to_floor=graph_floor / floor,
+             ratio_to_graph_floor=1.0)
+        del replay
+        torch.cuda.empty_cache()
 
-    specs = [("dropout", r) for r in args.r] + [("gaussian", args.gaussian_r), ("logra", args.logra_r),
-                                               ("sjlt", args.sjlt_r)]
+    specs = [("dropout", r) for r in args.r] + [("sjlt", args.sjlt_r), ("logra", args.logra_r),
+                                               ("gaussian", args.gaussian_r)]
     if args.identity and dim * args.batch * 4 < 16 * 2**30:
         specs.append(("identity", None))
-    extractors = {}
-    for name, r in specs:
-        key = f"{name}" if name != "dropout" else f"dropout_r{r}"
-        extractors[key] = Extractor(model, loss_fn, name, r=r, seed=0, params=names)
-    if args.check:
-        errs = check_against_autograd(model, loss_fn, batch, names,
-                                      {k: v for k, v in extractors.items() if k != "identity"}, device)
-        for k, e in errs.items():
-            print(f"check {k}: relative error vs per-example autograd {e:.2e}", flush=True)
-            rows.append({**base, "path": f"check_{k}", "r": "", "rel_err_vs_autograd": e})
 
-    def fused(ex):
+    def fused(ex, graphed=False):
         with torch.enable_grad():
             for p in params:
                 p.requires_grad_(False)
             try:
-                ex._fused(batch, torch.float32)
+                (ex._graphed if graphed else ex._fused)(batch, torch.float32)
             finally:
                 for p in params:
                     p.requires_grad_(True)
 
-    for key, ex in extractors.items():
+    # One extractor at a time, freed before the next, so no compressor's caches (Gaussian tiles)
+    # sit in the next one's peak memory.
+    for name, r in specs:
+        key = name if name != "dropout" else f"dropout_r{r}"
+        ex = Extractor(model, loss_fn, name, r=r, seed=0, params=names)
+        if args.check and name != "identity":
+            err = check_against_autograd(model, loss_fn, batch, names, {key: ex}, device)[key]
+            print(f"check {key}: relative error vs per-example autograd {err:.2e}", flush=True)
+            rows.append({**base, "path": f"check_{key}", "r": "", "rel_err_vs_autograd": err})
+        slow = name in ("gaussian", "identity")  # seconds per batch on 1B models: fewer repeats
         try:
-            t = cuda_time(lambda: fused(ex), args.warmup, args.repeats)
+            t = cuda_time(lambda: fused(ex), 1 if slow else args.warmup, min(2, args.repeats) if slow else args.repeats)
             m = peak_mem(lambda: fused(ex))
             emit(f"fused_{key}", ex.compressor.out_dim, t, m, ratio_to_floor=t / floor,
                  mem_ratio_to_floor=m / floor_mem if floor_mem == floor_mem else "")
+            if graph_floor is not None and getattr(ex.compressor, "graph_safe", True):
+                ex.cuda_graph = True
+                t = cuda_time(lambda: fused(ex, True), args.warmup, args.repeats)
+                emit(f"fused_{key}_cudagraph", ex.compressor.out_dim, t, float("nan"), ratio_to_floor=t / floor,
+                     ratio_to_graph_floor=t / graph_floor)
         except torch.OutOfMemoryError as err:
             rows.append({**base, "path": f"fused_{key}", "r": "", "error": f"OOM: {err}"[:200]})
+        del ex
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     if args.paper_loop:
@@ -356,6 +394,7 @@ def main(argv=None):
     ap.add_argument("--e2e-examples", type=int, default=2000)
     ap.add_argument("--score-train", type=int, default=10000)
     ap.add_argument("--score-test", type=int, default=1000)
+    ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays (floor and extraction)")
     ap.add_argument("--no-check", dest="check", action="store_false")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)

@@ -41,8 +41,10 @@ class Extractor:
     """Reusable extraction state for one (model, tracked params, compressor)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, compressor: str | Compressor, r: int | None = None,
-                 seed: int = 0, params=None, device=None, **compressor_opts):
+                 seed: int = 0, params=None, device=None, cuda_graph: bool = False, **compressor_opts):
         self.model, self.loss_fn = model, loss_fn
+        self.cuda_graph = cuda_graph
+        self._graphs: dict = {}
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
         self.named = select_parameters(model, params)
@@ -153,6 +155,46 @@ class Extractor:
             slot = self.layout[n]
             self.compressor.add_vector(out, slot, g.reshape(g.shape[0], 1, -1).to(out.dtype))
 
+    # ---- CUDA graphs: replay the whole fused step, no per-layer Python in the loop --------------
+    _MAX_GRAPHS = 4  # one per batch shape (full batches + the last partial one, typically)
+
+    def _graph_ok(self) -> bool:
+        if not (self.cuda_graph and self.device.type == "cuda"):
+            return False
+        why = None
+        if self.fallback:
+            why = "torch.func fallback parameters"
+        elif not getattr(self.compressor, "graph_safe", True):
+            why = f"{self.compressor.name} draws random numbers per batch"
+        elif len(self._graphs) >= self._MAX_GRAPHS:
+            why = f"more than {self._MAX_GRAPHS} batch shapes"
+        if why:
+            if not getattr(self, "_graph_warned", False):
+                warnings.warn(f"dropinf.extract: cuda_graph disabled ({why}); running eagerly", stacklevel=4)
+                self._graph_warned = True
+            return False
+        return True
+
+    def _graphed(self, batch, out_dtype) -> tuple[torch.Tensor, int]:
+        key = str(tree_map(lambda t: (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t, batch))
+        entry = self._graphs.get(key)
+        if entry is None:
+            static = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, batch)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: plans, kernel selection, allocator
+                for _ in range(2):
+                    self._fused(static, out_dtype)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out, B = self._fused(static, out_dtype)
+            entry = self._graphs[key] = (graph, static, out, B)
+        graph, static, out, B = entry
+        torch.utils._pytree.tree_map(lambda d, s: d.copy_(s) if isinstance(d, torch.Tensor) else None, static, batch)
+        graph.replay()
+        return out.clone(), B
+
     def run(self, loader: Iterable, sink: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
         """Compressed gradients of every example in `loader`, in order: (n, out_dim) float32
         (float64 for a float64 model). With `sink`, rows go to sink(start, rows) and None is returned."""
@@ -172,7 +214,10 @@ class Extractor:
             for batch in loader:
                 batch = _to_device(batch, self.device)
                 with torch.enable_grad():
-                    out, B = self._fused(batch, out_dtype)
+                    if self._graph_ok():
+                        out, B = self._graphed(batch, out_dtype)
+                    else:
+                        out, B = self._fused(batch, out_dtype)
                     if self.fallback:
                         self._functional(batch, out)
                 check_finite(out, "compressed per-example gradients", offset=start)

@@ -22,12 +22,12 @@ class Factor:
     width: int   # n
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T, len(idx)) columns `idx`, in the accumulation dtype."""
+        """(B, T, len(idx)) columns `idx`, in the input's dtype (callers reduce in float32)."""
         raise NotImplementedError
 
     def full(self) -> torch.Tensor:
         """(B, T, n) in the accumulation dtype."""
-        return self.gather(torch.arange(self.width, device=self.device))
+        return acc(self.gather(torch.arange(self.width, device=self.device)))
 
     def project(self, P: torch.Tensor) -> torch.Tensor:
         """(B, T, k) = full() @ P.T for P of shape (k, n)."""
@@ -39,12 +39,12 @@ class Dense(Factor):
     def __init__(self, x: torch.Tensor):
         if x.dim() == 2:
             x = x.unsqueeze(1)
-        self.x = x.flatten(1, -2) if x.dim() > 3 else x
+        self.x = x.flatten(1, -2) if x.dim() > 3 else x  # 3-D stays a view (δ is often non-contiguous)
         self.batch, self.length, self.width = self.x.shape
         self.device = x.device
 
     def gather(self, idx):
-        return acc(self.x.index_select(-1, idx))
+        return self.x.index_select(-1, idx)
 
     def full(self):
         return acc(self.x)
@@ -93,7 +93,7 @@ class Unfold(Factor):
         ys = ky[:, None] * dh + sh * torch.arange(self.oh, device=idx.device)[None, :]  # (k, oh)
         xs = kx[:, None] * dw + sw * torch.arange(self.ow, device=idx.device)[None, :]  # (k, ow)
         taps = self.x[:, c[:, None, None], ys[:, :, None], xs[:, None, :]]  # (B, k, oh, ow)
-        return acc(taps.flatten(2).transpose(1, 2))
+        return taps.flatten(2).transpose(1, 2)
 
     def full(self):
         cols = F.unfold(self.x, self.conv.kernel_size, dilation=self.conv.dilation, stride=self.conv.stride)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .factors import Dense, OneHot, Unfold, acc
+from .factors import Dense, OneHot, Unfold
 
 HANDLERS: list[type["Handler"]] = []
 
@@ -44,8 +44,9 @@ class Handler:
 
 
 def _vec(t: torch.Tensor) -> torch.Tensor:
-    """(B, ..., D) → (B, T, D) for vector-parameter contributions."""
-    return acc(t.reshape(t.shape[0], -1, t.shape[-1]))
+    """(B, ..., D) → (B, T, D) for vector-parameter contributions (a view where possible; the
+    dtype is kept: compressors select their coordinates first, then reduce in float32)."""
+    return t if t.dim() == 3 else t.reshape(t.shape[0], -1, t.shape[-1])
 
 
 class LinearHandler(Handler):
@@ -111,7 +112,7 @@ class Conv2dHandler(Handler):
         if "weight" in slots:
             comp.add_outer(out, slots["weight"], Dense(d), Unfold(x, module))
         if "bias" in slots:
-            comp.add_vector(out, slots["bias"], acc(d))
+            comp.add_vector(out, slots["bias"], d)
 
 
 class LayerNormHandler(Handler):
@@ -124,7 +125,7 @@ class LayerNormHandler(Handler):
     @staticmethod
     def emit(module, xhat, delta, slots, comp, out):
         n = len(module.normalized_shape)
-        flat = lambda t: acc(t.reshape(t.shape[0], -1, *t.shape[t.dim() - n:]).flatten(2))  # noqa: E731
+        flat = lambda t: t.reshape(t.shape[0], -1, *t.shape[t.dim() - n:]).flatten(2)  # noqa: E731
         if "weight" in slots:
             comp.add_vector(out, slots["weight"], flat(delta) * flat(xhat))
         if "bias" in slots:
@@ -155,7 +156,7 @@ class RMSNormHandler(Handler):
     def emit(module, xhat, delta, slots, comp, out):
         shape = module.weight.shape
         n = len(shape)
-        flat = lambda t: acc(t.reshape(t.shape[0], -1, *t.shape[t.dim() - n:]).flatten(2))  # noqa: E731
+        flat = lambda t: t.reshape(t.shape[0], -1, *t.shape[t.dim() - n:]).flatten(2)  # noqa: E731
         comp.add_vector(out, slots["weight"], flat(delta) * flat(xhat))
 
 
@@ -178,7 +179,7 @@ class BatchNormHandler(Handler):
 
     @staticmethod
     def emit(module, xhat, delta, slots, comp, out):
-        chan_last = lambda t: acc(t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2))  # noqa: E731
+        chan_last = lambda t: t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)  # noqa: E731
         if "weight" in slots:
             comp.add_vector(out, slots["weight"], chan_last(delta * xhat))
         if "bias" in slots:

@@ -187,3 +187,12 @@ def test_hf_causal_lm_padded_batches(arch):
     assert rel_err(got, ref) < 1e-10
     drop = Extractor(model, _hf_lm_loss, "dropout", r=50, seed=1).run(data)
     assert rel_err(drop, ref[:, dropinf.compressor("dropout", dim=ref.shape[1], r=50, seed=1).indices]) < 1e-10
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU (run with DROPINF_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("name", ["dropout", "sjlt", "logra"])
+def test_cuda_graph_replay_equals_eager(name):
+    model, loss, data, _ = setup("text", torch.float32, 11)
+    eager = dropinf.extract(model, loss, data, name, r=9, seed=3)
+    graphed = dropinf.extract(model, loss, data, name, r=9, seed=3, cuda_graph=True)
+    assert rel_err(graphed, eager) < 1e-6

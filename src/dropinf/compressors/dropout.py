@@ -96,11 +96,12 @@ class Dropout(Compressor):
         step = max(1, self.chunk_elems // max(1, rows.batch * rows.length))
         for s in range(0, tgt.numel(), step):
             sl = slice(s, s + step)
-            vals = (rows.gather(ri[sl]) * cols.gather(ci[sl])).sum(1)
+            # product in the activations' dtype, sum over positions in out's dtype (float32/64)
+            vals = (rows.gather(ri[sl]) * cols.gather(ci[sl])).sum(1, dtype=out.dtype)
             self._add(out, tgt[sl], None if w is None else w[sl], vals)
 
     def add_vector(self, out, slot, values):
         tgt, w, _, _, local = self._plan(slot, out.device)
         if tgt.numel() == 0:
             return
-        self._add(out, tgt, w, values.flatten(2).index_select(-1, local).sum(1))
+        self._add(out, tgt, w, values.flatten(2).index_select(-1, local).sum(1, dtype=out.dtype))

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ..factors import acc
 from .base import Compressor
 
 ROW_GROUP = 64
@@ -26,6 +27,7 @@ def _tile_seed(seed: int, group: int, block: int) -> int:
 class Gaussian(Compressor):
     name = "gaussian"
     nests_in_r = True
+    graph_safe = False  # draws its projection tiles per batch unless they all fit in the cache
 
     def __init__(self, dim, r, seed=0, layout=None, cache_bytes: int = 2 << 30, chunk_elems: int = 1 << 26):
         super().__init__(dim, r, seed, layout)
@@ -81,9 +83,9 @@ class Gaussian(Compressor):
         for r0 in range(0, nrow, step):
             r1 = min(nrow, r0 + step)
             ri = torch.arange(r0, r1, device=out.device)
-            g = torch.einsum("bti,btj->bij", rows.gather(ri), cols.full()).reshape(rows.batch, -1)
+            g = torch.einsum("bti,btj->bij", acc(rows.gather(ri)), cols.full()).reshape(rows.batch, -1)
             out += self.project_range(g.to(out.dtype), slot.offset + r0 * ncol, slot.offset + r1 * ncol)
 
     def add_vector(self, out, slot, values):
-        g = values.flatten(2).sum(1).to(out.dtype)
+        g = values.flatten(2).sum(1, dtype=out.dtype)
         out += self.project_range(g, slot.offset, slot.stop)

@@ -38,4 +38,4 @@ class Identity(Compressor):
         out[:, slot.offset:slot.stop] += g.reshape(g.shape[0], -1).to(out.dtype)
 
     def add_vector(self, out, slot, values):
-        out[:, slot.offset:slot.stop] += values.flatten(2).sum(1).to(out.dtype)
+        out[:, slot.offset:slot.stop] += values.flatten(2).sum(1, dtype=out.dtype)

@@ -92,4 +92,4 @@ class LoGra(Compressor):
 
     def add_vector(self, out, slot, values):
         c0, c1 = self.columns[slot.name]
-        out[:, c0:c1] += self._project_matrix(values.flatten(2).sum(1).to(out.dtype), slot)
+        out[:, c0:c1] += self._project_matrix(values.flatten(2).sum(1, dtype=out.dtype), slot)
