@@ -124,11 +124,13 @@ def peak_mem(fn) -> float:
 def provenance(device) -> dict:
     def git(*a):
         try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, timeout=10).stdout.strip()
+            res = subprocess.run(["git", *a], capture_output=True, text=True, timeout=10)
+            return res.stdout.strip() if res.returncode == 0 else ""
         except Exception:
             return ""
+    # a copied tree (the GPU machine) has no history: the caller passes the commit in DROPINF_COMMIT
     return {
-        "git_commit": git("rev-parse", "HEAD") or os.environ.get("DROPINF_COMMIT", ""),
+        "git_commit": git("rev-parse", "--verify", "-q", "HEAD") or os.environ.get("DROPINF_COMMIT", "unknown"),
         "dropinf_version": __version__, "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda or "",
         "device": torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cpu",

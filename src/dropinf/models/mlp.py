@@ -43,15 +43,15 @@ def _loss(model, batch):
 
 
 @register_model("mlp")
-def build_mlp(data, hidden=(32,), activation: str = "tanh", seed: int = 0) -> ModelSpec:
+def build_mlp(data, hidden=(32,), activation: str = "tanh", init_seed: int = 0) -> ModelSpec:
     """MLP sized from the data: inputs = prod(x.shape[1:]), outputs = num_classes.
 
-    Weights are initialised from `seed`, so a (data, options) pair always builds the same network."""
+    Weights are initialised from `init_seed`, so a (data, options) pair always builds the same network."""
     if data.task != "classification" or "x" not in data.train:
         raise DropinfError("mlp: needs a classification dataset with an 'x' feature tensor")
     n_in = prod(data.train["x"].shape[1:])
     gen_state = torch.random.get_rng_state()
-    torch.manual_seed(int(seed))
+    torch.manual_seed(int(init_seed))
     try:
         module = MLP(n_in, int(data.num_classes), hidden=tuple(hidden), activation=activation)
     finally:
