@@ -380,7 +380,26 @@ def write_csv(rows: list[dict], path: str) -> None:
     os.replace(tmp, path)
 
 
+def markdown_table(paths: list[str]) -> str:
+    """README table from benchmark CSVs: ms/example, ratio to the floor, peak memory."""
+    lines = ["| architecture | dtype | path | r (out dim) | ms / example | × eager floor | × graph floor | peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if not row.get("ms_per_example") or row["path"].startswith(("check_", "e2e", "zarr", "score")):
+                    continue
+                fmt = lambda k, spec: format(float(row[k]), spec) if row.get(k) not in (None, "", "nan") else "–"  # noqa: E731
+                lines.append(f"| {row['arch']} (B={row['batch']}) | {row['dtype']} | {row['path']} | {row['r'] or '–'} | "
+                             f"{fmt('ms_per_example', '.3f')} | {fmt('ratio_to_floor', '.2f')} | "
+                             f"{fmt('ratio_to_graph_floor', '.2f')} | {fmt('peak_gib', '.2f')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "table":
+        print(markdown_table(sys.argv[2:]))
+        return
     ap = argparse.ArgumentParser(prog="python -m dropinf.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="gpt2", help="gpt2 | gpt2-tiny | pythia-1.4b | llama-3.2-1b | resnet9")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
