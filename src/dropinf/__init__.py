@@ -14,13 +14,7 @@ SIGN_CONVENTION = (
 from .compressors import COMPRESSORS, Compressor, compressor  # noqa: E402
 from .errors import DropinfError  # noqa: E402
 from .extraction import extract  # noqa: E402
-
-
-def __getattr__(name):  # solvers load on first use
-    if name == "influence":
-        from .influence import influence
-        return influence
-    raise AttributeError(f"module 'dropinf' has no attribute {name!r}")
+from .influence import influence  # noqa: E402  (binds the function over the same-named submodule)
 
 __all__ = ["compressor", "extract", "influence", "Compressor", "COMPRESSORS", "DropinfError",
            "SIGN_CONVENTION", "__version__"]

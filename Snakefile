@@ -1,0 +1,35 @@
+# dropinf workflow: which training examples matter, by influence functions on compressed
+# per-example gradients.  prepare_data -> finetune -> extract -> score -> evaluate -> report.
+#
+#   snakemake --cores 2                                   # the embedded default (config.yaml)
+#   snakemake --cores 2 --configfile my.yaml --replace-workflow-config
+#   snakemake --profile slurm                             # on a SLURM cluster
+#   snakemake --report report.html                        # HTML report after a run
+#
+# Rules are thin: each runs `python -m dropinf <stage> ...` (src/dropinf/pipeline/).
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/gradients.smk"
+include: "workflow/rules/scores.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+rule all:
+    default_target: True
+    input:
+        SUMMARY,
+        REPORT_FILES,

@@ -1,0 +1,169 @@
+"""Command line: `python -m dropinf <stage> [options]`, the workflow's stages (see `dropinf.pipeline`).
+
+Every stage reads and writes files only; the Snakefile is a thin layer over these commands.
+JSON-valued options (`--options`, `--dataset-options`, ...) take a JSON object.
+Exit codes: 0 success, 2 a user/configuration error (message on stderr), 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+
+
+def _damping(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _ints(text: str) -> list[int]:
+    if text.strip() in ("", "none"):
+        return []
+    return [int(t) for t in text.replace(",", " ").split()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.replace(",", " ").split()]
+
+
+def _optfloat(text: str):
+    return None if text in ("", "none") else float(text)
+
+
+def _r(text: str):
+    return None if text in ("full", "none", "") else int(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dropinf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="stage", required=True, metavar="<stage>")
+
+    def add(name, help_):
+        s = sub.add_parser(name, help=help_, description=help_)
+        s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        return s
+
+    s = add("prepare_data", "load a dataset, flip a fraction of training labels (seeded), save tensors")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--dataset-options", type=_json, default={})
+    s.add_argument("--label-noise", type=float, default=0.0)
+    s.add_argument("--noise-seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+
+    s = add("finetune", "train the model on the prepared training split")
+    s.add_argument("--data", required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--model-options", type=_json, default={})
+    s.add_argument("--train", type=_json, default={}, help="JSON: epochs, batch_size, lr, weight_decay, optimizer, seed")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True)
+    s.add_argument("--metrics", required=True)
+
+    s = add("extract", "compressed per-example gradients (train and test splits, every seed) to Zarr")
+    s.add_argument("--data", required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--compressor", required=True)
+    s.add_argument("--r", type=_r, default=None, help="compressed size (omit or 'full' for identity)")
+    s.add_argument("--seeds", type=_ints, default=[0])
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--budget-mb", type=_optfloat, default=None, help="identity: skip when n*d*4 bytes exceeds this")
+    s.add_argument("--options", type=_json, default={}, help="JSON compressor options")
+    s.add_argument("--no-nest", action="store_true", help="never serve r by slicing a larger-r array")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--experiment", default="")
+    s.add_argument("--out-dir", required=True)
+
+    s = add("score", "influence scores of one method (all seeds)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--method", required=True)
+    s.add_argument("--r", type=_r, default=None)
+    s.add_argument("--grads", default=None, help="extract manifest.json (not for random)")
+    s.add_argument("--seeds", type=_ints, default=[0])
+    s.add_argument("--damping", type=_damping, default="paper", help="'paper', a number, or a JSON list (one per block)")
+    s.add_argument("--options", type=_json, default={}, help="JSON options for dropinf.influence")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--experiment", default="")
+    s.add_argument("--out-dir", required=True)
+
+    s = add("evaluate", "mislabel AUC and retraining after removing the most helpful examples")
+    s.add_argument("--data", required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--scores", required=True, help="score manifest.json")
+    s.add_argument("--method", required=True)
+    s.add_argument("--r", type=_r, default=None)
+    s.add_argument("--fractions", type=_floats, default=[])
+    s.add_argument("--no-retrain", action="store_true")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--experiment", default="")
+    s.add_argument("--out", required=True)
+
+    s = add("summarize", "concatenate evaluation rows into the tidy summary.csv")
+    s.add_argument("--inputs", nargs="+", required=True)
+    s.add_argument("--finetune-metrics", default=None)
+    s.add_argument("--experiment", default="")
+    s.add_argument("--out", required=True)
+
+    s = add("report", "tables and plots from summary.csv")
+    s.add_argument("--summary", required=True)
+    s.add_argument("--scored", nargs="*", default=[], help="METHOD/RTAG pairs, to list skipped methods")
+    s.add_argument("--experiment", default="")
+    s.add_argument("--out-dir", required=True)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .errors import DropinfError
+    from .pipeline.common import log, setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        return _run(args) or 0
+    except DropinfError as e:
+        log.error("%s: %s", args.stage, e)
+        return 2
+
+
+def _run(args) -> int | None:
+    st = args.stage
+    if st == "prepare_data":
+        from .pipeline.prepare import prepare_data
+        prepare_data(args.out, args.dataset, args.dataset_options, args.label_noise, args.noise_seed, args.threads)
+    elif st == "finetune":
+        from .pipeline.train import finetune
+        finetune(args.data, args.out, args.metrics, args.model, args.model_options, device=args.device,
+                 threads=args.threads, **args.train)
+    elif st == "extract":
+        from .pipeline.extract import extract
+        extract(args.data, args.model, args.out_dir, args.compressor, args.r, args.seeds, args.batch_size,
+                args.device, args.threads, args.budget_mb, args.options, not args.no_nest, args.experiment)
+    elif st == "score":
+        from .pipeline.score import score
+        score(args.data, args.out_dir, args.method, args.r, args.grads, args.seeds, args.damping, args.device,
+              args.threads, args.options, args.experiment)
+    elif st == "evaluate":
+        from .pipeline.evaluate import evaluate
+        evaluate(args.data, args.model, args.scores, args.out, args.method, args.r, args.experiment,
+                 args.fractions, not args.no_retrain, args.device, args.threads)
+    elif st == "summarize":
+        from .pipeline.report import summarize
+        summarize(args.inputs, args.out, args.finetune_metrics, args.experiment)
+    elif st == "report":
+        from .pipeline.report import report
+        report(args.summary, args.out_dir, args.experiment, [tuple(s.split("/", 1)) for s in args.scored])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""The workflow's stages, each a plain function the CLI (`python -m dropinf <stage>`) calls.
+
+prepare_data -> finetune -> extract -> score -> evaluate -> summarize -> report. The Snakefile
+passes every knob explicitly; outputs are complete or absent (see `common.atomic_path`).
+"""

@@ -1,0 +1,201 @@
+"""Shared helpers of the workflow stages: logging, provenance, atomic outputs, devices.
+
+Outputs are complete or absent: every file or directory a stage produces is first written under
+a temporary name beside its final path (`.NAME.tmp-PID`) and renamed into place only once
+complete, so a stage killed midway leaves nothing that looks finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("dropinf")
+
+#: Environment variables the Snakefile sets for every job (plain CLI use works without them).
+ENV_CONFIG_SHA = "DROPINF_CONFIG_SHA256"
+ENV_REPO = "DROPINF_REPO"
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("dropinf")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+# ---- atomic outputs ---------------------------------------------------------------------------
+
+def tmp_path(final: str | os.PathLike) -> Path:
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def remove(path: str | os.PathLike) -> None:
+    p = Path(path)
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.is_dir():
+        shutil.rmtree(p)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike):
+    """Yield a temporary path to write (a file or a directory); on success it replaces `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(final)
+    remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        remove(tmp)
+        raise
+    if final.is_dir() and not final.is_symlink():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def write_json(path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n")
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def jsonable(obj):
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def clean_stale(directory: str | os.PathLike, keep: set[str] = frozenset()) -> None:
+    """Remove leftovers of killed runs (`.*.tmp-*`) and entries not in `keep` from `directory`."""
+    d = Path(directory)
+    if not d.is_dir():
+        return
+    for p in d.iterdir():
+        if p.name in keep:
+            continue
+        remove(p)
+
+
+# ---- provenance -------------------------------------------------------------------------------
+
+def _git(repo: str, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+_GIT_CACHE: dict[str, tuple[str, str]] = {}
+
+
+def git_state(repo: str | None = None) -> tuple[str, str]:
+    """(commit, dirty) of the workflow's source tree; ('unknown', '') outside a git checkout."""
+    repo = repo or os.environ.get(ENV_REPO) or str(Path(__file__).resolve().parents[3])
+    if repo not in _GIT_CACHE:
+        commit = _git(repo, "rev-parse", "HEAD")
+        if commit is None:
+            _GIT_CACHE[repo] = ("unknown", "")
+        else:
+            status = _git(repo, "status", "--porcelain", "--untracked-files=no")
+            _GIT_CACHE[repo] = (commit, "" if status is None else str(bool(status)).lower())
+    return _GIT_CACHE[repo]
+
+
+def device_name(device) -> str:
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        import platform
+        return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    return str(device)
+
+
+def resolve_device(spec: str | None):
+    import torch
+
+    spec = spec or "auto"
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        from ..errors import DropinfError
+        raise DropinfError(f"device {spec!r} requested but CUDA is not available (use device: auto or cpu)")
+    return torch.device(spec)
+
+
+class Stage:
+    """Context of one stage run: wall-clock timing and the provenance stamped on its outputs."""
+
+    def __init__(self, name: str, device=None, threads: int | None = None):
+        import torch
+
+        import dropinf
+
+        self.name = name
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = resolve_device(device) if device is not None else torch.device("cpu")
+        self.started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self._t0 = time.perf_counter()
+        commit, dirty = git_state()
+        self.base = {
+            "stage": name,
+            "git_commit": commit,
+            "git_dirty": dirty,
+            "config_sha256": os.environ.get(ENV_CONFIG_SHA, ""),
+            "dropinf_version": dropinf.__version__,
+            "torch_version": torch.__version__,
+            "device": device_name(self.device),
+            "started_at": self.started_at,
+            "host": os.uname().nodename,
+        }
+        log.info("stage %s on %s (torch %s, %d threads)", name, self.base["device"], torch.__version__,
+                 torch.get_num_threads())
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def provenance(self, **extra) -> dict:
+        return {**self.base, "stage_seconds": round(self.seconds, 4), **extra}

@@ -1,0 +1,131 @@
+"""Stage `evaluate`: metrics of one (method, r) over its seeds, as tidy rows.
+
+* `mislabel_auc`: ROC AUC of the scores against the flipped-label mask (positive = harmful, so
+  mislabeled examples should score high; 0.5 = chance).
+* `retrain_test_acc@F`: remove the fraction F of training examples with the most negative scores
+  (the most helpful), retrain from the same initialisation with the fine-tuning settings, and
+  measure test accuracy. Lower = the method found more valuable examples; compare with `random`.
+  Models without logits (language models) report `retrain_test_loss@F` (mean test loss; higher =
+  more valuable examples removed).
+* `extract_seconds`, `score_seconds`: wall time of the gradient pass (both splits) and the solver.
+
+Rows: experiment, method, r, seed, metric, value + provenance columns (see `COLUMNS`).
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import Stage, atomic_path, log
+from .prepare import load_prepared, model_inputs
+from .storage import read_manifest, open_array
+
+PROVENANCE = ("git_commit", "git_dirty", "config_sha256", "dropinf_version", "torch_version", "device",
+              "stage_seconds", "started_at")
+COLUMNS = ("experiment", "method", "r", "seed", "metric", "value") + PROVENANCE
+
+
+def write_rows(path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for the positive class `labels` (ties count one half).
+
+    The Mann-Whitney statistic with average ranks; equals sklearn's roc_auc_score."""
+    labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos = int(labels.sum())
+    n_neg = labels.shape[0] - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs both positive and negative examples")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(scores.shape[0], dtype=np.float64)
+    # average rank (1-based) of each group of tied scores
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate(([0], boundaries))
+    stops = np.concatenate((boundaries, [scores.shape[0]]))
+    avg = (starts + stops + 1) / 2.0
+    ranks[order] = np.repeat(avg, stops - starts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def removal_order(scores: np.ndarray) -> np.ndarray:
+    """Training indices from most helpful (most negative score) to most harmful; ties by index."""
+    return np.lexsort((np.arange(scores.shape[0]), scores))
+
+
+def retrain_metric(blob, saved: dict, keep: np.ndarray, device) -> tuple[str, float]:
+    """Retrain on rows `keep` with the fine-tuning settings; ('acc', test accuracy) for classifiers,
+    ('loss', mean test loss) for models without logits (language models)."""
+    from .train import accuracy, build, fit, mean_loss
+
+    settings = saved["train"]
+    spec = build(blob, saved["model"], saved["model_options"], settings.get("seed", 0))
+    fit(spec, model_inputs(blob["train"]), device=device, indices=torch.from_numpy(np.sort(keep)), **settings)
+    test = model_inputs(blob["test"])
+    if spec.logits_fn is None:
+        return "loss", mean_loss(spec, test, device)
+    return "acc", accuracy(spec, test, device)
+
+
+def evaluate(data, model, scores, out, method: str, r: int | None = None, experiment: str = "",
+             fractions=(), retrain: bool = True, device: str = "auto", threads: int | None = None) -> list[dict]:
+    stage = Stage("evaluate", device=device, threads=threads)
+    sm = read_manifest(scores)
+    scores_dir = Path(scores).parent
+    key = {"experiment": experiment, "method": method, "r": r}
+    rows: list[dict] = []
+    if sm.get("status") != "complete":
+        log.warning("SKIPPED evaluation of %s: %s", method, sm.get("reason"))
+        write_rows(out, rows)
+        return rows
+    blob = load_prepared(data)
+    flipped = blob["train"].get("flipped")
+    flipped = None if flipped is None else flipped.numpy().astype(bool)
+    saved = torch.load(model, weights_only=False) if (retrain and fractions) else None
+    n = next(iter(blob["train"].values())).shape[0]
+    timing_rows = []
+    for seed_key, rel in sm["scores"].items():
+        seed = None if seed_key == "None" else int(seed_key)
+        values = np.asarray(open_array(scores_dir / rel)[...], dtype=np.float64)
+        found = []
+        if flipped is not None and 0 < flipped.sum() < n:
+            auc = roc_auc(flipped, values)
+            found.append(("mislabel_auc", auc))
+        elif flipped is not None:
+            log.info("no mislabel AUC: %d of %d labels flipped", int(flipped.sum()), n)
+        if saved is not None:
+            order = removal_order(values)
+            for f in fractions:
+                k = int(round(float(f) * n))
+                kind, value = retrain_metric(blob, saved, order[k:], stage.device)
+                found.append((f"retrain_test_{kind}@{f:g}", value))
+        for metric, value in found:
+            rows.append({**key, "seed": seed, "metric": metric, "value": value})
+        log.info("%s r=%s seed=%s: %s", method, r, seed, ", ".join(f"{m}={v:.4f}" for m, v in found))
+        # timings come with the provenance of the stage that spent them
+        ext = sm.get("extract_provenance") or {}
+        secs = (sm.get("extract_seconds") or {}).get(seed_key)
+        if secs is not None and not sm.get("sliced_from"):
+            timing_rows.append({**key, "seed": seed, "metric": "extract_seconds", "value": secs, **ext})
+        if seed_key in sm.get("seconds", {}):
+            timing_rows.append({**key, "seed": seed, "metric": "score_seconds", "value": sm["seconds"][seed_key],
+                                **(sm.get("provenance") or {})})
+    prov = stage.provenance()
+    rows = [{**prov, **row} for row in rows] + timing_rows
+    for row in rows:
+        if isinstance(row.get("value"), float) and not math.isfinite(row["value"]):
+            log.warning("non-finite %s for %s seed %s", row["metric"], method, row["seed"])
+    write_rows(out, rows)
+    return rows

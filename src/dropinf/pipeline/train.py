@@ -1,0 +1,188 @@
+"""Stage `finetune`, and the training loop that the retraining evaluation reuses.
+
+Training is deterministic for a given seed on a given device: the model is built from its seed,
+and minibatch order comes from a seeded generator. Retraining after removing examples runs the
+same loop with the same hyperparameters and seed on the remaining rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import DropinfError
+from .common import Stage, atomic_path, log, write_json
+from .prepare import load_prepared, model_inputs, task_data
+
+
+class Batches:
+    """Minibatches (dicts of tensors) over rows of a split, in order unless `shuffle`.
+
+    Usable as the `loader` of `dropinf.extract`: `len(batches.dataset)` is the number of rows."""
+
+    def __init__(self, split: dict, batch_size: int, indices=None, shuffle: bool = False, seed: int = 0):
+        self.split = split
+        n = next(iter(split.values())).shape[0]
+        self.indices = torch.arange(n) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.dataset = range(len(self.indices))
+
+    def __len__(self):
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self):
+        order = self.indices
+        if self.shuffle:
+            order = order[torch.randperm(len(order), generator=self.generator)]
+        for i in range(0, len(order), self.batch_size):
+            rows = order[i:i + self.batch_size]
+            yield {k: v[rows] for k, v in self.split.items()}
+
+
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def build(blob: dict, model: str, model_options: dict | None, seed: int):
+    """The registered model, initialised from `seed` unless the options name an `init_seed`."""
+    from ..models import build_model
+
+    return build_model(model, task_data(blob), **{"init_seed": int(seed), **(model_options or {})})
+
+
+class _Optimizer:
+    """Adam / AdamW / SGD with momentum, the textbook updates (PyTorch's defaults: betas (0.9, 0.999),
+    eps 1e-8, Adam's weight decay added to the gradient, AdamW's decoupled).
+
+    Why not torch.optim: constructing any torch.optim optimizer imports torch._dynamo (about 1.5 s
+    on a laptop CPU), paid by every finetune and retraining job; these updates cost nothing to load."""
+
+    def __init__(self, params, kind: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
+                 betas=(0.9, 0.999), eps: float = 1e-8):
+        if kind not in ("adam", "adamw", "sgd"):
+            raise DropinfError(f"finetune.optimizer must be adam, adamw or sgd, got {kind!r}")
+        self.params, self.kind, self.lr, self.wd = list(params), kind, float(lr), float(weight_decay)
+        self.momentum, self.betas, self.eps, self.t = momentum, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params] if kind != "sgd" else None
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        b1, b2 = self.betas
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g = p.grad
+            if self.kind == "adamw":
+                p.mul_(1 - self.lr * self.wd)
+            elif self.wd:
+                g = g.add(p, alpha=self.wd)
+            if self.kind == "sgd":
+                self.m[i].mul_(self.momentum).add_(g)
+                p.add_(self.m[i], alpha=-self.lr)
+                continue
+            self.m[i].lerp_(g, 1 - b1)
+            self.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (self.v[i] / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
+            p.addcdiv_(self.m[i], denom, value=-self.lr / (1 - b1 ** self.t))
+
+
+def fit(spec, split: dict, *, epochs: int, batch_size: int, lr: float, weight_decay: float = 0.0,
+        optimizer: str = "adam", seed: int = 0, device=torch.device("cpu"), indices=None, log_every: int = 0):
+    """Train `spec.module` in place on rows `indices` of `split`; returns the per-epoch mean losses."""
+    module = spec.module.to(device)
+    opt = _Optimizer([p for p in module.parameters() if p.requires_grad], optimizer, lr, weight_decay)
+    batches = Batches(split, batch_size, indices=indices, shuffle=True, seed=seed)
+    history = []
+    module.train()
+    for epoch in range(int(epochs)):
+        total, count = 0.0, 0
+        for batch in batches:
+            batch = _to(batch, device)
+            loss = spec.loss_fn(module, batch)
+            opt.zero_grad()
+            loss.mean().backward()
+            opt.step()
+            total += float(loss.detach().sum())
+            count += loss.shape[0]
+        history.append(total / max(1, count))
+        if not math.isfinite(history[-1]):
+            raise DropinfError(f"training diverged at epoch {epoch + 1} (loss {history[-1]}); lower the learning rate")
+        if log_every and ((epoch + 1) % log_every == 0 or epoch + 1 == epochs):
+            log.info("epoch %d/%d: train loss %.4f", epoch + 1, epochs, history[-1])
+    module.eval()
+    return history
+
+
+@torch.no_grad()
+def accuracy(spec, split: dict, device, labels=None, batch_size: int = 1024) -> float:
+    """Fraction of rows whose argmax prediction equals `labels` (default: the split's labels)."""
+    if spec.logits_fn is None:
+        raise DropinfError("accuracy needs a classification model (ModelSpec.logits_fn)")
+    module = spec.module.to(device).eval()
+    preds = []
+    for batch in Batches(split, batch_size):
+        preds.append(spec.logits_fn(module, _to(batch, device)).argmax(-1).cpu())
+    preds = torch.cat(preds)
+    labels = split["labels"] if labels is None else labels
+    return float((preds == labels).float().mean())
+
+
+@torch.no_grad()
+def mean_loss(spec, split: dict, device, batch_size: int = 1024) -> float:
+    module = spec.module.to(device).eval()
+    total, count = 0.0, 0
+    for batch in Batches(split, batch_size):
+        loss = spec.loss_fn(module, _to(batch, device))
+        total += float(loss.sum())
+        count += loss.shape[0]
+    return total / max(1, count)
+
+
+def train_settings(finetune: dict) -> dict:
+    keys = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "seed")
+    return {k: finetune[k] for k in keys if k in finetune}
+
+
+def finetune(data, out, metrics_out, model: str, model_options: dict | None = None, device: str = "auto",
+             threads: int | None = None, **settings) -> dict:
+    stage = Stage("finetune", device=device, threads=threads)
+    blob = load_prepared(data)
+    settings = {"epochs": 30, "batch_size": 64, "lr": 1e-2, "weight_decay": 0.0, "optimizer": "adam", "seed": 0,
+                **settings}
+    spec = build(blob, model, model_options, settings["seed"])
+    train, test = model_inputs(blob["train"]), model_inputs(blob["test"])
+    n_params = sum(p.numel() for p in spec.module.parameters() if p.requires_grad)
+    log.info("model %s (%d trainable parameters) on %d examples: %s", model, n_params,
+             train["labels"].shape[0] if "labels" in train else -1, settings)
+    history = fit(spec, train, device=stage.device, log_every=max(1, settings["epochs"] // 5), **settings)
+    metrics = {"final_train_loss": history[-1], "test_loss": mean_loss(spec, test, stage.device)}
+    if spec.logits_fn is not None:
+        metrics["test_accuracy"] = accuracy(spec, test, stage.device)
+        metrics["train_accuracy"] = accuracy(spec, train, stage.device)
+        if "labels_clean" in blob["train"]:
+            metrics["train_accuracy_clean_labels"] = accuracy(spec, train, stage.device, blob["train"]["labels_clean"])
+    log.info("finetune done: %s", {k: round(v, 4) for k, v in metrics.items()})
+    state = {k: v.detach().cpu() for k, v in spec.module.state_dict().items()}
+    record = {"model": model, "model_options": dict(model_options or {}), "train": settings,
+              "n_params": n_params, "metrics": metrics, "history": history}
+    with atomic_path(out) as tmp:
+        torch.save({**record, "state_dict": state, "provenance": stage.provenance()}, tmp)
+    write_json(metrics_out, {**record, "provenance": stage.provenance()})
+    return metrics
+
+
+def load_trained(model_path, blob: dict, device=torch.device("cpu")):
+    """Rebuild the fine-tuned model (ModelSpec) saved by `finetune`."""
+    saved = torch.load(model_path, weights_only=False)
+    spec = build(blob, saved["model"], saved["model_options"], saved["train"].get("seed", 0))
+    spec.module.load_state_dict(saved["state_dict"])
+    spec.module.to(device).eval()
+    return spec, saved

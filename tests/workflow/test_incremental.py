@@ -1,0 +1,74 @@
+"""Changing r reruns only extract/score/evaluate of the affected r (+ summarize/report), never
+prepare_data or finetune, and leaves the other r's outputs untouched; a smaller nested r is served
+by slicing the complete larger-r array."""
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+
+def planned_jobs(stdout: str) -> list[tuple[str, str]]:
+    """(rule, output) of every job in a `snakemake -n` listing."""
+    jobs, rule = [], None
+    for line in stdout.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):", line)
+        if m:
+            rule = m.group(1)
+        m = re.match(r"^\s+output: (.+)$", line)
+        if m and rule:
+            jobs.append((rule, m.group(1)))
+            rule = None
+        elif re.match(r"^\s+jobid:", line) and rule:  # a job without output (rule all)
+            jobs.append((rule, ""))
+            rule = None
+    return jobs
+
+
+@pytest.mark.parametrize("new_r", [[16, 32, 64], [8, 64]], ids=["add-32", "replace-16-by-8"])
+def test_dry_run_plan_after_changing_r(default_run, wf, new_r):
+    cfg = dict(default_run.config, r=new_r)
+    path = wf.write_config(default_run.workdir / f"plan-{'-'.join(map(str, new_r))}.yaml", cfg)
+    out = wf.snakemake(default_run.workdir, "-n", config=path).stdout
+    jobs = planned_jobs(out)
+    rules = {r for r, _ in jobs}
+    assert rules == {"extract", "score", "evaluate", "summarize", "report", "all"}, out[-3000:]
+    new = [r for r in new_r if r not in default_run.config["r"]]
+    for rule, output in jobs:
+        if rule in ("extract", "score", "evaluate"):
+            assert any(f"/r{r}/" in output for r in new), (rule, output)
+    # 4 compressed methods x new r values, for each of the three stages
+    for stage in ("extract", "score", "evaluate"):
+        assert sum(r == stage for r, _ in jobs) == 4 * len(new)
+
+
+def test_rerun_with_smaller_r_slices_and_leaves_others_untouched(default_run, wf, tmp_path):
+    """A real incremental run (copy of the default run): r=8 added for the nested compressors."""
+    work = tmp_path / "inc"
+    shutil.copytree(default_run.workdir, work, symlinks=True)
+    res = work / default_run.results.relative_to(default_run.workdir)
+    before = {p: p.stat().st_mtime_ns for p in res.rglob("*") if p.is_file()
+              and "/r8/" not in str(p) and not str(p).startswith(str(res / "report")) and p.name != "summary.csv"}
+    cfg = dict(default_run.config, r=[8, 16, 64], methods=["dropout", "gaussian"])
+    path = wf.write_config(work / "inc.yaml", cfg)
+    wf.snakemake(work, config=path)
+    after = {p: p.stat().st_mtime_ns for p in before}
+    changed = [str(p.relative_to(res)) for p in before if before[p] != after[p]]
+    assert not changed, changed
+    exp = cfg["experiment"]
+    for comp in ("dropout", "gaussian"):
+        log = (work / "logs" / exp / "extract" / f"{comp}-r8.log").read_text()
+        assert "NESTED: serving" in log and "r=16" in log, log  # the smallest complete larger r
+        for seed in cfg["seeds"]:
+            small = zarr.open_array(str(res / "grads" / comp / "r8" / f"seed{seed}" / "train.zarr"), mode="r")
+            big = zarr.open_array(str(res / "grads" / comp / "r16" / f"seed{seed}" / "train.zarr"), mode="r")
+            assert small.attrs["r"] == 8 and small.attrs["sliced_from"].endswith(f"r16/seed{seed}/train.zarr")
+            scale = np.sqrt(16 / 8) if comp == "gaussian" else 1.0
+            np.testing.assert_allclose(np.asarray(small[...]), np.asarray(big[:, :8]) * scale, rtol=1e-6)
+    assert not (work / "logs" / exp / "extract" / "sjlt-r8.log").exists()
+    # the finetune log was not rewritten: finetune did not run again
+    assert (work / "logs" / exp / "finetune.log").stat().st_mtime_ns == \
+        (default_run.workdir / "logs" / exp / "finetune.log").stat().st_mtime_ns

@@ -1,0 +1,196 @@
+"""Stage functions in-process: label noise, row writing, complete-or-absent outputs, nesting, training."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from dropinf.errors import DropinfError
+from dropinf.pipeline import extract as extract_mod
+from dropinf.pipeline.evaluate import removal_order, roc_auc
+from dropinf.pipeline.prepare import flip_labels, load_prepared, prepare_data
+from dropinf.pipeline.storage import RowWriter, create_array, is_complete, write_array
+from dropinf.pipeline.train import _Optimizer, finetune
+
+
+def test_flip_labels_exact_and_seeded():
+    y = torch.arange(1000) % 10
+    noisy, flipped = flip_labels(y, 10, 0.2, seed=3)
+    assert int(flipped.sum()) == 200
+    assert (noisy[flipped] != y[flipped]).all() and (noisy[~flipped] == y[~flipped]).all()
+    assert ((noisy >= 0) & (noisy < 10)).all()
+    again, _ = flip_labels(y, 10, 0.2, seed=3)
+    other, _ = flip_labels(y, 10, 0.2, seed=4)
+    assert torch.equal(noisy, again) and not torch.equal(noisy, other)
+    with pytest.raises(DropinfError, match="label_noise"):
+        flip_labels(y, 10, 1.0, seed=0)
+
+
+def test_roc_auc_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        y = rng.integers(0, 2, 40).astype(bool)
+        y[0], y[1] = True, False
+        s = rng.integers(0, 4, 40).astype(float) if trial % 2 else rng.standard_normal(40)
+        assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_removal_order_most_negative_first():
+    assert removal_order(np.array([0.5, -2.0, 1.0, -2.0])).tolist() == [1, 3, 0, 2]
+
+
+@pytest.mark.parametrize("kind,wd", [("adam", 0.0), ("adam", 0.01), ("adamw", 0.01), ("sgd", 0.01)])
+def test_optimizer_matches_torch_optim(kind, wd):
+    torch.manual_seed(0)
+    m1 = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    m2 = copy.deepcopy(m1)
+    ref = {"adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=wd),
+           "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=wd),
+           "sgd": lambda p: torch.optim.SGD(p, lr=1e-2, weight_decay=wd, momentum=0.9)}[kind](m1.parameters())
+    mine = _Optimizer(m2.parameters(), kind, 1e-2, wd)
+    for _ in range(30):
+        x = torch.randn(8, 5)
+        for m, opt in ((m1, ref), (m2, mine)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_row_writer_chunks_and_ranges(tmp_path):
+    arr = create_array(tmp_path / "a.zarr", 10, 3, {"x": 1}, chunk_rows=4)
+    assert arr.chunks == (4, 3) and arr.attrs["complete"] is False
+    with pytest.raises(ValueError, match="aligned"):
+        RowWriter(arr, 2, 8)
+    data = np.arange(30, dtype=np.float32).reshape(10, 3)
+    w = RowWriter(arr, 4, 10)  # a shard: rows [4, 10)
+    w(0, data[4:7])
+    with pytest.raises(ValueError, match="out of order"):
+        w(0, data[7:8])
+    w(3, data[7:10])
+    assert w.close() == 6
+    w0 = RowWriter(arr, 0, 4)
+    w0(0, torch.from_numpy(data[0:4]))
+    w0.close()
+    np.testing.assert_array_equal(arr[...], data)
+    short = RowWriter(arr, 0, 4)
+    short(0, data[:2])
+    with pytest.raises(ValueError, match="range"):
+        short.close()
+
+
+def test_write_array_is_complete_or_absent(tmp_path):
+    path = tmp_path / "x.zarr"
+    with pytest.raises(RuntimeError):
+        with write_array(path, 5, 2, {}) as arr:
+            arr[:2] = 1.0
+            raise RuntimeError("killed")
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    with write_array(path, 5, 2, {}) as arr:
+        arr[...] = 1.0
+    assert is_complete(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stage")
+    prepare_data(d / "data.pt", "digits", {"max_train": 300, "max_test": 100}, 0.2, 0, threads=1)
+    finetune(d / "data.pt", d / "model.pt", d / "model.json", "mlp", {"hidden": [16]}, device="cpu", threads=1,
+             epochs=3)
+    return d
+
+
+def test_prepared_data(trained):
+    blob = load_prepared(trained / "data.pt")
+    assert blob["train"]["x"].shape == (300, 64) and int(blob["train"]["flipped"].sum()) == 60
+    assert torch.equal(blob["train"]["labels"] != blob["train"]["labels_clean"], blob["train"]["flipped"])
+    rec = json.loads((trained / "model.json").read_text())
+    assert rec["n_params"] == 64 * 16 + 16 + 16 * 10 + 10 and 0 < rec["metrics"]["test_accuracy"] <= 1
+
+
+def test_killed_extract_leaves_nothing_complete_then_reruns(trained, monkeypatch):
+    out = trained / "grads" / "dropout" / "r8"
+    real = extract_mod.extract_rows
+    calls = {"n": 0}
+
+    def dying(extractor, split, arr, batch_size, start=0, stop=None):
+        calls["n"] += 1
+        if calls["n"] == 3:  # second seed, train split
+            raise KeyboardInterrupt("killed")
+        return real(extractor, split, arr, batch_size, start, stop)
+
+    monkeypatch.setattr(extract_mod, "extract_rows", dying)
+    with pytest.raises(KeyboardInterrupt):
+        extract_mod.extract(trained / "data.pt", trained / "model.pt", out, "dropout", 8, seeds=[0, 1],
+                            device="cpu", threads=1)
+    assert not (out / "manifest.json").exists()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not (out / "seed1" / "train.zarr").exists()
+    monkeypatch.setattr(extract_mod, "extract_rows", real)
+    m = extract_mod.extract(trained / "data.pt", trained / "model.pt", out, "dropout", 8, seeds=[0, 1],
+                            device="cpu", threads=1)
+    assert m["status"] == "complete" and (out / "manifest.json").exists()
+    assert all(is_complete(out / f"seed{s}" / f"{sp}.zarr") for s in (0, 1) for sp in ("train", "test"))
+
+
+@pytest.mark.parametrize("comp", ["dropout", "gaussian"])
+def test_nested_extraction_equals_a_direct_pass(trained, comp):
+    root = trained / "nest" / comp
+    kw = dict(seeds=[0, 1], device="cpu", threads=1)
+    extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "r24", comp, 24, **kw)
+    m = extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "r8", comp, 8, **kw)
+    assert m["sliced_from"] == str(root / "r24")
+    direct = extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "direct" / "r8", comp, 8,
+                                 nest=False, **kw)
+    assert direct["sliced_from"] is None
+    for seed in (0, 1):
+        for split in ("train", "test"):
+            a = zarr.open_array(str(root / "r8" / f"seed{seed}" / f"{split}.zarr"), mode="r")
+            b = zarr.open_array(str(root / "direct" / "r8" / f"seed{seed}" / f"{split}.zarr"), mode="r")
+            np.testing.assert_allclose(a[...], b[...], rtol=1e-5, atol=1e-6)
+            assert a.attrs["compressor_attrs"] == b.attrs["compressor_attrs"]
+
+
+def test_nesting_refuses_another_model(trained, tmp_path):
+    """A larger-r array of a different model (or options) is never sliced."""
+    root = tmp_path / "grads" / "dropout"
+    kw = dict(seeds=[0], device="cpu", threads=1)
+    extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "r24", "dropout", 24, **kw)
+    m = json.loads((root / "r24" / "manifest.json").read_text())
+    m["fingerprint"]["model_sha256"] = "0" * 64
+    (root / "r24" / "manifest.json").write_text(json.dumps(m))
+    out = extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "r8", "dropout", 8, **kw)
+    assert out["sliced_from"] is None
+
+
+def test_identity_over_budget_is_skipped_with_reason(trained, tmp_path):
+    from dropinf.pipeline.score import score
+
+    g = tmp_path / "grads" / "identity" / "full"
+    m = extract_mod.extract(trained / "data.pt", trained / "model.pt", g, "identity", None, budget_mb=0.01,
+                            device="cpu", threads=1)
+    assert m["status"] == "skipped" and "budget" in m["reason"]
+    s = score(trained / "data.pt", tmp_path / "scores" / "orig" / "full", "orig", None, g / "manifest.json",
+              device="cpu", threads=1)
+    assert s["status"] == "skipped" and "budget" in s["reason"]
+
+
+def test_failed_nesting_falls_back_to_a_pass(trained, tmp_path, monkeypatch):
+    root = tmp_path / "grads" / "dropout"
+    kw = dict(seeds=[0], device="cpu", threads=1)
+    extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "r24", "dropout", 24, **kw)
+
+    def broken(*a, **k):
+        raise OSError("source vanished")
+
+    monkeypatch.setattr(extract_mod, "_nest_array", broken)
+    out = extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "r8", "dropout", 8, **kw)
+    assert out["status"] == "complete" and out["sliced_from"] is None
+    assert is_complete(root / "r8" / "seed0" / "train.zarr")

@@ -1,0 +1,136 @@
+"""Static checks: lint, rule resources, profiles, schema/registry sync, environments, README and CI."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parents[2]
+GPU_RULES = ("finetune", "extract", "score", "evaluate")
+CPU_RULES = ("prepare_data", "summarize", "report")
+
+
+def test_lint_clean(wf):
+    proc = wf.snakemake(REPO, "--lint")
+    out = proc.stdout + proc.stderr
+    assert "Lints for" not in out and "Congratulations" in out, out[-4000:]
+
+
+def _rule_blocks():
+    text = "\n".join(p.read_text() for p in sorted((REPO / "workflow" / "rules").glob("*.smk")))
+    return dict(re.findall(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, flags=re.S | re.M))
+
+
+def test_every_rule_declares_log_benchmark_env_and_resources():
+    blocks = _rule_blocks()
+    assert set(blocks) == set(GPU_RULES + CPU_RULES)
+    for name, body in blocks.items():
+        for directive in ("log:", "benchmark:", "conda:", "resources:", "runtime=", "mem_mb="):
+            assert directive in body, (name, directive)
+        for key in ("gpu=", "gpu_model=", "cpus_per_gpu="):
+            assert (key in body) == (name in GPU_RULES), (name, key)
+
+
+def test_dry_run_resources(wf, tmp_path):
+    """The default config requests one h100 per GPU-capable job (the SLURM plugin's names)."""
+    out = wf.snakemake(tmp_path, "-n", config=wf.repo / "config.yaml").stdout
+    for rule in GPU_RULES:
+        block = out.split(f"rule {rule}:", 1)[1].split("\n\n", 1)[0]
+        assert re.search(r"resources: .*gpu=1, gpu_model=h100, cpus_per_gpu=4, runtime=\d+, mem_mb=\d+", block), block
+
+
+def test_profiles_exist():
+    """`snakemake --profile slurm` / `--profile local` resolve from the repository root."""
+    for name in ("slurm", "local"):
+        link = REPO / name
+        assert link.is_symlink() and link.resolve() == (REPO / "workflow" / "profiles" / name).resolve()
+        assert (link / "config.yaml").is_file()
+    assert "executor: slurm" in (REPO / "slurm" / "config.yaml").read_text()
+
+
+def test_schema_names_are_registered():
+    import dropinf.data
+    import dropinf.models
+    from dropinf.pipeline.methods import METHODS
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    props = schema["properties"]
+    # a registered dataset or model must be listed in the schema to be usable from a config, and vice versa
+    assert set(props["dataset"]["properties"]["name"]["enum"]) == set(dropinf.data.DATASETS), \
+        "workflow/schemas/config.schema.yaml: dataset.name enum differs from dropinf.data.DATASETS"
+    assert set(props["model"]["properties"]["name"]["enum"]) == set(dropinf.models.MODELS), \
+        "workflow/schemas/config.schema.yaml: model.name enum differs from dropinf.models.MODELS"
+    assert set(props["methods"]["items"]["enum"]) == set(METHODS)
+    assert schema["$schema"].endswith("2020-12/schema")
+
+
+def _pins(lines) -> dict[str, str]:
+    pins = {}
+    for line in lines:
+        m = re.search(r'"?([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([0-9][^\s"\\]*)"?', line)
+        if m:
+            pins[m.group(1).lower().replace("_", "-")] = m.group(3)
+    return pins
+
+
+def test_container_and_conda_env_pin_the_package_metadata():
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in meta["dependencies"]]
+    for extra in ("workflow", "hf", "data", "hub"):
+        reqs += [Requirement(r) for r in meta["optional-dependencies"][extra]]
+    definition = (REPO / "containers" / "dropinf.def").read_text()
+    post = definition.split("%post", 1)[1].split("\n%", 1)[0]
+    container = _pins(post.splitlines())
+    env = yaml.safe_load((REPO / "envs" / "dropinf.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    conda = _pins(pip)
+    assert container == conda, "containers/dropinf.def and envs/dropinf.yaml pin different versions"
+    for req in reqs:
+        name = req.name.lower().replace("_", "-")
+        assert name in container, f"{req.name} is a dependency in pyproject.toml but not pinned in the container"
+        assert req.specifier.contains(container[name], prereleases=True), \
+            f"{req.name}=={container[name]} does not satisfy pyproject.toml's {req}"
+    assert "pip install --no-deps /opt/dropinf" in post  # the project itself, from this tree
+
+
+def _bash_blocks(text: str) -> list[str]:
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+
+
+def test_readme_quick_start_and_ci():
+    readme = (REPO / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1]
+    blocks = _bash_blocks(quick)
+    assert len(blocks) >= 2
+    install_run, install_test = blocks[0], blocks[1]
+    assert "pip install" in install_run and "snakemake" in install_run and "results" in install_run
+    assert "pip install" in install_test and "pytest" in install_test
+    ci = (REPO / ".ci" / "run").read_text()
+    assert install_test in ci, ".ci/run must run the README's test command verbatim"
+    assert os.access(REPO / ".ci" / "run", os.X_OK)
+    for section in ("## Python API", "sign convention", "SLURM", "paper experiment", "reference results"):
+        assert section.lower() in readme.lower(), section
+
+
+def test_cli_help_lists_every_stage():
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dropinf", "--help"], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "src")}).stdout
+    for stage in ("prepare_data", "finetune", "extract", "score", "evaluate", "summarize", "report"):
+        assert stage in out
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "workflow" / "configs").glob("*.yaml")))
+def test_shipped_experiment_configs_validate_and_plan(wf, tmp_path, name):
+    """Every config under workflow/configs/ passes the schema and builds its DAG (dry run)."""
+    cfg = yaml.safe_load((REPO / "workflow" / "configs" / name).read_text())
+    out = wf.snakemake(tmp_path, "-n", config=REPO / "workflow" / "configs" / name).stdout
+    assert "rule extract:" in out and "rule report:" in out
+    assert f"results/{cfg['experiment']}/summary.csv" in out

@@ -1,0 +1,31 @@
+rule evaluate:
+    """Mislabel-detection AUC and retraining after removing the most helpful examples."""
+    input:
+        data=rules.prepare_data.output[0],
+        model=rules.finetune.output.model,
+        scores=rules.score.output[0],
+    output:
+        f"{RES}/eval/{{method}}/{{rtag}}/metrics.csv",
+    params:
+        exp=EXP,
+        r=r_of,
+        fractions=",".join(str(f) for f in config["evaluate"]["retrain_fractions"]) or "''",
+        retrain="" if config["evaluate"]["retrain"] else "--no-retrain",
+        device=config["device"],
+    log:
+        f"{LOGS}/evaluate/{{method}}-{{rtag}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/{{method}}-{{rtag}}.tsv"
+    threads: THREADS
+    resources:
+        gpu=GPU,
+        gpu_model=GPU_MODEL,
+        cpus_per_gpu=CPUS_PER_GPU,
+        runtime=RUNTIME["evaluate"],
+        mem_mb=MEM_MB["evaluate"],
+    conda:
+        ENV
+    shell:
+        "python -m dropinf evaluate --data {input.data} --model {input.model} --scores {input.scores}"
+        " --method {wildcards.method} --r {params.r} --fractions {params.fractions} {params.retrain}"
+        " --device {params.device} --threads {threads} --experiment {params.exp} --out {output} > {log} 2>&1"

@@ -1,0 +1,29 @@
+rule finetune:
+    """Train the model on the (noisy) training split; save weights and metrics."""
+    input:
+        data=rules.prepare_data.output[0],
+    output:
+        model=f"{RES}/model/model.pt",
+        metrics=f"{RES}/model/finetune.json",
+    params:
+        model=config["model"]["name"],
+        options=json.dumps(config["model"].get("options", {}), sort_keys=True),
+        train=json.dumps(config["finetune"], sort_keys=True),
+        device=config["device"],
+    log:
+        f"{LOGS}/finetune.log",
+    benchmark:
+        f"{BENCH}/finetune.tsv"
+    threads: THREADS
+    resources:
+        gpu=GPU,
+        gpu_model=GPU_MODEL,
+        cpus_per_gpu=CPUS_PER_GPU,
+        runtime=RUNTIME["finetune"],
+        mem_mb=MEM_MB["finetune"],
+    conda:
+        ENV
+    shell:
+        "python -m dropinf finetune --data {input.data} --model {params.model} --model-options {params.options:q}"
+        " --train {params.train:q} --device {params.device} --threads {threads}"
+        " --out {output.model} --metrics {output.metrics} > {log} 2>&1"

@@ -1,0 +1,32 @@
+rule score:
+    """Influence scores of one method at one r, every seed (positive = harmful)."""
+    input:
+        unpack(score_inputs),
+    output:
+        f"{RES}/scores/{{method}}/{{rtag}}/manifest.json",
+    params:
+        exp=EXP,
+        r=r_of,
+        seeds=lambda wc: ",".join(str(s) for s in SEEDS) if M.uses_seed(wc.method) else "0",
+        grads=lambda wc, input: f"--grads {input.grads}" if "grads" in input.keys() else "",
+        damping=config["score"]["damping"],
+        options=lambda wc: json.dumps(config["score"]["method_options"].get(wc.method, {}), sort_keys=True),
+        device=config["device"],
+    log:
+        f"{LOGS}/score/{{method}}-{{rtag}}.log",
+    benchmark:
+        f"{BENCH}/score/{{method}}-{{rtag}}.tsv"
+    threads: THREADS
+    resources:
+        gpu=GPU,
+        gpu_model=GPU_MODEL,
+        cpus_per_gpu=CPUS_PER_GPU,
+        runtime=RUNTIME["score"],
+        mem_mb=MEM_MB["score"],
+    conda:
+        ENV
+    shell:
+        "python -m dropinf score --data {input.data} --method {wildcards.method} --r {params.r} {params.grads}"
+        " --seeds {params.seeds} --damping {params.damping} --options {params.options:q}"
+        " --device {params.device} --threads {threads} --experiment {params.exp}"
+        " --out-dir $(dirname {output}) > {log} 2>&1"
