@@ -23,6 +23,7 @@ include: "workflow/rules/gradients.smk"
 include: "workflow/rules/scores.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/bench.smk"
 
 
 report: "workflow/report/workflow.rst"
