@@ -33,6 +33,8 @@ rule bench_one:
         mem_mb=64000,
     conda:
         ENV
+    container:
+        CONTAINER
     shell:
         "python -m dropinf.bench --arch {wildcards.arch} --dtype {wildcards.dtype} {params.flags}"
         " --out {output} > {log} 2>&1"

@@ -54,6 +54,9 @@ METHODS = list(config["methods"])
 RS = sorted(config["r"])
 SEEDS = list(config["seeds"])
 ENV = "../../envs/dropinf.yaml"
+# The Apptainer image that all rules name (used with --software-deployment-method apptainer; see
+# docs/containers.md): containers/dropinf.sif built from containers/dropinf.def, or DROPINF_CONTAINER.
+CONTAINER = os.environ.get("DROPINF_CONTAINER") or os.path.join(workflow.basedir, "containers", "dropinf.sif")
 
 # Provenance handed to every job through the environment (not params: changing r must not
 # rerun other r's jobs). Rules run `python -m dropinf` from the interpreter running snakemake

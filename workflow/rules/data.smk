@@ -17,6 +17,8 @@ rule prepare_data:
         mem_mb=MEM_MB["prepare_data"],
     conda:
         ENV
+    container:
+        CONTAINER
     shell:
         "python -m dropinf prepare_data --dataset {params.dataset} --dataset-options {params.options:q}"
         " --label-noise {params.noise} --noise-seed {params.seed} --threads {threads}"

@@ -25,6 +25,8 @@ rule evaluate:
         mem_mb=MEM_MB["evaluate"],
     conda:
         ENV
+    container:
+        CONTAINER
     shell:
         "python -m dropinf evaluate --data {input.data} --model {input.model} --scores {input.scores}"
         " --method {wildcards.method} --r {params.r} --fractions {params.fractions} {params.retrain}"

@@ -23,6 +23,8 @@ rule finetune:
         mem_mb=MEM_MB["finetune"],
     conda:
         ENV
+    container:
+        CONTAINER
     shell:
         "python -m dropinf finetune --data {input.data} --model {params.model} --model-options {params.options:q}"
         " --train {params.train:q} --device {params.device} --threads {threads}"

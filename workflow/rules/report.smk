@@ -27,6 +27,8 @@ rule summarize:
         mem_mb=MEM_MB["summarize"],
     conda:
         ENV
+    container:
+        CONTAINER
     shell:
         "python -m dropinf summarize --inputs {input.metrics} --finetune-metrics {input.finetune}"
         " --experiment {params.exp} --out {output} > {log} 2>&1"
@@ -55,6 +57,8 @@ rule report:
         mem_mb=MEM_MB["report"],
     conda:
         ENV
+    container:
+        CONTAINER
     shell:
         "python -m dropinf report --summary {input.summary} --scored {params.scored} --experiment {params.exp}"
         " --out-dir $(dirname {output.tables}) > {log} 2>&1"

@@ -25,6 +25,8 @@ rule score:
         mem_mb=MEM_MB["score"],
     conda:
         ENV
+    container:
+        CONTAINER
     shell:
         "python -m dropinf score --data {input.data} --method {wildcards.method} --r {params.r} {params.grads}"
         " --seeds {params.seeds} --damping {params.damping} --options {params.options:q}"
