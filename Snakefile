@@ -24,6 +24,7 @@ include: "workflow/rules/scores.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/bench.smk"
+include: "workflow/rules/lds.smk"
 
 
 report: "workflow/report/workflow.rst"

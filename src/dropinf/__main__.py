@@ -65,21 +65,32 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--model", required=True)
     s.add_argument("--model-options", type=_json, default={})
-    s.add_argument("--train", type=_json, default={}, help="JSON: epochs, batch_size, lr, weight_decay, optimizer, seed")
+    s.add_argument("--train", type=_json, default={}, help="JSON: epochs, batch_size, lr, weight_decay, optimizer, seed, schedule, warmup_ratio")
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True)
     s.add_argument("--metrics", required=True)
 
     s = add("extract", "compressed per-example gradients (train and test splits, every seed) to Zarr")
-    s.add_argument("--data", required=True)
-    s.add_argument("--model", required=True)
-    s.add_argument("--compressor", required=True)
+    s.add_argument("--data", required=False, help="prepared data (not for --finalize)")
+    s.add_argument("--model", required=False, help="fine-tuned model (not for --finalize)")
+    s.add_argument("--compressor", required=False, help="compressor name (not for --finalize)")
     s.add_argument("--r", type=_r, default=None, help="compressed size (omit or 'full' for identity)")
     s.add_argument("--seeds", type=_ints, default=[0])
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--budget-mb", type=_optfloat, default=None, help="identity: skip when n*d*4 bytes exceeds this")
     s.add_argument("--options", type=_json, default={}, help="JSON compressor options")
     s.add_argument("--no-nest", action="store_true", help="never serve r by slicing a larger-r array")
+    s.add_argument("--no-from-identity", action="store_true",
+                   help="never serve a compressor from the stored raw gradients (grads/identity/full)")
+    s.add_argument("--identity-dir", default=None,
+                   help="raw-gradient extraction to serve from (default: OUT_DIR/../../identity/full)")
+    s.add_argument("--identity-wait", type=float, default=1800.0,
+                   help="seconds to wait for an identity extraction in progress before running a pass")
+    s.add_argument("--shards", type=int, default=1, help="split the rows into this many shards (separate jobs)")
+    s.add_argument("--shard", type=int, default=None,
+                   help="with --shards N: run only shard K (0..N-1): its rows of every array, then its done marker")
+    s.add_argument("--finalize", action="store_true",
+                   help="with --shards N: check the N shard markers, mark the arrays complete, write the manifest")
     s.add_argument("--device", default="auto")
     s.add_argument("--experiment", default="")
     s.add_argument("--out-dir", required=True)
@@ -119,6 +130,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--scored", nargs="*", default=[], help="METHOD/RTAG pairs, to list skipped methods")
     s.add_argument("--experiment", default="")
     s.add_argument("--out-dir", required=True)
+
+    from .pipeline.lds import add_parser as add_lds  # `lds {train,score,summarize}` (stdlib-only import)
+    add_lds(sub)
     return p
 
 
@@ -144,10 +158,17 @@ def _run(args) -> int | None:
         from .pipeline.train import finetune
         finetune(args.data, args.out, args.metrics, args.model, args.model_options, device=args.device,
                  threads=args.threads, **args.train)
+    elif st == "extract" and not args.finalize and not (args.data and args.model and args.compressor):
+        parser().error("extract: --data, --model and --compressor are required (except with --finalize)")
+    elif st == "extract" and args.finalize:
+        from .pipeline.extract import finalize
+        finalize(args.out_dir, args.shards, args.experiment)
     elif st == "extract":
         from .pipeline.extract import extract
         extract(args.data, args.model, args.out_dir, args.compressor, args.r, args.seeds, args.batch_size,
-                args.device, args.threads, args.budget_mb, args.options, not args.no_nest, args.experiment)
+                args.device, args.threads, args.budget_mb, args.options, not args.no_nest, args.experiment,
+                from_identity=not args.no_from_identity, identity_dir=args.identity_dir, shard=args.shard,
+                shards=args.shards, identity_wait=args.identity_wait)
     elif st == "score":
         from .pipeline.score import score
         score(args.data, args.out_dir, args.method, args.r, args.grads, args.seeds, args.damping, args.device,
@@ -162,6 +183,9 @@ def _run(args) -> int | None:
     elif st == "report":
         from .pipeline.report import report
         report(args.summary, args.out_dir, args.experiment, [tuple(s.split("/", 1)) for s in args.scored])
+    elif st == "lds":
+        from .pipeline.lds import run as run_lds
+        run_lds(args)
     return 0
 
 

@@ -12,9 +12,9 @@ import yaml
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
-GPU_RULES = ("finetune", "extract", "score", "evaluate", "bench_one")
-CPU_RULES = ("prepare_data", "summarize", "report")
-TARGET_RULES = ("bench",)  # input-only aggregation targets: nothing runs, so no log/resources
+GPU_RULES = ("finetune", "extract", "score", "evaluate", "bench_one", "lds_train", "lds_score")
+CPU_RULES = ("prepare_data", "extract_finalize", "summarize", "report", "lds_summarize")
+TARGET_RULES = ("bench", "lds")  # input-only aggregation targets: nothing runs, so no log/resources
 
 
 def test_lint_clean(wf):
@@ -43,7 +43,7 @@ def test_every_rule_declares_log_benchmark_env_and_resources():
 def test_dry_run_resources(wf, tmp_path):
     """The default config requests one h100 per GPU-capable job (the SLURM plugin's names)."""
     out = wf.snakemake(tmp_path, "-n", config=wf.repo / "config.yaml").stdout
-    for rule in GPU_RULES[:-1]:  # bench_one is not in the default DAG
+    for rule in GPU_RULES[:4]:  # bench_one and the lds rules are not in the default DAG
         block = out.split(f"rule {rule}:", 1)[1].split("\n\n", 1)[0]
         assert re.search(r"resources: .*gpu=1, gpu_model=h100, cpus_per_gpu=4, runtime=\d+, mem_mb=\d+", block), block
 

@@ -133,7 +133,9 @@ def git_state(repo: str | None = None) -> tuple[str, str]:
     if repo not in _GIT_CACHE:
         commit = _git(repo, "rev-parse", "HEAD")
         if commit is None:
-            _GIT_CACHE[repo] = ("unknown", "")
+            # a copied tree without history (a GPU machine): the caller may pass the commit it came
+            # from in DROPINF_COMMIT (and DROPINF_GIT_DIRTY), as the benchmark does
+            _GIT_CACHE[repo] = (os.environ.get("DROPINF_COMMIT") or "unknown", os.environ.get("DROPINF_GIT_DIRTY", ""))
         else:
             status = _git(repo, "status", "--porcelain", "--untracked-files=no")
             _GIT_CACHE[repo] = (commit, "" if status is None else str(bool(status)).lower())

@@ -65,18 +65,27 @@ def removal_order(scores: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(scores.shape[0]), scores))
 
 
-def retrain_metric(blob, saved: dict, keep: np.ndarray, device) -> tuple[str, float]:
+def retrain_metric(blob, saved: dict, keep: np.ndarray, device, inputs: dict | None = None) -> tuple[str, float]:
     """Retrain on rows `keep` with the fine-tuning settings; ('acc', test accuracy) for classifiers,
-    ('loss', mean test loss) for models without logits (language models)."""
+    ('loss', mean test loss) for models without logits (language models).
+
+    `inputs`: {"train": ..., "test": ...} model inputs already on `device` (`device_inputs`), so
+    that a sweep of retrainings copies the data to the device once."""
     from .train import accuracy, build, fit, mean_loss
 
+    inputs = inputs or device_inputs(blob, device)
     settings = saved["train"]
     spec = build(blob, saved["model"], saved["model_options"], settings.get("seed", 0))
-    fit(spec, model_inputs(blob["train"]), device=device, indices=torch.from_numpy(np.sort(keep)), **settings)
-    test = model_inputs(blob["test"])
+    fit(spec, inputs["train"], device=device, indices=torch.from_numpy(np.sort(keep)), **settings)
+    test = inputs["test"]
     if spec.logits_fn is None:
         return "loss", mean_loss(spec, test, device)
     return "acc", accuracy(spec, test, device)
+
+
+def device_inputs(blob, device) -> dict:
+    """Model inputs of both splits, moved to `device` once."""
+    return {split: {k: v.to(device) for k, v in model_inputs(blob[split]).items()} for split in ("train", "test")}
 
 
 def evaluate(data, model, scores, out, method: str, r: int | None = None, experiment: str = "",
@@ -95,6 +104,7 @@ def evaluate(data, model, scores, out, method: str, r: int | None = None, experi
     flipped = None if flipped is None else flipped.numpy().astype(bool)
     saved = torch.load(model, weights_only=False) if (retrain and fractions) else None
     n = next(iter(blob["train"].values())).shape[0]
+    inputs = device_inputs(blob, stage.device) if saved is not None else None
     timing_rows = []
     for seed_key, rel in sm["scores"].items():
         seed = None if seed_key == "None" else int(seed_key)
@@ -109,7 +119,7 @@ def evaluate(data, model, scores, out, method: str, r: int | None = None, experi
             order = removal_order(values)
             for f in fractions:
                 k = int(round(float(f) * n))
-                kind, value = retrain_metric(blob, saved, order[k:], stage.device)
+                kind, value = retrain_metric(blob, saved, order[k:], stage.device, inputs)
                 found.append((f"retrain_test_{kind}@{f:g}", value))
         for metric, value in found:
             rows.append({**key, "seed": seed, "metric": metric, "value": value})

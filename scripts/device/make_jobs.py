@@ -1,0 +1,127 @@
+"""Plan a workflow run for a machine without Snakemake (the lent GPU machine), here, with Snakemake.
+
+    .venv/bin/python scripts/device/make_jobs.py --configfile workflow/configs/X.yaml [--cores 16] [--dest .devcarry]
+
+1. Runs `snakemake -n -p --forcerun finetune extract score evaluate` (the local `prepare_data`
+   output is kept: its Debian data cannot be fetched over there) and parses every job: rule, jobid,
+   input, output, log and the exact shell command Snakemake would run. `summarize`, `report` and
+   `all` are left for here.
+2. Writes `DEST/jobs.json` (the jobs in Snakemake's listing order, which `run_stages.py` re-orders
+   by their inputs; `local_jobs`: the summarize/report commands that `finish.py` runs here) and
+   `DEST/env.json`: the variables the Snakefile hands every job (DROPINF_CONFIG_SHA256, computed
+   exactly as `workflow/rules/common.smk` does) plus the git commit and dirty flag of this checkout
+   (DROPINF_COMMIT, DROPINF_GIT_DIRTY: the copy over there has no history).
+3. Copies the prepared dataset gzip-compressed to `DEST/<its path>.gz` with its SHA-256, so that it
+   fits the 64 MiB the device tool carries; `run_stages.py` restores and checks it.
+
+DEST must be ignored by git (listed in .git/info/exclude) and named in the device call's `carry`.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL_RULES = {"summarize", "report", "all"}
+FORCE = ("finetune", "extract", "score", "evaluate")
+FIELDS = ("input", "output", "log")
+
+
+def config_sha256(configfile: Path) -> str:
+    """sha256 of the validated config (schema defaults filled), as common.smk computes it."""
+    import yaml
+    from snakemake.utils import validate
+
+    config = yaml.safe_load(configfile.read_text())
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def git(*args) -> str:
+    out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def parse_dry_run(text: str) -> list[dict]:
+    """Jobs of a `snakemake -n -p` listing: {rule, jobid, input, output, log, cmd}."""
+    jobs, cur = [], None
+    for line in text.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):$", line)
+        if m:
+            cur = {"rule": m.group(1), "input": [], "output": [], "log": [], "cmd": None}
+            jobs.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = re.match(r"^\s+(input|output|log|jobid): (.*)$", line)
+        if m:
+            key, val = m.groups()
+            if key == "jobid":
+                cur["jobid"] = int(val)
+            else:
+                cur[key] = [v.strip() for v in val.split(", ") if v.strip()]
+            continue
+        if line.startswith("Shell command: "):
+            cmd = line[len("Shell command: "):]
+            cur["cmd"] = None if cmd == "None" else cmd  # a rule without a shell command (`all`)
+    return jobs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configfile", required=True, type=Path)
+    ap.add_argument("--cores", type=int, default=16, help="cores of the target machine (caps each rule's threads)")
+    ap.add_argument("--dest", type=Path, default=REPO / ".devcarry")
+    args = ap.parse_args(argv)
+
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    # every job but prepare_data, even where outputs exist here (e.g. the seeded `random` scores,
+    # which do not depend on the model)
+    cmd = [snakemake, "-n", "-p", "--cores", str(args.cores), "--forcerun", *FORCE,
+           "--configfile", str(args.configfile), "--replace-workflow-config"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"snakemake dry-run failed:\n{out.stdout}\n{out.stderr}")
+    parsed = parse_dry_run(out.stdout)
+    jobs = [j for j in parsed if j["rule"] not in LOCAL_RULES]
+    local_jobs = [j for j in parsed if j["rule"] in LOCAL_RULES and j["cmd"]]
+    if any(j["rule"] == "prepare_data" for j in jobs):
+        sys.exit("prepare_data would run: run it here first (snakemake --cores 1 ... <dataset.pt>)")
+    missing = [j["rule"] for j in jobs if not j["cmd"]]
+    if missing:
+        sys.exit(f"no shell command parsed for {missing}")
+    produced = {o for j in jobs for o in j["output"]}
+    external = sorted({i for j in jobs for i in j["input"] if i not in produced})
+    args.dest.mkdir(parents=True, exist_ok=True)
+    carried = []
+    for path in external:
+        src = REPO / path
+        if not src.is_file():
+            sys.exit(f"input {path} is neither produced by a job nor present here")
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()
+        gz = args.dest / (path.replace("/", "__") + ".gz")
+        with open(src, "rb") as f, gzip.open(gz, "wb", compresslevel=6) as g:
+            shutil.copyfileobj(f, g)
+        carried.append({"path": path, "gz": gz.name, "sha256": digest, "bytes": src.stat().st_size})
+    env = {"DROPINF_CONFIG_SHA256": config_sha256(args.configfile),
+           "DROPINF_COMMIT": git("rev-parse", "HEAD") or "unknown",
+           "DROPINF_GIT_DIRTY": "true" if git("status", "--porcelain", "--untracked-files=no") else "false"}
+    plan = {"configfile": str(args.configfile), "cores": args.cores, "jobs": jobs, "carried": carried,
+            "local_jobs": local_jobs}
+    (args.dest / "jobs.json").write_text(json.dumps(plan, indent=1) + "\n")
+    (args.dest / "env.json").write_text(json.dumps(env, indent=1) + "\n")
+    size = sum(p.stat().st_size for p in args.dest.iterdir() if p.is_file())
+    print(f"{len(jobs)} jobs ({', '.join(sorted({j['rule'] for j in jobs}))}); carried inputs {external}; "
+          f"{args.dest} holds {size / 2**20:.1f} MiB; env {env}")
+
+
+if __name__ == "__main__":
+    main()

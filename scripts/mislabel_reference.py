@@ -1,0 +1,187 @@
+"""Commit-ready reference outputs of a finished mislabel-detection run of the workflow.
+
+    .venv/bin/python scripts/mislabel_reference.py results/mislabel-amazon-minilm-lora8 [--dest results/reference] [--r 16]
+
+Reads only what the workflow wrote (`summary.csv`, `report/`, `model/finetune.json`, the score
+manifests, `benchmarks/<exp>/`) and writes `DEST/<exp>/`:
+
+* `summary.csv`: the workflow's summary, every row with its provenance (copied unchanged);
+* `auc_table.md`: mislabel-detection AUC at r = R (mean ± std, min, max, n seeds) for every method,
+  the fine-tuned model's accuracies, skipped methods with the reason, and the provenance;
+* `rsweep_table.md`: AUC against r for every compressed method (mean, std, min, max over seeds);
+* `stage_seconds.md`: wall seconds of every workflow job (Snakemake's `benchmark:` files, and
+  `--runner`: the record of jobs run on the GPU machine by scripts/device/run_stages.py, copied as
+  `device_runner.json`);
+* `auc_by_method.png`, `auc_vs_r.png` (the report stage's plots), and `figure1_dropout_gaussian.png`:
+  AUC against r for dropout and gaussian with min-max bands over seeds, orig as a line (the
+  layout of the paper's Figure 1), drawn from `summary.csv`.
+No per-example arrays and no model weights are copied.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+ORDER = ["orig", "lissa", "datainf", "tracin", "gaussian", "logra", "dropout", "sjlt", "random"]
+
+
+def _rank(m: str) -> int:
+    return ORDER.index(m) if m in ORDER else len(ORDER)
+
+
+def auc_rows(df: pd.DataFrame) -> pd.DataFrame:
+    auc = df[df.metric == "mislabel_auc"]
+    g = auc.groupby(["method", "r"], dropna=False)["value"]
+    t = g.agg(["mean", "std", "min", "max", "count"]).reset_index()
+    return t.assign(_k=t.method.map(_rank)).sort_values(["_k", "r"], na_position="first").drop(columns="_k")
+
+
+def fmt(mean, std, n) -> str:
+    return f"{mean:.3f}" if n <= 1 or pd.isna(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def skipped(run: Path) -> list[tuple[str, str]]:
+    out = []
+    for m in sorted(run.glob("scores/*/*/manifest.json")):
+        rec = json.loads(m.read_text())
+        if rec.get("status") == "skipped":
+            out.append((f"{m.parent.parent.name}/{m.parent.name}", rec.get("reason", "")))
+    return out
+
+
+def provenance_line(df: pd.DataFrame) -> str:
+    p = df.dropna(subset=["git_commit"])
+    if not len(p):
+        return ""
+    row = p.iloc[0]
+    devices = ", ".join(sorted(set(map(str, p.device.dropna()))))
+    return (f"git {row.git_commit} (dirty: {row.git_dirty}), config sha256 {row.config_sha256}, dropinf "
+            f"{row.dropinf_version}, torch {row.torch_version}, device {devices}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="results/<experiment>")
+    ap.add_argument("--dest", type=Path, default=Path("results/reference"))
+    ap.add_argument("--r", type=int, default=16, help="the r of the main table")
+    ap.add_argument("--benchmarks", type=Path, default=None, help="default: benchmarks/<experiment>")
+    ap.add_argument("--runner", type=Path, default=None,
+                    help="runner.json of scripts/device/run_stages.py (jobs run on the GPU machine)")
+    args = ap.parse_args(argv)
+
+    run, exp = args.run, args.run.name
+    dest = args.dest / exp
+    dest.mkdir(parents=True, exist_ok=True)
+    df = pd.read_csv(run / "summary.csv", dtype={"r": "Int64", "seed": "Int64"})
+    shutil.copyfile(run / "summary.csv", dest / "summary.csv")
+    for png in ("auc_by_method.png", "auc_vs_r.png"):
+        if (run / "report" / png).exists():
+            shutil.copyfile(run / "report" / png, dest / png)
+    ft = json.loads((run / "model" / "finetune.json").read_text())
+    t = auc_rows(df)
+
+    # ---- main table at r = R ------------------------------------------------------------------
+    main_t = t[t.r.isna() | (t.r == args.r)]
+    lines = [f"# {exp}: mislabel-detection AUC (r = {args.r} for compressed methods)", "",
+             "Produced by the workflow (`summary.csv` beside this file, every row with its provenance); "
+             "mean ± std over compressor seeds (random: over score seeds); uncompressed methods are "
+             "deterministic. 0.5 = chance.", "",
+             "| method | r | AUC | min | max | seeds |", "|---|---|---|---|---|---|"]
+    for row in main_t.itertuples():
+        r = "" if pd.isna(row.r) else int(row.r)
+        lines.append(f"| {row.method} | {r} | {fmt(row.mean, row.std, row.count)} | {row.min:.3f} | "
+                     f"{row.max:.3f} | {row.count} |")
+    m = ft["metrics"]
+    lines += ["", "Fine-tuned model: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) + "; settings "
+              + json.dumps(ft["train"], sort_keys=True) + f"; model {ft['model']} "
+              + json.dumps(ft["model_options"], sort_keys=True) + "."]
+    sk = skipped(run)
+    if sk:
+        lines += ["", "Skipped: " + "; ".join(f"{k} ({why})" for k, why in sk)]
+    lines += ["", "Provenance: " + provenance_line(df)]
+    (dest / "auc_table.md").write_text("\n".join(lines) + "\n")
+
+    # ---- r sweep -------------------------------------------------------------------------------
+    comp = t[t.r.notna()]
+    lines = [f"# {exp}: AUC against r (mean, std, min, max over seeds)", ""]
+    unc = t[t.r.isna()]
+    if len(unc):
+        lines += ["Without r (uncompressed, random): " + ", ".join(f"{r.method} {r.mean:.3f}" for r in unc.itertuples()), ""]
+    rs = sorted(int(r) for r in comp.r.unique())
+    lines += ["| method | " + " | ".join(f"r={r}" for r in rs) + " |", "|---|" + "---|" * len(rs)]
+    for method, g in sorted(comp.groupby("method"), key=lambda kv: _rank(kv[0])):
+        cells = []
+        for r in rs:
+            s = g[g.r == r]
+            cells.append("" if not len(s) else
+                         f"{s['mean'].iloc[0]:.3f} ± {s['std'].iloc[0]:.3f} [{s['min'].iloc[0]:.3f}, {s['max'].iloc[0]:.3f}]")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: mean ± std [min, max] over seeds."]
+    (dest / "rsweep_table.md").write_text("\n".join(lines) + "\n")
+
+    # ---- stage wall seconds --------------------------------------------------------------------
+    # Snakemake's `benchmark:` files for jobs run here; `--runner` (scripts/device/run_stages.py's
+    # record) for jobs run on the GPU machine, where Snakemake is absent.
+    rows = []
+    bench = args.benchmarks or Path("benchmarks") / exp
+    for f in sorted(bench.rglob("*.tsv")) if bench.exists() else []:
+        b = pd.read_csv(f, sep="\t")
+        rows.append((str(f.relative_to(bench))[:-4], float(b["s"].iloc[0]), "here (Snakemake benchmark)"))
+    runner = None
+    if args.runner is not None:
+        runner = json.loads(args.runner.read_text())
+        shutil.copyfile(args.runner, dest / "device_runner.json")
+        for j in sorted(runner["jobs"], key=lambda j: (j.get("started_s", 0), j["output"])):
+            name = j["rule"] + "/" + "/".join(Path(j["output"]).parts[2:-1])
+            rows.append((name.rstrip("/"), float(j["seconds"]), f"{runner['device']} ({j['status']})"))
+    if rows:
+        lines = [f"# {exp}: wall seconds per workflow job", ""]
+        if runner is not None:
+            per = {}
+            for j in runner["jobs"]:
+                per.setdefault(j["rule"], []).append(float(j["seconds"]))
+            lines += [f"GPU machine ({runner['device']}): the planned Snakemake jobs ran {runner['parallel']} at a "
+                      f"time, {runner['wall_seconds']:.0f} s wall from the first job to the last; per rule (sum of job "
+                      "wall seconds, overlapping): " + ", ".join(f"{k} {sum(v):.0f} s ({len(v)} jobs)"
+                                                               for k, v in sorted(per.items())) + ".", ""]
+        lines += ["| job | wall s | where |", "|---|---|---|"]
+        lines += [f"| {name} | {s:.1f} | {where} |" for name, s, where in rows]
+        (dest / "stage_seconds.md").write_text("\n".join(lines) + "\n")
+
+    # ---- Figure-1 style plot -------------------------------------------------------------------
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = df[df.metric == "mislabel_auc"]
+    for method, color in (("dropout", "tab:red"), ("gaussian", "tab:blue")):
+        s = pts[pts.method == method].groupby("r")["value"].agg(["mean", "min", "max"]).sort_index()
+        if not len(s):
+            continue
+        x = s.index.astype(float)
+        ax.plot(x, s["mean"], marker="o", color=color, label=f"{method} (mean; band: min-max)")
+        ax.fill_between(x, s["min"], s["max"], color=color, alpha=0.2)
+    orig = pts[pts.method == "orig"]["value"]
+    if len(orig):
+        ax.axhline(float(orig.iloc[0]), color="k", ls="--", label=f"orig (uncompressed) {float(orig.iloc[0]):.3f}")
+    ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("r (compressed dimension)")
+    ax.set_ylabel("mislabel-detection AUC")
+    n_seeds = int(pts[pts.method == "dropout"].groupby("r").size().max()) if len(pts[pts.method == "dropout"]) else 0
+    ax.set_title(f"{exp}\ndropout vs gaussian vs orig ({n_seeds} seeds)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dest / "figure1_dropout_gaussian.png", dpi=110)
+    plt.close(fig)
+    print(f"wrote {dest}: " + ", ".join(sorted(p.name for p in dest.iterdir())))
+
+
+if __name__ == "__main__":
+    main()
