@@ -396,9 +396,78 @@ def markdown_table(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def ihvp_timing(argv) -> None:
+    """iHVP seconds per method at a given size (the paper's timing tables): synthetic gradients of the
+    right shapes (sizes, not values, set the cost), each method checked finite, median of repeats.
+
+        python -m dropinf.bench ihvp --n 4500 --d 294912 --m 500 --r 16 --out ihvp.csv
+    """
+    from .compressors.base import compressor as make
+    from .influence import influence
+
+    ap = argparse.ArgumentParser(prog="python -m dropinf.bench ihvp")
+    ap.add_argument("--n", type=int, default=4500)
+    ap.add_argument("--d", type=int, default=294912, help="tracked coordinates (RoBERTa LoRA rank 8 on q,v: 294,912)")
+    ap.add_argument("--layers", type=int, default=48, help="per-layer blocks for the full-space methods")
+    ap.add_argument("--m", type=int, default=500)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="results/bench/ihvp.csv")
+    a = ap.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(a.n, a.d, generator=g).to(dev)
+    test = torch.randn(a.m, a.d, generator=g).to(dev)
+    edges = torch.linspace(0, a.d, a.layers + 1).long().tolist()
+    blocks = list(zip(edges[:-1], edges[1:]))
+    base = {"n": a.n, "d": a.d, "m": a.m, "layers": a.layers, **provenance(dev)}
+    rows = []
+
+    def timed(label, fn, **extra):
+        fn()  # warm-up
+        times = []
+        for _ in range(a.repeats):
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        assert torch.isfinite(out).all(), label
+        rows.append({**base, "path": f"ihvp_{label}", "seconds": statistics.median(times), **extra})
+        print(f"ihvp {label:24s} {statistics.median(times):8.3f} s", flush=True)
+
+    for method in ("orig", "lissa", "datainf", "tracin"):
+        timed(method, lambda: influence(train, test, method, blocks=blocks, device=dev, dtype=torch.float32))
+    for name in ("dropout", "gaussian", "sjlt"):
+        c = make(name, dim=a.d, r=a.r, seed=0)
+        comp_t = statistics.median([_timed_call(lambda: (c.compress(train), c.compress(test)), dev)
+                                    for _ in range(a.repeats)])
+        rows.append({**base, "path": f"compress_{name}", "r": a.r, "seconds": comp_t})
+        print(f"compress {name:20s} {comp_t:8.3f} s", flush=True)
+        ct, cs = c.compress(train), c.compress(test)
+        timed(f"exact_{name}_r{a.r}", lambda: influence(ct, cs, "exact", device=dev, dtype=torch.float32), r=a.r)
+    write_csv(rows, a.out)
+    print(f"wrote {a.out}", file=sys.stderr)
+
+
+def _timed_call(fn, dev) -> float:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "table":
         print(markdown_table(sys.argv[2:]))
+        return
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "ihvp":
+        ihvp_timing(sys.argv[2:])
         return
     ap = argparse.ArgumentParser(prog="python -m dropinf.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="gpt2", help="gpt2 | gpt2-tiny | pythia-1.4b | llama-3.2-1b | resnet9")
