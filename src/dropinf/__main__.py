@@ -100,6 +100,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--method", required=True)
     s.add_argument("--r", type=_r, default=None)
     s.add_argument("--grads", default=None, help="extract manifest.json (not for random)")
+    s.add_argument("--model", default=None, help="fine-tuned model.pt: full-space methods recompute raw gradients from it")
+    s.add_argument("--gradients", default="auto", choices=["auto", "stored", "recompute"],
+                   help="full-space methods: read stored raw gradients, recompute them, or auto (stored if complete)")
+    s.add_argument("--recompute-batch-size", type=int, default=64, help="rows per recomputed chunk")
     s.add_argument("--seeds", type=_ints, default=[0])
     s.add_argument("--damping", type=_damping, default="paper", help="'paper', a number, or a JSON list (one per block)")
     s.add_argument("--options", type=_json, default={}, help="JSON options for dropinf.influence")
@@ -172,7 +176,8 @@ def _run(args) -> int | None:
     elif st == "score":
         from .pipeline.score import score
         score(args.data, args.out_dir, args.method, args.r, args.grads, args.seeds, args.damping, args.device,
-              args.threads, args.options, args.experiment)
+              args.threads, args.options, args.experiment, model=args.model, gradients=args.gradients,
+              recompute_batch_size=args.recompute_batch_size)
     elif st == "evaluate":
         from .pipeline.evaluate import evaluate
         evaluate(args.data, args.model, args.scores, args.out, args.method, args.r, args.experiment,

@@ -178,8 +178,63 @@ def test_identity_over_budget_is_skipped_with_reason(trained, tmp_path):
                             device="cpu", threads=1)
     assert m["status"] == "skipped" and "budget" in m["reason"]
     s = score(trained / "data.pt", tmp_path / "scores" / "orig" / "full", "orig", None, g / "manifest.json",
-              device="cpu", threads=1)
+              device="cpu", threads=1, gradients="stored")
     assert s["status"] == "skipped" and "budget" in s["reason"]
+    with pytest.raises(DropinfError, match="no --model"):
+        score(trained / "data.pt", tmp_path / "scores" / "tracin" / "full", "tracin", None, g / "manifest.json",
+              device="cpu", threads=1)
+
+
+@pytest.mark.parametrize("method,passes", [("tracin", 1), ("datainf", 3), ("lissa", 17), ("orig", None)])
+def test_full_space_methods_on_recomputed_gradients_equal_stored(trained, tmp_path, method, passes):
+    """Over the identity budget, 'auto' recomputes raw gradients chunk by chunk from the model; the
+    scores equal those computed from the stored raw gradients of the same model."""
+    from dropinf.pipeline.score import score
+    from dropinf.pipeline.storage import open_array
+
+    kw = dict(device="cpu", threads=1)
+    stored, skipped = tmp_path / "identity-stored", tmp_path / "identity-skipped"
+    extract_mod.extract(trained / "data.pt", trained / "model.pt", stored, "identity", None, **kw)
+    extract_mod.extract(trained / "data.pt", trained / "model.pt", skipped, "identity", None, budget_mb=0.01, **kw)
+    ref = score(trained / "data.pt", tmp_path / "ref", method, None, stored / "manifest.json", **kw)
+    # chunks of 48 rows: the recomputed batches differ from the stored extraction's (256 rows)
+    got = score(trained / "data.pt", tmp_path / "got", method, None, skipped / "manifest.json",
+                model=trained / "model.pt", recompute_batch_size=48, **kw)
+    assert ref["status"] == got["status"] == "complete" and "recompute" not in ref
+    a = np.asarray(open_array(tmp_path / "ref" / "scores.zarr")[...])
+    b = open_array(tmp_path / "got" / "scores.zarr")
+    np.testing.assert_allclose(b[...], a, rtol=2e-4, atol=1e-6 * np.abs(a).max())
+    blocks = json.loads((stored / "manifest.json").read_text())["blocks"]
+    assert b.attrs["grads"].startswith("recomputed") and b.attrs["n_blocks"] == len(blocks)
+    if passes is not None:  # one gradient pass over train per solver pass ('paper' damping costs one)
+        assert got["recompute"]["train_passes"] == passes
+    else:  # Woodbury blocks sweep panel by panel; dense blocks two passes
+        assert got["recompute"]["train_passes"] >= 2
+    forced = score(trained / "data.pt", tmp_path / "forced", method, None, None, model=trained / "model.pt",
+                   gradients="recompute", recompute_batch_size=300, **kw)
+    np.testing.assert_allclose(open_array(tmp_path / "forced" / "scores.zarr")[...], a, rtol=2e-4,
+                               atol=1e-6 * np.abs(a).max())
+    assert "score.gradients is 'recompute'" in forced["recompute"]["why"]
+
+
+def test_recomputed_rows_equal_the_identity_extraction(trained):
+    from dropinf.extraction import extract
+    from dropinf.pipeline.prepare import model_inputs
+    from dropinf.pipeline.train import Batches, load_trained
+    from dropinf.recompute import RecomputedGradients
+
+    blob = load_prepared(trained / "data.pt")
+    spec, _ = load_trained(trained / "model.pt", blob)
+    split = model_inputs(blob["train"])
+    full = extract(spec.module, spec.loss_fn, Batches(split, 32), "identity", params=spec.params)
+    lazy = RecomputedGradients(spec.module, spec.loss_fn, split, params=spec.params, batch_size=32)
+    assert lazy.shape == tuple(full.shape) and lazy.dtype == full.dtype
+    assert torch.equal(lazy[64:128], full[64:128])  # same batches: bitwise
+    torch.testing.assert_close(lazy[5:77], full[5:77], rtol=1e-5, atol=1e-7)
+    assert lazy[10:10].shape == (0, full.shape[1]) and lazy.rows_computed == 64 + 72
+    torch.testing.assert_close(lazy.mean(), full.double().mean(0, keepdim=True), rtol=1e-6, atol=1e-9)
+    with pytest.raises(DropinfError, match="contiguous row slices"):
+        lazy[0:10:2]
 
 
 def test_failed_nesting_falls_back_to_a_pass(trained, tmp_path, monkeypatch):

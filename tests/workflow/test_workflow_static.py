@@ -137,3 +137,21 @@ def test_shipped_experiment_configs_validate_and_plan(wf, tmp_path, name):
     out = wf.snakemake(tmp_path, "-n", config=REPO / "workflow" / "configs" / name).stdout
     assert "rule extract:" in out and "rule report:" in out
     assert f"results/{cfg['experiment']}/summary.csv" in out
+
+
+@pytest.mark.parametrize("source", ["auto", "recompute"])
+def test_full_space_scores_get_the_model_and_read_stored_gradients_unless_recomputing(wf, tmp_path, source):
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["score"] = {**cfg.get("score", {}), "gradients": source}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = wf.snakemake(tmp_path, "-n", "-p", "--forceall", config=path).stdout
+    cmds = [line.strip() for line in out.splitlines() if "python -m dropinf score" in line]
+    full = [c for c in cmds if re.search(r"--method (orig|lissa|datainf|tracin) ", c)]
+    compressed = [c for c in cmds if "--method dropout " in c]
+    assert full and compressed
+    for c in full:
+        assert "--model " in c and f"--gradients {source}" in c
+        assert ("--grads " in c) == (source == "auto"), c
+    assert all("--model " not in c and "--grads " in c for c in compressed)
+    assert ("--compressor identity" in out) == (source == "auto")

@@ -117,6 +117,9 @@ def extract_params(wildcards):
 def score_inputs(wildcards):
     inputs = {"data": f"{RES}/data/dataset.pt"}
     comp = M.extraction_of(wildcards.method)
-    if comp is not None:
+    full_space = wildcards.method in M.FULL_SPACE
+    if full_space:  # raw gradients are recomputed from the model when not stored (score.gradients)
+        inputs["model"] = f"{RES}/model/model.pt"
+    if comp is not None and not (full_space and config["score"]["gradients"] == "recompute"):
         inputs["grads"] = f"{RES}/grads/{comp}/{wildcards.rtag}/manifest.json"
     return inputs

@@ -9,6 +9,9 @@ rule score:
         r=r_of,
         seeds=lambda wc: ",".join(str(s) for s in SEEDS) if M.uses_seed(wc.method) else "0",
         grads=lambda wc, input: f"--grads {input.grads}" if "grads" in input.keys() else "",
+        model=lambda wc, input: f"--model {input.model}" if "model" in input.keys() else "",
+        gradients=config["score"]["gradients"],
+        recompute_batch_size=config["score"]["recompute_batch_size"],
         damping=config["score"]["damping"],
         options=lambda wc: json.dumps(config["score"]["method_options"].get(wc.method, {}), sort_keys=True),
         device=config["device"],
@@ -29,6 +32,7 @@ rule score:
         CONTAINER
     shell:
         "python -m dropinf score --data {input.data} --method {wildcards.method} --r {params.r} {params.grads}"
+        " {params.model} --gradients {params.gradients} --recompute-batch-size {params.recompute_batch_size}"
         " --seeds {params.seeds} --damping {params.damping} --options {params.options:q}"
         " --device {params.device} --threads {threads} --experiment {params.exp}"
         " --out-dir $(dirname {output}) > {log} 2>&1"

@@ -8,6 +8,8 @@
   Models without logits (language models) report `retrain_test_loss@F` (mean test loss; higher =
   more valuable examples removed).
 * `extract_seconds`, `score_seconds`: wall time of the gradient pass (both splits) and the solver.
+  A full-space method on recomputed raw gradients has no extract_seconds; its score_seconds
+  include the recomputation, also reported alone as `recompute_seconds`.
 
 Rows: experiment, method, r, seed, metric, value + provenance columns (see `COLUMNS`).
 """
@@ -132,6 +134,10 @@ def evaluate(data, model, scores, out, method: str, r: int | None = None, experi
         if seed_key in sm.get("seconds", {}):
             timing_rows.append({**key, "seed": seed, "metric": "score_seconds", "value": sm["seconds"][seed_key],
                                 **(sm.get("provenance") or {})})
+        if sm.get("recompute"):
+            cost = sm["recompute"]
+            timing_rows.append({**key, "seed": seed, "metric": "recompute_seconds",
+                                "value": cost["train_seconds"] + cost["test_seconds"], **(sm.get("provenance") or {})})
     prov = stage.provenance()
     rows = [{**prov, **row} for row in rows] + timing_rows
     for row in rows:

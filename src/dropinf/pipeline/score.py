@@ -8,6 +8,12 @@ Full-space methods run their own solver on the `identity` arrays with per-layer 
 (the layout's parameter tensors); compressed methods run the `exact` solver on their compressor's
 arrays with one global block; `random` draws seeded standard-normal scores. Every score array is
 (n_train,) float32 whose attributes carry the sign convention: positive = harmful.
+
+Where full-space methods read raw gradients (`gradients`): "stored" reads the identity extraction
+and skips when it was skipped (over its budget); "recompute" never reads it: the fine-tuned model
+recomputes each row chunk the solver asks for (`dropinf.recompute`), so tracin/datainf/lissa/orig
+run exactly on models whose raw gradients do not fit on disk; "auto" reads them when stored and
+recomputes otherwise. A recomputing job's seconds include its gradient passes (also logged apart).
 """
 from __future__ import annotations
 
@@ -17,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DropinfError
 from .common import Stage, clean_stale, jsonable, log
 from .extract import load_split
 from .methods import BASELINES, FULL_SPACE, solver_of
+from .prepare import model_inputs
 from .prepare import load_prepared
 from .storage import MANIFEST, read_manifest, save_array, write_manifest
 
@@ -28,12 +36,18 @@ def score_relpath(seed) -> str:
     return "scores.zarr" if seed is None else f"seed{seed}.zarr"
 
 
+GRADIENT_SOURCES = ("auto", "stored", "recompute")
+
+
 def score(data, out_dir, method: str, r: int | None = None, grads: str | None = None, seeds=(0,),
           damping="paper", device: str = "auto", threads: int | None = None, options: dict | None = None,
-          experiment: str = "") -> dict:
+          experiment: str = "", model: str | None = None, gradients: str = "auto",
+          recompute_batch_size: int = 64) -> dict:
     import dropinf
     from ..influence import influence
 
+    if gradients not in GRADIENT_SOURCES:
+        raise DropinfError(f"score.gradients must be one of {', '.join(GRADIENT_SOURCES)}, got {gradients!r}")
     stage = Stage("score", device=device, threads=threads)
     out_dir = Path(out_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)
@@ -63,9 +77,21 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
         write_manifest(out_dir, manifest)
         return manifest
 
+    if method in FULL_SPACE and gradients == "recompute":
+        return _score_recomputed(data, model, out_dir, method, damping, options, stage, manifest, common_attrs,
+                                 recompute_batch_size, why="score.gradients is 'recompute'")
+    if grads is None:
+        raise DropinfError(f"score: method {method!r} reads extracted gradients; pass --grads (an extract manifest)")
     gm = read_manifest(grads)
     grads_dir = Path(grads).parent if Path(grads).name == MANIFEST else Path(grads)
     manifest["extract_provenance"] = gm.get("provenance")
+    if gm.get("status") != "complete" and method in FULL_SPACE and gradients == "auto":
+        why = f"the identity extraction was skipped ({gm.get('reason', 'unknown reason')})"
+        if model is None:
+            raise DropinfError(f"score: {method} needs raw gradients, {why}, and no --model was given to "
+                               f"recompute them (or set score.gradients to 'stored' to skip {method})")
+        return _score_recomputed(data, model, out_dir, method, damping, options, stage, manifest, common_attrs,
+                                 recompute_batch_size, why=why)
     if gm.get("status") != "complete":
         reason = f"{gm.get('compressor')} extraction was skipped: {gm.get('reason', 'unknown reason')}"
         log.warning("SKIPPED %s: %s", method, reason)
@@ -97,5 +123,42 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
                  float(values.mean()), float(values.std()))
     manifest.update(status="complete", seeds=[s for s in seeds_here if s is not None],
                     provenance=stage.provenance(), sliced_from=gm.get("sliced_from"))
+    write_manifest(out_dir, jsonable(manifest))
+    return manifest
+
+
+def _score_recomputed(data, model, out_dir, method, damping, options, stage, manifest, common_attrs,
+                      batch_size: int, why: str) -> dict:
+    """A full-space method on raw gradients recomputed chunk by chunk from the fine-tuned model."""
+    from ..influence import influence
+    from ..recompute import RecomputedGradients
+    from .train import load_trained
+
+    blob = load_prepared(data)
+    spec, _ = load_trained(model, blob, stage.device)
+    train, test = (RecomputedGradients(spec.module, spec.loss_fn, model_inputs(blob[s]), params=spec.params,
+                                       device=stage.device, batch_size=int(batch_size)) for s in ("train", "test"))
+    blocks = [tuple(b) for b in train.layout.blocks]
+    log.info("%s on recomputed raw gradients (%s): n=%d, d=%d, %d per-layer blocks, %d rows per pass chunk",
+             method, why, train.n, train.d, len(blocks), batch_size)
+    t0 = time.perf_counter()
+    v = test.mean().to(train.dtype)
+    values = influence(train, v, solver_of(method), damping=damping, blocks=blocks, device=stage.device,
+                       chunk_rows=int(batch_size), **options)
+    secs = time.perf_counter() - t0
+    values = values.to(torch.float32).numpy()
+    cost = {"train_passes": round(train.passes, 4), "train_seconds": train.seconds, "test_seconds": test.seconds,
+            "batch_size": int(batch_size), "why": why}
+    log.info("%s: %d scores in %.3fs, of which %.3fs recomputing gradients (%.2f passes over train, test once); "
+             "mean %.3g, std %.3g", method, values.shape[0], secs, train.seconds + test.seconds, train.passes,
+             float(values.mean()), float(values.std()))
+    attrs = {**common_attrs, "seed": None, "n": int(values.shape[0]), "solver": solver_of(method),
+             "blocks": "per layer", "n_blocks": len(blocks), "grads": "recomputed from the model (not stored)",
+             "model": str(model), "compressor": "identity", "out_dim": train.d, "dim": train.d,
+             "score_seconds": secs, "recompute": cost, "provenance": stage.provenance()}
+    save_array(Path(out_dir) / score_relpath(None), values, attrs)
+    manifest["scores"]["None"] = score_relpath(None)
+    manifest["seconds"]["None"] = secs
+    manifest.update(status="complete", seeds=[], recompute=cost, provenance=stage.provenance())
     write_manifest(out_dir, jsonable(manifest))
     return manifest
