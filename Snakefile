@@ -1,5 +1,5 @@
 # dropinf workflow: which training examples matter, by influence functions on compressed
-# per-example gradients.  prepare_data -> finetune -> extract -> score -> evaluate -> report.
+# per-example gradients.  prepare_data -> [pretrain ->] finetune -> extract -> score -> evaluate -> report.
 #
 #   snakemake --cores 2                                   # the embedded default (config.yaml)
 #   snakemake --cores 2 --configfile my.yaml --replace-workflow-config
@@ -18,6 +18,7 @@ configfile: "config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/gradients.smk"
 include: "workflow/rules/scores.smk"

@@ -2,8 +2,8 @@
 
     .venv/bin/python scripts/device/make_jobs.py --configfile workflow/configs/X.yaml [--cores 16] [--dest .devcarry]
 
-1. Runs `snakemake -n -p --forcerun finetune extract score evaluate` (the local `prepare_data`
-   output is kept: its Debian data cannot be fetched over there) and parses every job: rule, jobid,
+1. Runs `snakemake -n -p --forcerun pretrain finetune extract score evaluate` (the local
+   `prepare_data`/`prepare_pretrain_data` outputs are kept: their Debian data cannot be fetched there) and parses every job: rule, jobid,
    input, output, log and the exact shell command Snakemake would run. `summarize`, `report` and
    `all` are left for here.
 2. Writes `DEST/jobs.json` (the jobs in Snakemake's listing order, which `run_stages.py` re-orders
@@ -22,7 +22,6 @@ import argparse
 import gzip
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_RULES = {"summarize", "report", "all"}
-FORCE = ("finetune", "extract", "score", "evaluate")
+FORCE = ("pretrain", "finetune", "extract", "score", "evaluate")
 FIELDS = ("input", "output", "log")
 
 
@@ -75,52 +74,62 @@ def parse_dry_run(text: str) -> list[dict]:
     return jobs
 
 
+def plan(configfile: Path, cores: int, dest: Path, targets=(), force=FORCE, local_rules=LOCAL_RULES) -> dict:
+    """Plan `snakemake -n -p TARGETS --forcerun FORCE` into DEST (jobs.json, env.json, the carried inputs)."""
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    # every job but the data preparation, even where outputs exist here (e.g. the seeded `random`
+    # scores, which do not depend on the model)
+    cmd = [snakemake, "-n", "-p", *targets, "--cores", str(cores), "--forcerun", *force,
+           "--configfile", str(configfile), "--replace-workflow-config"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"snakemake dry-run failed:\n{out.stdout}\n{out.stderr}")
+    parsed = parse_dry_run(out.stdout)
+    jobs = [j for j in parsed if j["rule"] not in local_rules]
+    local_jobs = [j for j in parsed if j["rule"] in local_rules and j["cmd"]]
+    for rule in ("prepare_data", "prepare_pretrain_data"):
+        if any(j["rule"] == rule for j in jobs):
+            sys.exit(f"{rule} would run: run it here first (snakemake --cores 1 ... <its dataset.pt>)")
+    missing = [j["rule"] for j in jobs if not j["cmd"]]
+    if missing:
+        sys.exit(f"no shell command parsed for {missing}")
+    produced = {o for j in jobs for o in j["output"]}
+    external = sorted({i for j in jobs for i in j["input"] if i not in produced})
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    carried = []
+    for path in external:
+        src = REPO / path
+        if not src.is_file():
+            sys.exit(f"input {path} is neither produced by a job nor present here")
+        gz = dest / (path.replace("/", "__") + ".gz")
+        with open(src, "rb") as f, gzip.open(gz, "wb", compresslevel=6) as g:
+            shutil.copyfileobj(f, g)
+        carried.append({"path": path, "gz": gz.name, "sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
+                        "bytes": src.stat().st_size})
+    env = {"DROPINF_CONFIG_SHA256": config_sha256(configfile),
+           "DROPINF_COMMIT": git("rev-parse", "HEAD") or "unknown",
+           "DROPINF_GIT_DIRTY": "true" if git("status", "--porcelain", "--untracked-files=no") else "false"}
+    result = {"configfile": str(configfile), "cores": cores, "jobs": jobs, "carried": carried, "local_jobs": local_jobs}
+    (dest / "jobs.json").write_text(json.dumps(result, indent=1) + "\n")
+    (dest / "env.json").write_text(json.dumps(env, indent=1) + "\n")
+    size = sum(p.stat().st_size for p in dest.iterdir() if p.is_file())
+    counts = {}
+    for j in jobs:
+        counts[j["rule"]] = counts.get(j["rule"], 0) + 1
+    print(f"{len(jobs)} jobs {counts}; local {[j['rule'] for j in local_jobs]}; carried inputs {external}; "
+          f"{dest} holds {size / 2**20:.1f} MiB; env {env}")
+    return result
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configfile", required=True, type=Path)
     ap.add_argument("--cores", type=int, default=16, help="cores of the target machine (caps each rule's threads)")
     ap.add_argument("--dest", type=Path, default=REPO / ".devcarry")
     args = ap.parse_args(argv)
-
-    snakemake = str(Path(sys.executable).with_name("snakemake"))
-    # every job but prepare_data, even where outputs exist here (e.g. the seeded `random` scores,
-    # which do not depend on the model)
-    cmd = [snakemake, "-n", "-p", "--cores", str(args.cores), "--forcerun", *FORCE,
-           "--configfile", str(args.configfile), "--replace-workflow-config"]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"snakemake dry-run failed:\n{out.stdout}\n{out.stderr}")
-    parsed = parse_dry_run(out.stdout)
-    jobs = [j for j in parsed if j["rule"] not in LOCAL_RULES]
-    local_jobs = [j for j in parsed if j["rule"] in LOCAL_RULES and j["cmd"]]
-    if any(j["rule"] == "prepare_data" for j in jobs):
-        sys.exit("prepare_data would run: run it here first (snakemake --cores 1 ... <dataset.pt>)")
-    missing = [j["rule"] for j in jobs if not j["cmd"]]
-    if missing:
-        sys.exit(f"no shell command parsed for {missing}")
-    produced = {o for j in jobs for o in j["output"]}
-    external = sorted({i for j in jobs for i in j["input"] if i not in produced})
-    args.dest.mkdir(parents=True, exist_ok=True)
-    carried = []
-    for path in external:
-        src = REPO / path
-        if not src.is_file():
-            sys.exit(f"input {path} is neither produced by a job nor present here")
-        digest = hashlib.sha256(src.read_bytes()).hexdigest()
-        gz = args.dest / (path.replace("/", "__") + ".gz")
-        with open(src, "rb") as f, gzip.open(gz, "wb", compresslevel=6) as g:
-            shutil.copyfileobj(f, g)
-        carried.append({"path": path, "gz": gz.name, "sha256": digest, "bytes": src.stat().st_size})
-    env = {"DROPINF_CONFIG_SHA256": config_sha256(args.configfile),
-           "DROPINF_COMMIT": git("rev-parse", "HEAD") or "unknown",
-           "DROPINF_GIT_DIRTY": "true" if git("status", "--porcelain", "--untracked-files=no") else "false"}
-    plan = {"configfile": str(args.configfile), "cores": args.cores, "jobs": jobs, "carried": carried,
-            "local_jobs": local_jobs}
-    (args.dest / "jobs.json").write_text(json.dumps(plan, indent=1) + "\n")
-    (args.dest / "env.json").write_text(json.dumps(env, indent=1) + "\n")
-    size = sum(p.stat().st_size for p in args.dest.iterdir() if p.is_file())
-    print(f"{len(jobs)} jobs ({', '.join(sorted({j['rule'] for j in jobs}))}); carried inputs {external}; "
-          f"{args.dest} holds {size / 2**20:.1f} MiB; env {env}")
+    plan(args.configfile, args.cores, args.dest)
 
 
 if __name__ == "__main__":

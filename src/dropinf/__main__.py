@@ -66,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--model-options", type=_json, default={})
     s.add_argument("--train", type=_json, default={}, help="JSON: epochs, batch_size, lr, weight_decay, optimizer, seed, schedule, warmup_ratio")
+    s.add_argument("--init", default=None, help="start from this model.pt of an earlier run (the pretrain stage)")
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True)
     s.add_argument("--metrics", required=True)
@@ -161,7 +162,7 @@ def _run(args) -> int | None:
     elif st == "finetune":
         from .pipeline.train import finetune
         finetune(args.data, args.out, args.metrics, args.model, args.model_options, device=args.device,
-                 threads=args.threads, **args.train)
+                 threads=args.threads, init=args.init, **args.train)
     elif st == "extract" and not args.finalize and not (args.data and args.model and args.compressor):
         parser().error("extract: --data, --model and --compressor are required (except with --finalize)")
     elif st == "extract" and args.finalize:

@@ -12,8 +12,8 @@ import yaml
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
-GPU_RULES = ("finetune", "extract", "score", "evaluate", "bench_one", "lds_train", "lds_score")
-CPU_RULES = ("prepare_data", "extract_finalize", "summarize", "report", "lds_summarize")
+GPU_RULES = ("finetune", "extract", "score", "evaluate", "bench_one", "lds_train", "lds_score", "pretrain")
+CPU_RULES = ("prepare_data", "extract_finalize", "summarize", "report", "lds_summarize", "prepare_pretrain_data")
 TARGET_RULES = ("bench", "lds")  # input-only aggregation targets: nothing runs, so no log/resources
 
 
@@ -67,6 +67,9 @@ def test_schema_names_are_registered():
     # a registered dataset or model must be listed in the schema to be usable from a config, and vice versa
     assert set(props["dataset"]["properties"]["name"]["enum"]) == set(dropinf.data.DATASETS), \
         "workflow/schemas/config.schema.yaml: dataset.name enum differs from dropinf.data.DATASETS"
+    assert props["pretrain"]["properties"]["dataset"]["properties"]["name"]["enum"] == \
+        props["dataset"]["properties"]["name"]["enum"]
+    assert set(props["pretrain"]["properties"]["train"]["properties"]) == set(props["finetune"]["properties"])
     assert set(props["model"]["properties"]["name"]["enum"]) == set(dropinf.models.MODELS), \
         "workflow/schemas/config.schema.yaml: model.name enum differs from dropinf.models.MODELS"
     assert set(props["methods"]["items"]["enum"]) == set(METHODS)

@@ -92,9 +92,9 @@ def r_of(wildcards):
 
 
 # ---- resources --------------------------------------------------------------------------------
-RUNTIME = {"prepare_data": 15, "finetune": 120, "extract": 240, "score": 120, "evaluate": 240,
+RUNTIME = {"prepare_data": 15, "pretrain": 240, "finetune": 120, "extract": 240, "score": 120, "evaluate": 240,
            "summarize": 10, "report": 15} | config["resources"]["runtime"]
-MEM_MB = {"prepare_data": 4000, "finetune": 16000, "extract": 32000, "score": 32000, "evaluate": 16000,
+MEM_MB = {"prepare_data": 4000, "pretrain": 16000, "finetune": 16000, "extract": 32000, "score": 32000, "evaluate": 16000,
           "summarize": 2000, "report": 4000} | config["resources"]["mem_mb"]
 GPU = config["resources"]["gpu"]
 GPU_MODEL = config["resources"]["gpu_model"] if GPU else ""
@@ -114,12 +114,25 @@ def extract_params(wildcards):
     }
 
 
-def score_inputs(wildcards):
+def stored_gradients(wildcards):
+    """The data and the extraction a method reads (none for random)."""
     inputs = {"data": f"{RES}/data/dataset.pt"}
     comp = M.extraction_of(wildcards.method)
-    full_space = wildcards.method in M.FULL_SPACE
-    if full_space:  # raw gradients are recomputed from the model when not stored (score.gradients)
-        inputs["model"] = f"{RES}/model/model.pt"
-    if comp is not None and not (full_space and config["score"]["gradients"] == "recompute"):
+    if comp is not None:
         inputs["grads"] = f"{RES}/grads/{comp}/{wildcards.rtag}/manifest.json"
     return inputs
+
+
+def score_inputs(wildcards):
+    inputs = stored_gradients(wildcards)
+    if wildcards.method in M.FULL_SPACE:  # raw gradients are recomputed from the model when not stored
+        inputs["model"] = f"{RES}/model/model.pt"
+        if config["score"]["gradients"] == "recompute":
+            del inputs["grads"]
+    return inputs
+
+
+# ---- optional pretraining (config `pretrain`): finetune, retraining and LDS start from its weights -------
+PRETRAIN = config.get("pretrain")
+PRETRAIN_MODEL = f"{RES}/pretrain/model.pt"
+PRETRAINED = {"init": PRETRAIN_MODEL} if PRETRAIN else {}  # input of the rules that start from it

@@ -1,6 +1,7 @@
 rule evaluate:
     """Mislabel-detection AUC and retraining after removing the most helpful examples."""
     input:
+        unpack(lambda wc: PRETRAINED),  # retraining starts from the pretrained weights (path in model.pt)
         data=rules.prepare_data.output[0],
         model=rules.finetune.output.model,
         scores=rules.score.output[0],

@@ -1,7 +1,8 @@
 rule finetune:
-    """Train the model on the (noisy) training split; save weights and metrics."""
+    """Train the model on the (noisy) training split (from the pretrained weights when config
+    `pretrain` is set); save weights and metrics."""
     input:
-        data=rules.prepare_data.output[0],
+        unpack(lambda wc: {"data": rules.prepare_data.output[0], **PRETRAINED}),
     output:
         model=f"{RES}/model/model.pt",
         metrics=f"{RES}/model/finetune.json",
@@ -9,6 +10,7 @@ rule finetune:
         model=config["model"]["name"],
         options=json.dumps(config["model"].get("options", {}), sort_keys=True),
         train=json.dumps(config["finetune"], sort_keys=True),
+        init=lambda wc, input: f"--init {input.init}" if "init" in input.keys() else "",
         device=config["device"],
     log:
         f"{LOGS}/finetune.log",
@@ -27,5 +29,5 @@ rule finetune:
         CONTAINER
     shell:
         "python -m dropinf finetune --data {input.data} --model {params.model} --model-options {params.options:q}"
-        " --train {params.train:q} --device {params.device} --threads {threads}"
+        " --train {params.train:q} {params.init} --device {params.device} --threads {threads}"
         " --out {output.model} --metrics {output.metrics} > {log} 2>&1"

@@ -15,7 +15,7 @@ if LDS["parts"] > LDS["n_models"]:
 rule lds_train:
     """Models retrained on random subsets (the finetune recipe), their loss on every test example."""
     input:
-        data=rules.prepare_data.output[0],
+        unpack(lambda wc: {"data": rules.prepare_data.output[0], **PRETRAINED}),
     output:
         f"{LDS_DIR}/subsets/part{{part}}of{LDS['parts']}.npz",
     params:
@@ -28,6 +28,7 @@ rule lds_train:
         seed=LDS["seed"],
         parts=LDS["parts"],
         vary="--vary-seed" if LDS["vary_seed"] else "",
+        init=lambda wc, input: f"--init {input.init}" if "init" in input.keys() else "",
         device=config["device"],
     wildcard_constraints:
         part=r"[0-9]+",
@@ -49,14 +50,15 @@ rule lds_train:
     shell:
         "python -m dropinf lds train --data {input.data} --model {params.model} --model-options {params.options:q}"
         " --train {params.train:q} --n-models {params.n_models} --fraction {params.fraction} --subset-seed {params.seed}"
-        " --part {wildcards.part} --parts {params.parts} {params.vary} --device {params.device} --threads {threads}"
+        " --part {wildcards.part} --parts {params.parts} {params.vary} {params.init} --device {params.device}"
+        " --threads {threads}"
         " --experiment {params.exp} --out {output} > {log} 2>&1"
 
 
 rule lds_score:
     """LDS of one method at one r, every seed: per-test-example influence against the subset models."""
     input:
-        unpack(lambda wc: {**score_inputs(wc), "parts": LDS_PARTS}),
+        unpack(lambda wc: {**stored_gradients(wc), "parts": LDS_PARTS}),
     output:
         metrics=f"{LDS_DIR}/{{method}}/{{rtag}}/metrics.csv",
         per_test=f"{LDS_DIR}/{{method}}/{{rtag}}/per_test.npz",

@@ -68,8 +68,9 @@ def removal_order(scores: np.ndarray) -> np.ndarray:
 
 
 def retrain_metric(blob, saved: dict, keep: np.ndarray, device, inputs: dict | None = None) -> tuple[str, float]:
-    """Retrain on rows `keep` with the fine-tuning settings; ('acc', test accuracy) for classifiers,
-    ('loss', mean test loss) for models without logits (language models).
+    """Retrain on rows `keep` with the fine-tuning settings, from the same initial weights (the
+    pretrained ones when the model was fine-tuned from a pretraining run); ('acc', test accuracy) for
+    classifiers, ('loss', mean test loss) for models without logits (language models).
 
     `inputs`: {"train": ..., "test": ...} model inputs already on `device` (`device_inputs`), so
     that a sweep of retrainings copies the data to the device once."""
@@ -77,7 +78,7 @@ def retrain_metric(blob, saved: dict, keep: np.ndarray, device, inputs: dict | N
 
     inputs = inputs or device_inputs(blob, device)
     settings = saved["train"]
-    spec = build(blob, saved["model"], saved["model_options"], settings.get("seed", 0))
+    spec = build(blob, saved["model"], saved["model_options"], settings.get("seed", 0), saved.get("init"))
     fit(spec, inputs["train"], device=device, indices=torch.from_numpy(np.sort(keep)), **settings)
     test = inputs["test"]
     if spec.logits_fn is None:

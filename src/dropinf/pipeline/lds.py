@@ -146,7 +146,7 @@ def load_npz(path) -> tuple[dict, dict]:
 def train_part(data, out, model: str, model_options: dict | None, settings: dict, n_models: int,
                fraction: float = 0.5, subset_seed: int = 0, part: int = 0, parts: int = 1,
                vary_seed: bool = False, device: str = "auto", threads: int | None = None,
-               experiment: str = "") -> dict:
+               experiment: str = "", init=None) -> dict:
     import numpy as np
     import torch
 
@@ -175,7 +175,7 @@ def train_part(data, out, model: str, model_options: dict | None, settings: dict
     for row, k in enumerate(models):
         t0 = time.perf_counter()
         seed = int(settings["seed"]) + (1 + k if vary_seed else 0)
-        spec = build(blob, model, model_options, seed)
+        spec = build(blob, model, model_options, seed, init)
         keep = torch.from_numpy(np.flatnonzero(masks[row]))
         history = fit(spec, inputs["train"], device=stage.device, indices=keep, **{**settings, "seed": seed})
         module = spec.module.eval()
@@ -430,6 +430,7 @@ def add_parser(sub) -> None:
     t.add_argument("--part", type=int, default=0)
     t.add_argument("--parts", type=int, default=1)
     t.add_argument("--vary-seed", action="store_true", help="model k uses init/order seed finetune.seed + 1 + k")
+    t.add_argument("--init", default=None, help="start every subset model from this model.pt (the pretrain stage)")
     t.add_argument("--out", required=True)
     c = acts.add_parser("score", help="LDS of one method at one r, every seed")
     c.add_argument("--data", required=True)
@@ -458,7 +459,8 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     if args.lds_action == "train":
         train_part(args.data, args.out, args.model, args.model_options, args.train, args.n_models, args.fraction,
-                   args.subset_seed, args.part, args.parts, args.vary_seed, args.device, args.threads, args.experiment)
+                   args.subset_seed, args.part, args.parts, args.vary_seed, args.device, args.threads, args.experiment,
+                   init=args.init)
     elif args.lds_action == "score":
         score_method(args.data, args.parts, args.out, args.per_test, args.method, args.r, args.grads, args.seeds,
                      args.damping, args.options, args.device, args.threads, args.experiment)

@@ -7,11 +7,12 @@ same loop with the same hyperparameters and seed on the remaining rows.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
 from ..errors import DropinfError
-from .common import Stage, atomic_path, log, write_json
+from .common import Stage, atomic_path, file_sha256, log, write_json
 from .prepare import load_prepared, model_inputs, task_data
 
 
@@ -49,11 +50,40 @@ def _to(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def build(blob: dict, model: str, model_options: dict | None, seed: int):
-    """The registered model, initialised from `seed` unless the options name an `init_seed`."""
+def build(blob: dict, model: str, model_options: dict | None, seed: int, init: dict | str | None = None):
+    """The registered model, initialised from `seed` unless the options name an `init_seed`.
+
+    `init`: start from the weights of another training run instead (the `pretrain` stage's model.pt):
+    its path, or {"path", "sha256"} as recorded by `finetune` (the file must still match)."""
     from ..models import build_model
 
-    return build_model(model, task_data(blob), **{"init_seed": int(seed), **(model_options or {})})
+    spec = build_model(model, task_data(blob), **{"init_seed": int(seed), **(model_options or {})})
+    if init is not None:
+        load_init(spec, init)
+    return spec
+
+
+def init_record(path) -> dict:
+    """What `finetune` records about the weights it started from."""
+    return {"path": str(path), "sha256": file_sha256(path)}
+
+
+def load_init(spec, init: dict | str) -> None:
+    """Load the weights saved by an earlier `finetune` (e.g. the pretraining run) into `spec.module`."""
+    rec = init if isinstance(init, dict) else {"path": str(init)}
+    path = Path(rec["path"])
+    if not path.is_file():
+        raise DropinfError(f"initial weights {path} (from the pretrain stage) do not exist")
+    if rec.get("sha256") and file_sha256(path) != rec["sha256"]:
+        raise DropinfError(f"initial weights {path} changed since the model was fine-tuned from them (sha256 "
+                           f"differs); rerun finetune")
+    state = torch.load(path, weights_only=False, map_location="cpu")["state_dict"]
+    try:
+        spec.module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise DropinfError(f"initial weights {path} do not fit the model (pretrain and finetune must build the "
+                           f"same architecture and vocabulary): {' '.join(first[:3])}") from None
 
 
 class _Optimizer:
@@ -202,18 +232,22 @@ def train_settings(finetune: dict) -> dict:
 
 
 def finetune(data, out, metrics_out, model: str, model_options: dict | None = None, device: str = "auto",
-             threads: int | None = None, **settings) -> dict:
+             threads: int | None = None, init=None, **settings) -> dict:
+    """Train `model` on the prepared data; `init`: start from another run's saved weights (pretraining)."""
     stage = Stage("finetune", device=device, threads=threads)
     blob = load_prepared(data)
     settings = {"epochs": 30, "batch_size": 64, "lr": 1e-2, "weight_decay": 0.0, "optimizer": "adam", "seed": 0,
                 **settings}
-    spec = build(blob, model, model_options, settings["seed"])
+    init = None if init is None else init_record(init)
+    spec = build(blob, model, model_options, settings["seed"], init)
     train, test = model_inputs(blob["train"]), model_inputs(blob["test"])
     n_params = sum(p.numel() for p in spec.module.parameters() if p.requires_grad)
     log.info("model %s (%d trainable parameters) on %d examples: %s", model, n_params,
              train["labels"].shape[0] if "labels" in train else -1, settings)
+    # where training starts (the pretrained model's loss on this test split, when there is one)
+    start = {} if init is None else {"initial_test_loss": mean_loss(spec, test, stage.device)}
     history = fit(spec, train, device=stage.device, log_every=max(1, settings["epochs"] // 5), **settings)
-    metrics = {"final_train_loss": history[-1], "test_loss": mean_loss(spec, test, stage.device)}
+    metrics = {"final_train_loss": history[-1], "test_loss": mean_loss(spec, test, stage.device), **start}
     if spec.logits_fn is not None:
         metrics["test_accuracy"] = accuracy(spec, test, stage.device)
         metrics["train_accuracy"] = accuracy(spec, train, stage.device)
@@ -221,7 +255,9 @@ def finetune(data, out, metrics_out, model: str, model_options: dict | None = No
             metrics["train_accuracy_clean_labels"] = accuracy(spec, train, stage.device, blob["train"]["labels_clean"])
     log.info("finetune done: %s", {k: round(v, 4) for k, v in metrics.items()})
     state = {k: v.detach().cpu() for k, v in spec.module.state_dict().items()}
-    record = {"model": model, "model_options": dict(model_options or {}), "train": settings,
+    if init is not None:
+        log.info("started from the weights in %s", init["path"])
+    record = {"model": model, "model_options": dict(model_options or {}), "train": settings, "init": init,
               "n_params": n_params, "metrics": metrics, "history": history}
     with atomic_path(out) as tmp:
         torch.save({**record, "state_dict": state, "provenance": stage.provenance()}, tmp)
