@@ -136,6 +136,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--experiment", default="")
     s.add_argument("--out-dir", required=True)
 
+    s = add("timing", "cross-experiment timing tables (compression and iHVP seconds per method) from summary.csv files")
+    s.add_argument("summaries", nargs="+", help="per-experiment summary.csv files")
+    s.add_argument("--out", required=True, help="directory for timing.csv and TABLE.md")
+
     from .pipeline.lds import add_parser as add_lds  # `lds {train,score,summarize}` (stdlib-only import)
     add_lds(sub)
     return p
@@ -183,6 +187,9 @@ def _run(args) -> int | None:
         from .pipeline.evaluate import evaluate
         evaluate(args.data, args.model, args.scores, args.out, args.method, args.r, args.experiment,
                  args.fractions, not args.no_retrain, args.device, args.threads)
+    elif st == "timing":
+        from .pipeline.timing import timing_tables
+        timing_tables(args.summaries, args.out)
     elif st == "summarize":
         from .pipeline.report import summarize
         summarize(args.inputs, args.out, args.finetune_metrics, args.experiment)

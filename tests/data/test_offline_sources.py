@@ -96,6 +96,12 @@ def test_austen_pretrain_excludes_holdout_and_validation(debian_source):
     tr = torch.tensor(td.meta["source_index"]["train"])
     for s in td.meta["source_index"]["test"]:  # no training window overlaps a validation window
         assert not ((tr < s + 128) & (tr + 128 > s)).any()
+    sub = load_dataset("austen_pretrain", seq_len=128, stride=64, n_test=32, n_train=500)
+    starts = sub.meta["source_index"]["train"]
+    assert sub.train["input_ids"].shape == (500, 128) and set(starts) <= set(tr.tolist())
+    assert starts == sorted(starts) and torch.equal(sub.test["input_ids"], td.test["input_ids"])
+    with pytest.raises(DropinfError, match="n_train"):
+        load_dataset("austen_pretrain", seq_len=128, n_test=32, n_train=10**7)
 
 
 def test_austen_bytes_tokenizer(debian_source):

@@ -249,3 +249,35 @@ def test_failed_nesting_falls_back_to_a_pass(trained, tmp_path, monkeypatch):
     out = extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "r8", "dropout", 8, **kw)
     assert out["status"] == "complete" and out["sliced_from"] is None
     assert is_complete(root / "r8" / "seed0" / "train.zarr")
+
+
+def test_finetune_from_pretrained_weights_and_retraining_starts_there(trained, tmp_path):
+    """`init`: finetune starts from another run's weights, records path + sha256, and retraining
+    rebuilds the same start (lr 0: the retrained model is exactly the pretrained one)."""
+    from dropinf.pipeline.evaluate import device_inputs, retrain_metric
+    from dropinf.pipeline.train import accuracy, build, load_init, load_trained
+
+    blob = load_prepared(trained / "data.pt")
+    data, pre = trained / "data.pt", trained / "model.pt"  # the fixture's model stands in for a pretraining run
+    finetune(data, tmp_path / "ft.pt", tmp_path / "ft.json", "mlp", {"hidden": [16]}, device="cpu", threads=1,
+             epochs=1, lr=1e-12, init=pre)
+    rec = json.loads((tmp_path / "ft.json").read_text())
+    assert rec["init"]["path"] == str(pre) and len(rec["init"]["sha256"]) == 64
+    assert rec["metrics"]["n_train"] == 300 and rec["metrics"]["n_test"] == 100
+    pre_spec, _ = load_trained(pre, blob)
+    ft_spec, saved = load_trained(tmp_path / "ft.pt", blob)
+    for a, b in zip(pre_spec.module.parameters(), ft_spec.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)  # lr 1e-12: still the pretrained weights
+    assert rec["metrics"]["initial_test_loss"] == pytest.approx(rec["metrics"]["test_loss"], abs=1e-6)
+    # retraining on every row rebuilds from the pretrained weights, not from the seeded init
+    kind, acc = retrain_metric(blob, saved, np.arange(300), torch.device("cpu"), device_inputs(blob, "cpu"))
+    assert kind == "acc" and acc == pytest.approx(accuracy(pre_spec, blob["test"], "cpu"))
+    scratch = build(blob, "mlp", {"hidden": [16]}, 0)
+    assert not torch.equal(next(scratch.module.parameters()), next(pre_spec.module.parameters()))
+
+    with pytest.raises(DropinfError, match="do not fit the model"):
+        load_init(build(blob, "mlp", {"hidden": [8]}, 0), pre)
+    with pytest.raises(DropinfError, match="do not exist"):
+        load_init(scratch, tmp_path / "missing.pt")
+    with pytest.raises(DropinfError, match="changed since"):
+        load_init(scratch, {"path": str(pre), "sha256": "0" * 64})

@@ -5,6 +5,7 @@ REPORT_FILES = [
     f"{REPORT_DIR}/auc_by_method.png",
     f"{REPORT_DIR}/auc_vs_r.png",
     f"{REPORT_DIR}/accuracy_vs_removed.png",
+    f"{REPORT_DIR}/retrain_table.md",
 ]
 
 
@@ -44,6 +45,7 @@ rule report:
         auc=report(REPORT_FILES[1], caption="../report/auc_by_method.rst", category="Results", labels={"figure": "AUC by method"}),
         auc_r=report(REPORT_FILES[2], caption="../report/auc_vs_r.rst", category="Results", labels={"figure": "AUC against r"}),
         retrain=report(REPORT_FILES[3], caption="../report/accuracy_vs_removed.rst", category="Results", labels={"figure": "retraining"}),
+        retrain_md=REPORT_FILES[4],
     params:
         exp=EXP,
         scored=" ".join(f"{m}/{t}" for m, t in SCORED),

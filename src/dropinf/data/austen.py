@@ -176,8 +176,9 @@ def austen(holdout: str = "emma", seq_len: int = 64, n_train: int = 2000, n_test
 @register_dataset("austen_pretrain")
 def austen_pretrain(holdout: str = "emma", seq_len: int = 128, stride: int | None = None, n_test: int = 256,
                     seed: int = 0, tokenizer: str = "bpe", vocab_size: int = 4096, root=None,
-                    fetch: bool | None = None) -> TaskData:
-    """The five other novels as windows of `seq_len` tokens; `n_test` seeded windows for validation.
+                    fetch: bool | None = None, n_train: int | None = None) -> TaskData:
+    """The five other novels as windows of `seq_len` tokens; `n_test` seeded windows for validation;
+    `n_train`: keep a seeded subset of that many training windows (default: all).
 
     With `stride < seq_len` windows overlap; validation windows are then taken from the
     non-overlapping grid and every training window that overlaps one is dropped, so no
@@ -203,6 +204,12 @@ def austen_pretrain(holdout: str = "emma", seq_len: int = 128, stride: int | Non
     cum = torch.cat([torch.zeros(1, dtype=torch.long), covered.long().cumsum(0)])
     overlap = (cum[starts + seq_len] - cum[starts]) > 0
     train_starts = starts[~overlap]
+    if n_train is not None:
+        if not 0 < int(n_train) <= train_starts.numel():
+            raise DropinfError(f"austen_pretrain: n_train={n_train} is not in [1, {train_starts.numel()}] "
+                               f"(the training windows of {seq_len} tokens)")
+        keep = torch.randperm(train_starts.numel(), generator=torch.Generator().manual_seed(int(seed) + 1))
+        train_starts = train_starts[keep[: int(n_train)].sort().values]
     offs = torch.arange(seq_len)
     train = stream[train_starts[:, None] + offs]
     test = stream[test_starts[:, None] + offs]

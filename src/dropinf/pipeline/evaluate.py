@@ -7,7 +7,8 @@
   measure test accuracy. Lower = the method found more valuable examples; compare with `random`.
   Models without logits (language models) report `retrain_test_loss@F` (mean test loss; higher =
   more valuable examples removed).
-* `extract_seconds`, `score_seconds`: wall time of the gradient pass (both splits) and the solver.
+* `extract_seconds`, `score_seconds`: wall time of the gradient pass (both splits) and the solver;
+  `compress_seconds`: a compressor served from stored raw gradients, the projection's time.
   A full-space method on recomputed raw gradients has no extract_seconds; its score_seconds
   include the recomputation, also reported alone as `recompute_seconds`.
 
@@ -132,6 +133,9 @@ def evaluate(data, model, scores, out, method: str, r: int | None = None, experi
         secs = (sm.get("extract_seconds") or {}).get(seed_key)
         if secs is not None and not sm.get("sliced_from"):
             timing_rows.append({**key, "seed": seed, "metric": "extract_seconds", "value": secs, **ext})
+        proj = (sm.get("compress_seconds") or {}).get(seed_key)
+        if proj is not None:
+            timing_rows.append({**key, "seed": seed, "metric": "compress_seconds", "value": proj, **ext})
         if seed_key in sm.get("seconds", {}):
             timing_rows.append({**key, "seed": seed, "metric": "score_seconds", "value": sm["seconds"][seed_key],
                                 **(sm.get("provenance") or {})})

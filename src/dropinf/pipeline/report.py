@@ -15,6 +15,9 @@ from .methods import METHODS
 COLUMNS = ("experiment", "method", "r", "seed", "metric", "value", "git_commit", "git_dirty", "config_sha256",
            "dropinf_version", "torch_version", "device", "stage_seconds", "started_at")
 RETRAIN = re.compile(r"^retrain_test_(?P<kind>acc|loss)@(?P<f>[0-9.eE+-]+)$")
+#: wall-second metrics of `evaluate`: own gradient pass, projection of stored raw gradients,
+#: solver (its seconds include any recomputation), raw gradients recomputed inside the solver
+TIMING = ("extract_seconds", "compress_seconds", "score_seconds", "recompute_seconds")
 
 
 def summarize(inputs, out, finetune_metrics=None, experiment: str = "") -> int:
@@ -49,14 +52,19 @@ def _label(method, r) -> str:
 
 def tables(df):
     """(auc, retrain, timing) tables: mean, std and count over seeds."""
+    import numpy as np
+
     keys = ["method", "r"]
     auc = df[df.metric == "mislabel_auc"].groupby(keys, dropna=False)["value"].agg(["mean", "std", "count"]).reset_index()
     ret = df[df.metric.str.match(RETRAIN)].copy()
     parts = ret.metric.str.extract(RETRAIN)
     ret["fraction_removed"] = parts["f"].astype(float)
-    ret["measure"] = parts["kind"].map({"acc": "test accuracy", "loss": "test loss"})
+    # language models: perplexity exp(mean test loss) per seed, then mean and std over seeds
+    loss = parts["kind"] == "loss"
+    ret.loc[loss, "value"] = np.exp(ret.loc[loss, "value"].astype(float))
+    ret["measure"] = parts["kind"].map({"acc": "test accuracy", "loss": "test perplexity"})
     retrain = ret.groupby(keys + ["measure", "fraction_removed"], dropna=False)["value"].agg(["mean", "std", "count"]).reset_index()
-    tim = df[df.metric.isin(["extract_seconds", "score_seconds"])]
+    tim = df[df.metric.isin(TIMING)]
     timing = tim.groupby(keys + ["metric"], dropna=False)["value"].agg(["mean", "std", "count"]).reset_index()
     order = {m: i for i, m in enumerate(METHODS)}
     out = []
@@ -102,13 +110,13 @@ def report(summary, out_dir, experiment: str = "", scored=()) -> None:
     df = pd.read_csv(summary, dtype={"r": "Int64", "seed": "Int64"})
     auc, retrain, timing = tables(df)
     measure = retrain["measure"].iloc[0] if len(retrain) else "test accuracy"
-    base_metric = "test_accuracy" if measure == "test accuracy" else "test_loss"
-    baseline = df[(df.method == "finetune") & (df.metric == base_metric)]["value"]
-    base_acc = float(baseline.iloc[0]) if len(baseline) else None
+    base_acc = baseline(df, measure)
 
     for name, t in (("auc_table.csv", auc), ("retrain_table.csv", retrain), ("timing_table.csv", timing)):
         with atomic_path(out_dir / name) as tmp:
             t.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "retrain_table.md") as tmp:
+        tmp.write_text(retrain_markdown(df, retrain, _skipped(Path(summary), scored)))
 
     # ---- AUC by method ------------------------------------------------------------------------
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -207,6 +215,51 @@ def report(summary, out_dir, experiment: str = "", scored=()) -> None:
         tmp.write_text(f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>"
                        + "\n".join(parts) + "</body></html>\n")
     log.info("report tables and plots written to %s", out_dir)
+
+
+def baseline(df, measure: str) -> float | None:
+    """The fine-tuned model's (all training examples) value of the retraining measure."""
+    import math
+
+    metric = "test_accuracy" if measure == "test accuracy" else "test_loss"
+    rows = df[(df.method == "finetune") & (df.metric == metric)]["value"]
+    if not len(rows):
+        return None
+    value = float(rows.iloc[0])
+    return math.exp(value) if measure == "test perplexity" else value
+
+
+def retrain_markdown(df, retrain, skipped=()) -> str:
+    """The retraining table as markdown: one row per (method, r), one column per fraction removed
+    (with the number of examples when the fine-tuning recorded n_train), mean ± sample std over seeds."""
+    import pandas as pd
+
+    if not len(retrain):
+        return "No retraining in this experiment.\n"
+    measure = retrain["measure"].iloc[0]
+    fractions = sorted(retrain.fraction_removed.unique())
+    n_rows = df[(df.method == "finetune") & (df.metric == "n_train")]["value"]
+    n = int(n_rows.iloc[0]) if len(n_rows) else None
+    heads = [f"{round(f * n)} removed ({f:.1%})" if n else f"{f:.1%} removed" for f in fractions]
+    lines = ["| method | r | " + " | ".join(heads) + " | seeds |", "|" + "---|" * (len(fractions) + 3)]
+    base = baseline(df, measure)
+    if base is not None:
+        lines.append("| none (all training examples) | | " + " | ".join(f"{base:.3f}" for _ in fractions) + " | 1 |")
+    for (method, r), g in retrain.groupby(["method", "r"], dropna=False, sort=False):
+        cells = {f: _fmt(mu, sd, c) for f, mu, sd, c in zip(g.fraction_removed, g["mean"], g["std"], g["count"])}
+        lines.append(f"| {method} | {'' if pd.isna(r) else int(r)} | " + " | ".join(cells.get(f, "–") for f in fractions)
+                     + f" | {int(g['count'].max())} |")
+    for method, why in skipped:
+        lines.append(f"| {method} | | " + " | ".join("skipped" for _ in fractions) + " | 0 |")
+    better = "higher" if measure == "test perplexity" else "lower"
+    what = ("perplexity exp(mean over the test samples of each sample's mean token cross-entropy) per seed"
+            if measure == "test perplexity" else "test accuracy")
+    out = [f"{measure.capitalize()} after removing the most helpful training examples (most negative influence) "
+           f"and retraining with the same initialisation, order and settings; {what}, mean ± sample std over "
+           f"the seeds (compressor seeds; random-score seeds for `random`). {better.capitalize()} = the method "
+           "found more valuable examples.", "", *lines, ""]
+    out += [f"- **{m}** skipped by the workflow: {why}" for m, why in skipped]
+    return "\n".join(out) + "\n"
 
 
 def _savefig(fig, path: Path) -> None:

@@ -55,7 +55,8 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
     options = dict(options or {})
     manifest = {"method": method, "r": r, "experiment": experiment, "damping": damping, "options": options,
-                "scores": {}, "seconds": {}, "extract_seconds": {}, "extract_provenance": None, "seeds": []}
+                "scores": {}, "seconds": {}, "extract_seconds": {}, "compress_seconds": {}, "extract_provenance": None,
+                "seeds": []}
     common_attrs = {"kind": "influence scores", "experiment": experiment, "method": method, "r": r,
                     "damping": damping, "sign_convention": dropinf.SIGN_CONVENTION,
                     "positive_means": "harmful (raises test loss when up-weighted)",
@@ -118,6 +119,8 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
         manifest["scores"][str(seed)] = score_relpath(seed)
         manifest["seconds"][str(seed)] = secs
         manifest["extract_seconds"][str(seed)] = gm.get("seconds", {}).get(str(seed))
+        # served from stored raw gradients: the projection's seconds (the raw pass is the identity job's)
+        manifest["compress_seconds"][str(seed)] = (gm.get("compress_seconds") or {}).get(str(seed))
         log.info("%s (%s, %s) seed %s: %d scores in %.3fs; mean %.3g, std %.3g", method, solver,
                  "per-layer blocks" if blocks else "global block", seed, values.shape[0], secs,
                  float(values.mean()), float(values.std()))

@@ -226,6 +226,10 @@ def mean_loss(spec, split: dict, device, batch_size: int = 1024) -> float:
     return total / max(1, count)
 
 
+def n_rows(split: dict) -> int:
+    return int(next(iter(split.values())).shape[0])
+
+
 def train_settings(finetune: dict) -> dict:
     keys = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "seed", "schedule", "warmup_ratio")
     return {k: finetune[k] for k in keys if k in finetune}
@@ -247,7 +251,8 @@ def finetune(data, out, metrics_out, model: str, model_options: dict | None = No
     # where training starts (the pretrained model's loss on this test split, when there is one)
     start = {} if init is None else {"initial_test_loss": mean_loss(spec, test, stage.device)}
     history = fit(spec, train, device=stage.device, log_every=max(1, settings["epochs"] // 5), **settings)
-    metrics = {"final_train_loss": history[-1], "test_loss": mean_loss(spec, test, stage.device), **start}
+    metrics = {"final_train_loss": history[-1], "test_loss": mean_loss(spec, test, stage.device), **start,
+               "n_train": n_rows(train), "n_test": n_rows(test)}
     if spec.logits_fn is not None:
         metrics["test_accuracy"] = accuracy(spec, test, stage.device)
         metrics["train_accuracy"] = accuracy(spec, train, stage.device)
