@@ -186,3 +186,20 @@ def test_lds_stage_end_to_end(wf, tmp_path):
     table = (lds_dir / "lds_table.md").read_text()
     assert "| dropout | 16 |" in table and "Spearman" in table and "12 models" in table
     assert (tmp_path / "logs" / "lds-tiny" / "lds" / "train-part0of2.log").is_file()
+
+    # over the identity budget, tracin's LDS comes from raw gradients recomputed from the model
+    from dropinf.pipeline import extract as extract_mod
+    from dropinf.pipeline.lds import score_method
+
+    res = tmp_path / "results" / "lds-tiny"
+    skipped = tmp_path / "identity-skipped"
+    extract_mod.extract(res / "data" / "dataset.pt", res / "model" / "model.pt", skipped, "identity", None,
+                        budget_mb=0.01, device="cpu", threads=1)
+    got = score_method(res / "data" / "dataset.pt", parts, tmp_path / "m.csv", tmp_path / "p.npz", "tracin",
+                       grads=skipped / "manifest.json", model=res / "model" / "model.pt", device="cpu",
+                       recompute_batch_size=64)
+    lds_got = [float(r["value"]) for r in got if r["metric"] == "lds"]
+    assert lds_got == pytest.approx(lds["tracin"], abs=0.02)
+    _, stored = load_npz(lds_dir / "tracin" / "full" / "per_test.npz")
+    _, recomputed = load_npz(tmp_path / "p.npz")
+    np.testing.assert_allclose(recomputed["lds"], stored["lds"], atol=0.05)

@@ -2,7 +2,8 @@
 #   snakemake lds --cores 2 --configfile workflow/configs/lds-fashion-mnist-resnet9.yaml --replace-workflow-config
 # lds_train: config lds.n_models models retrained on seeded random subsets (lds.parts jobs; they need only
 # the prepared data, so they run beside finetune/extract); lds_score: per (method, r), per-test-example
-# influence (reduce=False) on the extracted gradients, Spearman against the subset models' test losses;
+# influence (reduce=False) on the extracted gradients (full-space methods over the identity budget:
+# recomputed from the model, unless score.gradients is 'stored'), Spearman against the subset models' test losses;
 # lds_summarize: results/{exp}/lds/summary.csv and lds_table.md.
 
 LDS = config["lds"]
@@ -58,7 +59,9 @@ rule lds_train:
 rule lds_score:
     """LDS of one method at one r, every seed: per-test-example influence against the subset models."""
     input:
-        unpack(lambda wc: {**stored_gradients(wc), "parts": LDS_PARTS}),
+        unpack(lambda wc: {**stored_gradients(wc), "parts": LDS_PARTS,
+                           **({"model": rules.finetune.output.model}
+                              if wc.method in M.FULL_SPACE and config["score"]["gradients"] != "stored" else {})}),
     output:
         metrics=f"{LDS_DIR}/{{method}}/{{rtag}}/metrics.csv",
         per_test=f"{LDS_DIR}/{{method}}/{{rtag}}/per_test.npz",
@@ -67,6 +70,8 @@ rule lds_score:
         r=r_of,
         seeds=lambda wc: ",".join(str(s) for s in SEEDS) if M.uses_seed(wc.method) else "0",
         grads=lambda wc, input: f"--grads {input.grads}" if "grads" in input.keys() else "",
+        model=lambda wc, input: f"--model {input.model}" if "model" in input.keys() else "",
+        recompute_batch_size=config["score"]["recompute_batch_size"],
         damping=config["score"]["damping"],
         options=lambda wc: json.dumps(config["score"]["method_options"].get(wc.method, {}), sort_keys=True),
         device=config["device"],
@@ -87,7 +92,8 @@ rule lds_score:
         CONTAINER
     shell:
         "python -m dropinf lds score --data {input.data} --parts {input.parts} --method {wildcards.method}"
-        " --r {params.r} {params.grads} --seeds {params.seeds} --damping {params.damping} --options {params.options:q}"
+        " --r {params.r} {params.grads} {params.model} --recompute-batch-size {params.recompute_batch_size}"
+        " --seeds {params.seeds} --damping {params.damping} --options {params.options:q}"
         " --device {params.device} --threads {threads} --experiment {params.exp}"
         " --out {output.metrics} --per-test {output.per_test} > {log} 2>&1"
 

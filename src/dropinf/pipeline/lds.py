@@ -234,7 +234,11 @@ def load_parts(paths) -> dict:
 
 def score_method(data, parts, out, per_test_out, method: str, r: int | None = None, grads: str | None = None,
                  seeds=(0,), damping="paper", options: dict | None = None, device: str = "auto",
-                 threads: int | None = None, experiment: str = "") -> list[dict]:
+                 threads: int | None = None, experiment: str = "", model: str | None = None,
+                 recompute_batch_size: int = 64) -> list[dict]:
+    """LDS of one method at one r. A full-space method whose raw gradients were not stored (over the
+    identity budget) recomputes them from `model` (`dropinf.recompute`): train chunk by chunk, and the
+    whole test split once (per-test-example scores need every test gradient: m x d floats)."""
     import numpy as np
     import torch
 
@@ -267,11 +271,19 @@ def score_method(data, parts, out, per_test_out, method: str, r: int | None = No
                   lds=np.asarray(per_test, dtype=np.float64).reshape(len(per_test), m))
         return out_rows
 
+    recomputed = None
     if method in BASELINES:
         jobs = [(int(s), None) for s in seeds]
     else:
         gm = read_manifest(grads)
         grads_dir = Path(grads).parent if Path(grads).name == MANIFEST else Path(grads)
+        if gm.get("status") != "complete" and method in FULL_SPACE and model is not None:
+            from .score import recomputed_gradients
+
+            log.info("%s: raw gradients were not stored (%s); recomputing them from %s", method,
+                     gm.get("reason", "unknown reason"), model)
+            recomputed = recomputed_gradients(data, model, stage.device, recompute_batch_size)
+            gm = {**gm, "status": "complete", "blocks": recomputed[2]}
         if gm.get("status") != "complete":
             reason = f"{gm.get('compressor')} extraction was skipped: {gm.get('reason', 'unknown reason')}"
             log.warning("SKIPPED lds of %s: %s", method, reason)
@@ -283,13 +295,18 @@ def score_method(data, parts, out, per_test_out, method: str, r: int | None = No
         if method in BASELINES:
             scores = np.random.default_rng(int(seed)).standard_normal((n, m))
         else:
-            train = load_split(grads_dir, gm, seed, "train")
-            test = torch.from_numpy(np.asarray(load_split(grads_dir, gm, seed, "test")[...]))
+            if recomputed is not None:
+                train, lazy_test, _ = recomputed
+                test = lazy_test[0:lazy_test.n].to(train.dtype)
+            else:
+                train = load_split(grads_dir, gm, seed, "train")
+                test = torch.from_numpy(np.asarray(load_split(grads_dir, gm, seed, "test")[...]))
             if train.shape[0] != n or test.shape[0] != m:
                 raise ValueError(f"gradients ({train.shape[0]} train, {test.shape[0]} test rows) do not match the "
                                  f"subset models' data ({n} train, {m} test)")
+            chunk = {"chunk_rows": int(recompute_batch_size)} if recomputed is not None else {}
             scores = influence(train, test, solver_of(method), damping=damping, blocks=blocks, reduce=False,
-                               device=stage.device, **options).numpy()
+                               device=stage.device, **chunk, **options).numpy()
         lds = lds_per_test(masks, scores, actual)
         secs = time.perf_counter() - t0
         ok = np.isfinite(lds)
@@ -438,6 +455,9 @@ def add_parser(sub) -> None:
     c.add_argument("--method", required=True)
     c.add_argument("--r", type=_r, default=None)
     c.add_argument("--grads", default=None, help="extract manifest.json (not for random)")
+    c.add_argument("--model", default=None, help="fine-tuned model.pt: full-space methods recompute raw gradients "
+                                                  "from it when they were not stored")
+    c.add_argument("--recompute-batch-size", type=int, default=64)
     c.add_argument("--seeds", type=_ints, default=[0])
     c.add_argument("--damping", type=_damping, default="paper")
     c.add_argument("--options", type=_json, default={})
@@ -463,6 +483,7 @@ def run(args) -> None:
                    init=args.init)
     elif args.lds_action == "score":
         score_method(args.data, args.parts, args.out, args.per_test, args.method, args.r, args.grads, args.seeds,
-                     args.damping, args.options, args.device, args.threads, args.experiment)
+                     args.damping, args.options, args.device, args.threads, args.experiment, model=args.model,
+                     recompute_batch_size=args.recompute_batch_size)
     else:
         summarize(args.inputs, args.parts, args.out, args.table, args.experiment, args.runner)

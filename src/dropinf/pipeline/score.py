@@ -130,18 +130,24 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
     return manifest
 
 
-def _score_recomputed(data, model, out_dir, method, damping, options, stage, manifest, common_attrs,
-                      batch_size: int, why: str) -> dict:
-    """A full-space method on raw gradients recomputed chunk by chunk from the fine-tuned model."""
-    from ..influence import influence
+def recomputed_gradients(data, model, device, batch_size: int):
+    """(train, test, per-layer blocks): raw gradients of the fine-tuned model, recomputed on demand."""
     from ..recompute import RecomputedGradients
     from .train import load_trained
 
     blob = load_prepared(data)
-    spec, _ = load_trained(model, blob, stage.device)
+    spec, _ = load_trained(model, blob, device)
     train, test = (RecomputedGradients(spec.module, spec.loss_fn, model_inputs(blob[s]), params=spec.params,
-                                       device=stage.device, batch_size=int(batch_size)) for s in ("train", "test"))
-    blocks = [tuple(b) for b in train.layout.blocks]
+                                       device=device, batch_size=int(batch_size)) for s in ("train", "test"))
+    return train, test, [tuple(b) for b in train.layout.blocks]
+
+
+def _score_recomputed(data, model, out_dir, method, damping, options, stage, manifest, common_attrs,
+                      batch_size: int, why: str) -> dict:
+    """A full-space method on raw gradients recomputed chunk by chunk from the fine-tuned model."""
+    from ..influence import influence
+
+    train, test, blocks = recomputed_gradients(data, model, stage.device, batch_size)
     log.info("%s on recomputed raw gradients (%s): n=%d, d=%d, %d per-layer blocks, %d rows per pass chunk",
              method, why, train.n, train.d, len(blocks), batch_size)
     t0 = time.perf_counter()
