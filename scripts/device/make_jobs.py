@@ -76,6 +76,10 @@ def parse_dry_run(text: str) -> list[dict]:
 
 def plan(configfile: Path, cores: int, dest: Path, targets=(), force=FORCE, local_rules=LOCAL_RULES) -> dict:
     """Plan `snakemake -n -p TARGETS --forcerun FORCE` into DEST (jobs.json, env.json, the carried inputs)."""
+    import yaml
+
+    if "pretrain" not in yaml.safe_load(Path(configfile).read_text()):
+        force = [f for f in force if f != "pretrain"]  # forcing a rule adds its jobs to the DAG
     snakemake = str(Path(sys.executable).with_name("snakemake"))
     # every job but the data preparation, even where outputs exist here (e.g. the seeded `random`
     # scores, which do not depend on the model)
@@ -123,13 +127,13 @@ def plan(configfile: Path, cores: int, dest: Path, targets=(), force=FORCE, loca
     return result
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, dest=REPO / ".devcarry", doc=__doc__, **plan_kw):
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configfile", required=True, type=Path)
     ap.add_argument("--cores", type=int, default=16, help="cores of the target machine (caps each rule's threads)")
-    ap.add_argument("--dest", type=Path, default=REPO / ".devcarry")
+    ap.add_argument("--dest", type=Path, default=dest)
     args = ap.parse_args(argv)
-    plan(args.configfile, args.cores, args.dest)
+    plan(args.configfile, args.cores, args.dest, **plan_kw)
 
 
 if __name__ == "__main__":

@@ -10,24 +10,19 @@ DEST must be ignored by git (.git/info/exclude) and named in the device call's `
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_jobs import REPO, plan  # noqa: E402
+import make_jobs  # noqa: E402
+from make_jobs import REPO  # noqa: E402
 
 LOCAL_RULES = {"lds_summarize", "lds"}
 FORCE = ("pretrain", "finetune", "extract", "lds_train", "lds_score")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configfile", required=True, type=Path)
-    ap.add_argument("--cores", type=int, default=16, help="cores of the target machine (caps each rule's threads)")
-    ap.add_argument("--dest", type=Path, default=REPO / ".devcarry-lds")
-    args = ap.parse_args(argv)
-    plan(args.configfile, args.cores, args.dest, targets=["lds"], force=FORCE, local_rules=LOCAL_RULES)
+    make_jobs.main(argv, dest=REPO / ".devcarry-lds", doc=__doc__, targets=["lds"], force=FORCE, local_rules=LOCAL_RULES)
 
 
 if __name__ == "__main__":

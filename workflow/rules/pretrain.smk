@@ -3,13 +3,16 @@
 # and the LDS subset models all start from these weights. The rules run only when a config sets
 # `pretrain` (nothing else asks for their outputs otherwise).
 
+# what the rules' params read when no `pretrain` is configured (e.g. `--forcerun pretrain` in any config)
+PRETRAIN_SPEC = PRETRAIN or {"dataset": {"name": "none"}, "train": {}}
+
 rule prepare_pretrain_data:
     """Load the pretraining dataset (no label noise) and save its tensors."""
     output:
         f"{RES}/pretrain/dataset.pt",
     params:
-        dataset=lambda wc: PRETRAIN["dataset"]["name"],
-        options=lambda wc: json.dumps(PRETRAIN["dataset"].get("options", {}), sort_keys=True),
+        dataset=lambda wc: PRETRAIN_SPEC["dataset"]["name"],
+        options=lambda wc: json.dumps(PRETRAIN_SPEC["dataset"].get("options", {}), sort_keys=True),
     log:
         f"{LOGS}/prepare_pretrain_data.log",
     benchmark:
@@ -36,7 +39,7 @@ rule pretrain:
     params:
         model=config["model"]["name"],
         options=json.dumps(config["model"].get("options", {}), sort_keys=True),
-        train=lambda wc: json.dumps(PRETRAIN["train"], sort_keys=True),
+        train=lambda wc: json.dumps(PRETRAIN_SPEC["train"], sort_keys=True),
         device=config["device"],
     log:
         f"{LOGS}/pretrain.log",
