@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import DropinfError
-from .common import Stage, clean_stale, jsonable, log
+from .common import Stage, clean_stale, file_sha256, jsonable, log
 from .extract import load_split
 from .methods import BASELINES, FULL_SPACE, solver_of
 from .prepare import model_inputs
@@ -163,7 +163,7 @@ def _score_recomputed(data, model, out_dir, method, damping, options, stage, man
              float(values.mean()), float(values.std()))
     attrs = {**common_attrs, "seed": None, "n": int(values.shape[0]), "solver": solver_of(method),
              "blocks": "per layer", "n_blocks": len(blocks), "grads": "recomputed from the model (not stored)",
-             "model": str(model), "compressor": "identity", "out_dim": train.d, "dim": train.d,
+             "model": str(model), "model_sha256": file_sha256(model), "compressor": "identity", "out_dim": train.d, "dim": train.d,
              "score_seconds": secs, "recompute": cost, "provenance": stage.provenance()}
     save_array(Path(out_dir) / score_relpath(None), values, attrs)
     manifest["scores"]["None"] = score_relpath(None)
