@@ -201,5 +201,6 @@ def test_lds_stage_end_to_end(wf, tmp_path):
     lds_got = [float(r["value"]) for r in got if r["metric"] == "lds"]
     assert lds_got == pytest.approx(lds["tracin"], abs=0.02)
     _, stored = load_npz(lds_dir / "tracin" / "full" / "per_test.npz")
-    _, recomputed = load_npz(tmp_path / "p.npz")
+    meta_r, recomputed = load_npz(tmp_path / "p.npz")
+    assert meta_r["gradients"].startswith("raw gradients recomputed from")
     np.testing.assert_allclose(recomputed["lds"], stored["lds"], atol=0.05)

@@ -284,6 +284,7 @@ def score_method(data, parts, out, per_test_out, method: str, r: int | None = No
                      gm.get("reason", "unknown reason"), model)
             recomputed = recomputed_gradients(data, model, stage.device, recompute_batch_size)
             gm = {**gm, "status": "complete", "blocks": recomputed[2]}
+            meta["gradients"] = f"raw gradients recomputed from {model} (not stored: {gm.get('reason')})"
         if gm.get("status") != "complete":
             reason = f"{gm.get('compressor')} extraction was skipped: {gm.get('reason', 'unknown reason')}"
             log.warning("SKIPPED lds of %s: %s", method, reason)
