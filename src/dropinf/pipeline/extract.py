@@ -27,7 +27,7 @@ preferred when both apply (it reads r columns, not d). Also a run-time decision:
 makes a compressor depend on the identity extraction (the `extract` rule only runs identity first).
 
 Identity: skipped (manifest status "skipped", with the reason) when n * d * 4 bytes exceeds the
-budget; the full-space methods then skip too.
+budget; the full-space methods then recompute raw gradients from the model (`score.gradients`).
 """
 from __future__ import annotations
 
