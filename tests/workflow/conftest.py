@@ -7,6 +7,7 @@ tests read it or copy it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,23 @@ def default_run(tmp_path_factory) -> Run:
     return Run(workdir, cfg, path, time.perf_counter() - t0)
 
 
+def planned_jobs(stdout: str) -> list[tuple[str, str]]:
+    """(rule, output) of every job in a `snakemake -n` listing."""
+    jobs, rule = [], None
+    for line in stdout.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):", line)
+        if m:
+            rule = m.group(1)
+        m = re.match(r"^\s+output: (.+)$", line)
+        if m and rule:
+            jobs.append((rule, m.group(1)))
+            rule = None
+        elif re.match(r"^\s+jobid:", line) and rule:  # a job without output (rule all)
+            jobs.append((rule, ""))
+            rule = None
+    return jobs
+
+
 class Helpers:
     """Helpers handed to tests as the `wf` fixture (test modules import nothing from here)."""
 
@@ -88,6 +106,7 @@ class Helpers:
     default_config = staticmethod(default_config)
     reduced_config = staticmethod(reduced_config)
     write_config = staticmethod(write_config)
+    planned_jobs = staticmethod(planned_jobs)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ prepare_data or finetune, and leaves the other r's outputs untouched; a smaller 
 by slicing the complete larger-r array."""
 from __future__ import annotations
 
-import re
 import shutil
 
 import numpy as np
@@ -11,21 +10,6 @@ import pytest
 import zarr
 
 
-def planned_jobs(stdout: str) -> list[tuple[str, str]]:
-    """(rule, output) of every job in a `snakemake -n` listing."""
-    jobs, rule = [], None
-    for line in stdout.splitlines():
-        m = re.match(r"^(?:local)?rule (\w+):", line)
-        if m:
-            rule = m.group(1)
-        m = re.match(r"^\s+output: (.+)$", line)
-        if m and rule:
-            jobs.append((rule, m.group(1)))
-            rule = None
-        elif re.match(r"^\s+jobid:", line) and rule:  # a job without output (rule all)
-            jobs.append((rule, ""))
-            rule = None
-    return jobs
 
 
 @pytest.mark.parametrize("new_r", [[16, 32, 64], [8, 64]], ids=["add-32", "replace-16-by-8"])
@@ -33,7 +17,7 @@ def test_dry_run_plan_after_changing_r(default_run, wf, new_r):
     cfg = dict(default_run.config, r=new_r)
     path = wf.write_config(default_run.workdir / f"plan-{'-'.join(map(str, new_r))}.yaml", cfg)
     out = wf.snakemake(default_run.workdir, "-n", config=path).stdout
-    jobs = planned_jobs(out)
+    jobs = wf.planned_jobs(out)
     rules = {r for r, _ in jobs}
     assert rules == {"extract", "score", "evaluate", "summarize", "report", "all"}, out[-3000:]
     new = [r for r in new_r if r not in default_run.config["r"]]

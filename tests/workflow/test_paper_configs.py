@@ -8,7 +8,6 @@ stand-ins); the dry runs run with the hubs and the Debian fetch switched off.
 from __future__ import annotations
 
 import inspect
-import os
 import re
 from pathlib import Path
 

@@ -177,23 +177,6 @@ def test_killed_shard_reruns_alone_and_result_is_identical(trained, tmp_path):
 
 # ---- through Snakemake: shards are separate jobs, extract_finalize writes the manifest -----------------------
 
-def _planned_jobs(stdout: str) -> list[tuple[str, str]]:
-    """(rule, output) of every job in a `snakemake -n` listing."""
-    import re
-
-    jobs, rule = [], None
-    for line in stdout.splitlines():
-        m = re.match(r"^(?:local)?rule (\w+):", line)
-        if m:
-            rule = m.group(1)
-        m = re.match(r"^\s+output: (.+)$", line)
-        if m and rule:
-            jobs.append((rule, m.group(1)))
-            rule = None
-        elif re.match(r"^\s+jobid:", line) and rule:
-            jobs.append((rule, ""))
-            rule = None
-    return jobs
 
 
 def _sharded_config(wf, r):
@@ -253,7 +236,7 @@ def test_sharded_plan_after_changing_r_reruns_only_that_r(sharded_run, wf, tmp_p
     work, cfg = sharded_run
     path = wf.write_config(tmp_path / "plan.yaml", {**cfg, "r": [8, 16]})
     out = wf.snakemake(work, "-n", config=path).stdout
-    jobs = _planned_jobs(out)
+    jobs = wf.planned_jobs(out)
     assert {r for r, _ in jobs} == {"extract", "extract_finalize", "score", "evaluate", "summarize", "report",
                                    "all"}, out[-3000:]
     for rule, output in jobs:
@@ -283,7 +266,7 @@ def test_failed_shard_job_reruns_alone(sharded_run, wf, tmp_path):
     path = wf.write_config(work / "sharded.yaml", cfg)
     target = str((grads / "manifest.json").relative_to(work))  # as if the downstream jobs never ran
     plan = wf.snakemake(work, "-n", target, config=path).stdout
-    jobs = [(r, o) for r, o in _planned_jobs(plan) if r.startswith("extract")]
+    jobs = [(r, o) for r, o in wf.planned_jobs(plan) if r.startswith("extract")]
     assert sorted(jobs) == [("extract", str(extract_mod.shard_marker(grads.relative_to(work), 1, 2))),
                             ("extract_finalize", str((grads / "manifest.json").relative_to(work)))], plan[-3000:]
     wf.snakemake(work, target, config=path)
