@@ -191,3 +191,16 @@ def test_committed_reference_summaries(tmp_path):
     assert out["rows"] == len({k[:3] for k in direct}) + 2  # + tracin, datainf skipped in the retraining run
     md = (tmp_path / "TABLE.md").read_text()
     assert md.count("\n## ") == len(summaries)
+
+
+def test_n_train_recorded_by_finetune_wins_over_workflow_files(tmp_path):
+    base = tmp_path / "exp-a"
+    summary = write_summary(base / "summary.csv")
+    with open(summary, "a", newline="") as f:  # the row `summarize` makes of finetune.json's n_train
+        csv.DictWriter(f, fieldnames=HEADER, extrasaction="ignore").writerow(
+            {**PROV, "experiment": "exp-a", "method": "finetune", "r": "", "seed": 0, "metric": "n_train",
+             "value": 2000})
+    (base / "grads" / "gaussian" / "r16").mkdir(parents=True)
+    (base / "grads" / "gaussian" / "r16" / "manifest.json").write_text(json.dumps({"n": {"train": 123}}))
+    timing_tables([summary], tmp_path / "out")
+    assert {r["n_train"] for r in read_rows(tmp_path / "out" / "timing.csv").values()} == {"2000"}

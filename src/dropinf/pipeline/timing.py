@@ -134,6 +134,9 @@ def _experiment(exp: str, df, summary: Path) -> tuple[list[dict], dict]:
             extracted[m].add(r)
     recomputed = set(df.loc[df.metric == "recompute_seconds", "method"])
     skipped, n_train = _side_info(summary, set(df.method))
+    recorded = df.loc[(df.method == "finetune") & (df.metric == "n_train"), "value"]  # finetune records it now
+    if len(recorded):
+        n_train = int(recorded.iloc[0])
     rows = []
     for key in prov:
         m, r = key
