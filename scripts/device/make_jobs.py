@@ -10,7 +10,7 @@
    by their inputs; `local_jobs`: the summarize/report commands that `finish.py` runs here) and
    `DEST/env.json`: the variables the Snakefile hands every job (DROPINF_CONFIG_SHA256, computed
    exactly as `workflow/rules/common.smk` does) plus the git commit and dirty flag of this checkout
-   (DROPINF_COMMIT, DROPINF_GIT_DIRTY: the copy over there has no history).
+   (DROPINF_COMMIT, DROPINF_GIT_DIRTY: the stages there read them when the copy has no git history).
 3. Copies the prepared dataset gzip-compressed to `DEST/<its path>.gz` with its SHA-256, so that it
    fits the 64 MiB the device tool carries; `run_stages.py` restores and checks it.
 
@@ -29,6 +29,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "src"))
+from dropinf.pipeline.common import git_state  # noqa: E402
+
 LOCAL_RULES = {"summarize", "report", "all"}
 FORCE = ("pretrain", "finetune", "extract", "score", "evaluate")
 FIELDS = ("input", "output", "log")
@@ -42,11 +45,6 @@ def config_sha256(configfile: Path) -> str:
     config = yaml.safe_load(configfile.read_text())
     validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def git(*args) -> str:
-    out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else ""
 
 
 def parse_dry_run(text: str) -> list[dict]:
@@ -112,9 +110,8 @@ def plan(configfile: Path, cores: int, dest: Path, targets=(), force=FORCE, loca
             shutil.copyfileobj(f, g)
         carried.append({"path": path, "gz": gz.name, "sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
                         "bytes": src.stat().st_size})
-    env = {"DROPINF_CONFIG_SHA256": config_sha256(configfile),
-           "DROPINF_COMMIT": git("rev-parse", "HEAD") or "unknown",
-           "DROPINF_GIT_DIRTY": "true" if git("status", "--porcelain", "--untracked-files=no") else "false"}
+    commit, dirty = git_state(str(REPO))
+    env = {"DROPINF_CONFIG_SHA256": config_sha256(configfile), "DROPINF_COMMIT": commit, "DROPINF_GIT_DIRTY": dirty}
     result = {"configfile": str(configfile), "cores": cores, "jobs": jobs, "carried": carried, "local_jobs": local_jobs}
     (dest / "jobs.json").write_text(json.dumps(result, indent=1) + "\n")
     (dest / "env.json").write_text(json.dumps(env, indent=1) + "\n")

@@ -128,7 +128,9 @@ _GIT_CACHE: dict[str, tuple[str, str]] = {}
 
 
 def git_state(repo: str | None = None) -> tuple[str, str]:
-    """(commit, dirty) of the workflow's source tree; ('unknown', '') outside a git checkout."""
+    """(commit, dirty) of the workflow's source tree; ('unknown', '') outside a git checkout.
+
+    dirty = a tracked file outside results/ differs from the commit."""
     repo = repo or os.environ.get(ENV_REPO) or str(Path(__file__).resolve().parents[3])
     if repo not in _GIT_CACHE:
         commit = _git(repo, "rev-parse", "HEAD")
@@ -137,7 +139,9 @@ def git_state(repo: str | None = None) -> tuple[str, str]:
             # from in DROPINF_COMMIT (and DROPINF_GIT_DIRTY), as the benchmark does
             _GIT_CACHE[repo] = (os.environ.get("DROPINF_COMMIT") or "unknown", os.environ.get("DROPINF_GIT_DIRTY", ""))
         else:
-            status = _git(repo, "status", "--porcelain", "--untracked-files=no")
+            # results/ holds outputs (committed reference tables among them), not code: an updated
+            # table must not mark the runs that follow it as made from modified code
+            status = _git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
             _GIT_CACHE[repo] = (commit, "" if status is None else str(bool(status)).lower())
     return _GIT_CACHE[repo]
 
