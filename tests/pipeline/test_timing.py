@@ -188,7 +188,7 @@ def test_committed_reference_summaries(tmp_path):
                 assert float(rows[key][f"{metric}_mean"]) == pytest.approx(statistics.mean(vals), rel=1e-12)
             if len(vals) > 1:
                 assert float(rows[key][f"{metric}_std"]) == pytest.approx(statistics.stdev(vals), rel=1e-9)
-    assert out["rows"] == len({k[:3] for k in direct}) + 2  # + tracin, datainf skipped in the retraining run
+    assert out["rows"] == len({k[:3] for k in direct})
     md = (tmp_path / "TABLE.md").read_text()
     assert md.count("\n## ") == len(summaries)
 
