@@ -10,7 +10,7 @@
    by their inputs; `local_jobs`: the summarize/report commands that `finish.py` runs here) and
    `DEST/env.json`: the variables the Snakefile hands every job (DROPINF_CONFIG_SHA256, computed
    exactly as `workflow/rules/common.smk` does) plus the git commit and dirty flag of this checkout
-   (DROPINF_COMMIT, DROPINF_GIT_DIRTY: the stages there read them when the copy has no git history).
+   (DROPINF_COMMIT, DROPINF_GIT_DIRTY: the stages there record these, not the copy's own .git, which can be stale).
 3. Copies the prepared dataset gzip-compressed to `DEST/<its path>.gz` with its SHA-256, so that it
    fits the 64 MiB the device tool carries; `run_stages.py` restores and checks it.
 

@@ -17,7 +17,6 @@ import csv
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -122,15 +121,11 @@ def peak_mem(fn) -> float:
 
 
 def provenance(device) -> dict:
-    def git(*a):
-        try:
-            res = subprocess.run(["git", *a], capture_output=True, text=True, timeout=10)
-            return res.stdout.strip() if res.returncode == 0 else ""
-        except Exception:
-            return ""
-    # a copied tree (the GPU machine) has no history: the caller passes the commit in DROPINF_COMMIT
+    from dropinf.pipeline.common import git_state
+
+    commit, dirty = git_state()
     return {
-        "git_commit": git("rev-parse", "--verify", "-q", "HEAD") or os.environ.get("DROPINF_COMMIT", "unknown"),
+        "git_commit": commit, "git_dirty": dirty,
         "dropinf_version": __version__, "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda or "",
         "device": torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cpu",

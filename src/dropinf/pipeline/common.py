@@ -130,14 +130,16 @@ _GIT_CACHE: dict[str, tuple[str, str]] = {}
 def git_state(repo: str | None = None) -> tuple[str, str]:
     """(commit, dirty) of the workflow's source tree; ('unknown', '') outside a git checkout.
 
-    dirty = a tracked file outside results/ differs from the commit."""
+    dirty = a tracked file outside results/ differs from the commit. A caller that ran the code from
+    a copied tree (the GPU machine) names its commit in DROPINF_COMMIT (and DROPINF_GIT_DIRTY), as
+    the device planner and the benchmark do; that wins, because such a copy may carry a stale .git."""
     repo = repo or os.environ.get(ENV_REPO) or str(Path(__file__).resolve().parents[3])
     if repo not in _GIT_CACHE:
-        commit = _git(repo, "rev-parse", "HEAD")
+        commit = os.environ.get("DROPINF_COMMIT") or _git(repo, "rev-parse", "HEAD")
         if commit is None:
-            # a copied tree without history (a GPU machine): the caller may pass the commit it came
-            # from in DROPINF_COMMIT (and DROPINF_GIT_DIRTY), as the benchmark does
-            _GIT_CACHE[repo] = (os.environ.get("DROPINF_COMMIT") or "unknown", os.environ.get("DROPINF_GIT_DIRTY", ""))
+            _GIT_CACHE[repo] = ("unknown", "")
+        elif os.environ.get("DROPINF_COMMIT"):
+            _GIT_CACHE[repo] = (commit, os.environ.get("DROPINF_GIT_DIRTY", ""))
         else:
             # results/ holds outputs (committed reference tables among them), not code: an updated
             # table must not mark the runs that follow it as made from modified code
