@@ -135,11 +135,12 @@ def git_state(repo: str | None = None) -> tuple[str, str]:
     the device planner and the benchmark do; that wins, because such a copy may carry a stale .git."""
     repo = repo or os.environ.get(ENV_REPO) or str(Path(__file__).resolve().parents[3])
     if repo not in _GIT_CACHE:
-        commit = os.environ.get("DROPINF_COMMIT") or _git(repo, "rev-parse", "HEAD")
-        if commit is None:
+        named = os.environ.get("DROPINF_COMMIT")
+        commit = None if named else _git(repo, "rev-parse", "HEAD")
+        if named:
+            _GIT_CACHE[repo] = (named, os.environ.get("DROPINF_GIT_DIRTY", ""))
+        elif commit is None:
             _GIT_CACHE[repo] = ("unknown", "")
-        elif os.environ.get("DROPINF_COMMIT"):
-            _GIT_CACHE[repo] = (commit, os.environ.get("DROPINF_GIT_DIRTY", ""))
         else:
             # results/ holds outputs (committed reference tables among them), not code: an updated
             # table must not mark the runs that follow it as made from modified code
