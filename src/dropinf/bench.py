@@ -377,15 +377,16 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 def markdown_table(paths: list[str]) -> str:
     """README table from benchmark CSVs: ms/example, ratio to the floor, peak memory."""
-    lines = ["| architecture | dtype | path | r (out dim) | ms / example | × eager floor | × graph floor | peak GiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| architecture | dtype | device | path | r (out dim) | ms / example | × eager floor | × graph floor | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         with open(path) as f:
             for row in csv.DictReader(f):
                 if not row.get("ms_per_example") or row["path"].startswith(("check_", "e2e", "zarr", "score")):
                     continue
                 fmt = lambda k, spec: format(float(row[k]), spec) if row.get(k) not in (None, "", "nan") else "–"  # noqa: E731
-                lines.append(f"| {row['arch']} (B={row['batch']}) | {row['dtype']} | {row['path']} | {row['r'] or '–'} | "
+                lines.append(f"| {row['arch']} (B={row['batch']}) | {row['dtype']} | {row.get('device') or '–'} | "
+                             f"{row['path']} | {row['r'] or '–'} | "
                              f"{fmt('ms_per_example', '.3f')} | {fmt('ratio_to_floor', '.2f')} | "
                              f"{fmt('ratio_to_graph_floor', '.2f')} | {fmt('peak_gib', '.2f')} |")
     return "\n".join(lines)

@@ -18,3 +18,4 @@ def test_bench_cpu_smoke(tmp_path):
     assert all(r["torch_version"] and r["git_commit"] and r["device"] for r in rows)
     table = bench.markdown_table([str(out)])
     assert "fused_dropout_r8" in table and table.count("\n") >= 6
+    assert "| cpu | fused_dropout_r8 |" in table  # the device each row was measured on
