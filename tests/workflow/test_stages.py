@@ -154,7 +154,11 @@ def test_nested_extraction_equals_a_direct_pass(trained, comp):
         for split in ("train", "test"):
             a = zarr.open_array(str(root / "r8" / f"seed{seed}" / f"{split}.zarr"), mode="r")
             b = zarr.open_array(str(root / "direct" / "r8" / f"seed{seed}" / f"{split}.zarr"), mode="r")
-            np.testing.assert_allclose(a[...], b[...], rtol=1e-5, atol=1e-6)
+            # float32: Gaussian nesting rescales a sum of d terms computed at another scale, so entries
+            # that nearly cancel differ by float32 rounding of the terms (seen: 1.3e-6 on one entry
+            # of 2,400, on one CPU); tolerance relative to the array's scale, far below any real bug
+            b_ = b[...]
+            np.testing.assert_allclose(a[...], b_, rtol=1e-5, atol=1e-5 * float(np.abs(b_).max()))
             assert a.attrs["compressor_attrs"] == b.attrs["compressor_attrs"]
 
 
