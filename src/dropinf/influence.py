@@ -5,6 +5,13 @@
 Positive = up-weighting z_k raises the test loss (harmful); negative = helpful. Curvature is
 block-diagonal: one block per layer (or per index group), each with its own damping.
 
+Which columns form a block (`blocks=`): a curvature setting, 'layer' (default: the parameters of
+one module, weight and bias together), 'tensor' (one block per parameter tensor) or 'global' (one
+block), resolved against what the columns are: `layout=` (a `Layout` for raw gradients, or the
+`Compressor` that made the columns: its `column_blocks`), else the attributes of a stored array
+(the extract stage's zarr arrays), else nothing is known and the columns are one block. Or
+explicit blocks: (start, stop) ranges, 1-D index tensors, or a dict label -> index tensor.
+
 `train` (n, k) may be larger than memory (a zarr array on disk): every pass reads it in row chunks
 and nothing of size n*k is ever held. `test` (m, k) is loaded whole. A solver computes
 X = (H + lambda I)^{-1} V in one or more passes, then one more pass gives scores = -G X.
@@ -24,7 +31,11 @@ import torch
 
 from .errors import DropinfError, NotPositiveDefiniteError, ShapeError, check_finite
 
-__all__ = ["influence", "damping_for", "SOLVERS", "Solver"]
+__all__ = ["influence", "damping_for", "resolve_blocks", "SOLVERS", "Solver", "DampingRangeError"]
+
+
+class DampingRangeError(DropinfError, ValueError):
+    """A damping that the solve's dtype cannot represent (overflows to inf or rounds to 0)."""
 
 CHUNK_BYTES = 256 << 20  # default row-chunk size
 PANEL_CHUNKS = 4         # Woodbury holds a panel of this many chunks against which all later rows stream
@@ -90,9 +101,42 @@ class _Blocks:
         return torch.repeat_interleave(torch.arange(len(self), device=device), w)
 
 
+def resolve_blocks(train, blocks="layer", layout=None):
+    """Explicit blocks for `blocks` (a curvature setting or explicit blocks; see the module doc):
+    None (one block), a list of ranges/index tensors, or a dict label -> column indices."""
+    if not isinstance(blocks, str):
+        return blocks
+    from .layout import Layout, check_curvature
+
+    check_curvature(blocks, "blocks")
+    k = int(train.shape[1])
+    if blocks == "global":
+        return None
+    if layout is not None:
+        if hasattr(layout, "column_blocks"):  # a Compressor: the blocks of its output columns
+            if int(layout.out_dim) != k:
+                raise ShapeError(f"layout= is a {layout.name} compressor with {layout.out_dim} output columns, "
+                                 f"but train has {k}")
+            return layout.column_blocks(blocks)
+        if not isinstance(layout, Layout):
+            raise DropinfError(f"layout= must be a dropinf Layout or Compressor, got {type(layout).__name__}")
+        if layout.dim != k:
+            raise ShapeError(f"layout= covers {layout.dim} coordinates, but train has {k} columns")
+        return layout.coordinate_blocks(blocks)
+    attrs = getattr(train, "attrs", None)
+    if attrs is not None and "layout" in attrs and "compressor_attrs" in attrs:
+        from .compressors.base import column_blocks_from_attrs
+
+        return column_blocks_from_attrs(dict(attrs), blocks)
+    return None  # columns with no recorded layout: one parameter, one block
+
+
 def _parse_blocks(blocks, k: int) -> _Blocks:
     if blocks is None:
         return _Blocks(None, [(0, k)], [f"block 0 (all columns 0:{k})"])
+    names = None
+    if isinstance(blocks, dict):
+        names, blocks = list(blocks), list(blocks.values())
     if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
         raise DropinfError(f"blocks must be a list of (start, stop) pairs or 1-D index tensors, got {blocks!r}")
     blocks = list(blocks)
@@ -107,7 +151,8 @@ def _parse_blocks(blocks, k: int) -> _Blocks:
                 raise DropinfError(f"block {b} must be a 1-D integer index tensor, got {idx.dtype} of shape "
                                    f"{tuple(idx.shape)}")
             idx = idx.long().cpu()
-            label = f"block {b} (index group of {idx.numel()} columns)"
+            label = (f"block {b} (index group of {idx.numel()} columns)" if names is None
+                     else f"block {b} ({names[b]}, {idx.numel()} columns)")
             if idx.numel() == 0:
                 raise DropinfError(f"{label} is empty")
             bad = (idx < 0) | (idx >= k)
@@ -172,17 +217,31 @@ def _parse_damping(damping, nblocks: int):
     return _per_block(damping, nblocks, "damping")
 
 
-def _paper(sumsq: Sequence[float], n: int, blocks: _Blocks, which: Sequence[int]) -> list[float]:
+def _paper(sumsq: Sequence[float], n: int, blocks: _Blocks, which: Sequence[int], dtype) -> list[float]:
     """lambda_b = 0.1 * mean_i ||g_{b,i}||^2 / d_b from the per-block sums of squares over train."""
     out = []
     for s, b in zip(sumsq, which):
         lam = PAPER_FACTOR * float(s) / (n * blocks.widths[b])
-        if not lam > 0:
+        if lam == 0:
             raise NotPositiveDefiniteError(
                 f"{blocks.labels[b]} has all-zero gradients over train, so its 'paper' damping is 0 and "
                 f"(H + lambda I) is singular; pass a positive float damping or drop these columns")
         out.append(lam)
-    return out
+    return check_damping(out, [blocks.labels[b] for b in which], dtype, n, "'paper' damping")
+
+
+def check_damping(lams: Sequence[float], labels: Sequence[str], dtype, n: int, what: str = "damping") -> list[float]:
+    """Each lambda (and n*lambda, Woodbury's diagonal) must be a finite, normal number of `dtype`:
+    one that overflows to inf or rounds to 0 (or a subnormal) would make the solve meaningless."""
+    info = torch.finfo(dtype)
+    for lam, label in zip(lams, labels):
+        for v in (lam, lam * n):
+            if not (math.isfinite(v) and info.tiny <= v <= info.max):
+                raise DampingRangeError(
+                    f"{label}: {what} lambda={lam:.3g} (n*lambda={lam * n:.3g} with n={n}) is outside the range of "
+                    f"{str(dtype).removeprefix('torch.')} (normal numbers {info.tiny:.3g} .. {info.max:.3g}); "
+                    f"rescale the gradients, choose another damping, or solve in float64")
+    return list(lams)
 
 
 class _Rows:
@@ -243,9 +302,9 @@ class Problem:
                 for _, _, c in self.rows.chunks():
                     sq += c.square().sum(0)
                 sums = [sq[lo:hi].sum().item() for lo, hi in self.blocks.bounds]
-                self._lambdas = _paper(sums, self.n, self.blocks, range(len(self.blocks)))
+                self._lambdas = _paper(sums, self.n, self.blocks, range(len(self.blocks)), self.rows.dtype)
             else:
-                self._lambdas = list(self.damping)
+                self._lambdas = check_damping(self.damping, self.blocks.labels, self.rows.dtype, self.n)
         return self._lambdas
 
     def per_column(self, values: Sequence[float]) -> torch.Tensor:
@@ -345,8 +404,9 @@ class Exact(Solver):
 
     def _lambda(self, which, sumsq):
         if self.p.damping == "paper":
-            return _paper(sumsq, self.p.n, self.p.blocks, which)
-        return [self.p.damping[b] for b in which]
+            return _paper(sumsq, self.p.n, self.p.blocks, which, self.p.rows.dtype)
+        return check_damping([self.p.damping[b] for b in which], [self.p.blocks.labels[b] for b in which],
+                             self.p.rows.dtype, self.p.n)
 
     def _dense(self, which, V):
         p, bounds = self.p, self.p.blocks.bounds
@@ -451,14 +511,16 @@ class DataInf(Solver):
 # Entry points
 # ----------------------------------------------------------------------------------------------
 
-def _setup(train, blocks, damping, chunk_rows, device, dtype):
+def _setup(train, blocks, damping, chunk_rows, device, dtype, layout=None):
     if dtype not in (torch.float32, torch.float64):
         raise DropinfError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     train, (n, k), tname = _matrix(train, "train")
     if n == 0 or k == 0:
         raise ShapeError(f"train has shape {(n, k)}: no examples or no coordinates")
-    blk = _parse_blocks(blocks, k)
+    blk = _parse_blocks(resolve_blocks(train, blocks, layout), k)
     damp = _parse_damping(damping, len(blk))
+    if damp != "paper":
+        check_damping(damp, blk.labels, dtype, n)  # before reading train
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_BYTES // (k * torch.finfo(dtype).bits // 8))
     elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
@@ -469,16 +531,16 @@ def _setup(train, blocks, damping, chunk_rows, device, dtype):
     return rows, blk, damp, tname
 
 
-def damping_for(train, blocks=None, damping="paper", *, chunk_rows=None, device=None,
+def damping_for(train, blocks="layer", damping="paper", *, layout=None, chunk_rows=None, device=None,
                 dtype=torch.float64) -> list[float]:
-    """Per-block damping: 'paper' -> 0.1 * mean_i ||g_{b,i}||^2 / d_b (one pass over train); a float
-    (or one float per block) is returned as-is."""
-    rows, blk, damp, _ = _setup(train, blocks, damping, chunk_rows, device, dtype)
+    """Per-block damping: 'paper' -> 0.1 * mean_i ||g_{b,i}||^2 / d_b on each block's own columns
+    (one pass over train); a float (or one float per block) is returned as-is. Blocks as `influence`."""
+    rows, blk, damp, _ = _setup(train, blocks, damping, chunk_rows, device, dtype, layout)
     return Problem(rows, blk, damp).lambdas()
 
 
-def influence(train, test, method: str, damping="paper", blocks=None, reduce: bool = True, *,
-              chunk_rows: int | None = None, device=None, dtype: torch.dtype = torch.float64,
+def influence(train, test, method: str, damping="paper", blocks="layer", reduce: bool = True, *,
+              layout=None, chunk_rows: int | None = None, device=None, dtype: torch.dtype = torch.float64,
               lissa_iters: int = 10, lissa_scale=None, lissa_power_iters: int = 5,
               woodbury="auto") -> torch.Tensor:
     """Influence of every training example on the test loss; (n,) on the CPU, or (n, m) if not reduce.
@@ -490,9 +552,14 @@ def influence(train, test, method: str, damping="paper", blocks=None, reduce: bo
         read in `chunk_rows` row chunks (default ~256 MB per chunk), never whole.
     test: (m, k), same dtype as train, loaded whole.
     method: a key of SOLVERS: 'orig'/'exact', 'lissa', 'datainf', 'tracin'.
-    damping: 'paper' (per block 0.1 * mean ||g_b||^2 / d_b), a positive float, or one per block.
-    blocks: None (one global block), or a list of (start, stop) column ranges and/or 1-D integer
-        index tensors; together they must cover each column exactly once.
+    damping: 'paper' (per block 0.1 * mean ||g_b||^2 / d_b), a positive float, or one per block; a
+        value the solve dtype cannot hold (inf, or 0 after rounding) raises DampingRangeError.
+    blocks: 'layer' (default), 'tensor' or 'global': the curvature setting, resolved by `layout` or
+        train's stored attributes (see the module doc; with neither, one block); None (one global
+        block); or explicit blocks: a list of (start, stop) column ranges and/or 1-D integer index
+        tensors, or a dict label -> index tensor; together they must cover each column exactly once.
+    layout: what train's columns are: a `dropinf.layout.Layout` (raw gradients) or the Compressor
+        that produced them (e.g. `Extractor(...).compressor`); used when blocks is a setting.
     device / dtype: where and in which precision (float64 or float32) the math runs.
     lissa_iters, lissa_scale (float or one per block; default 1.1 (lambda_max + lambda) per block),
     lissa_power_iters: LiSSA settings. woodbury: 'auto' (when n < block width), True, or False (orig).
@@ -503,7 +570,7 @@ def influence(train, test, method: str, damping="paper", blocks=None, reduce: bo
     test, (m, kt), sname = _matrix(test, "test")
     if tshape[1] != kt:
         raise ShapeError(f"train has shape {tshape} and test has shape {(m, kt)}: column counts differ")
-    rows, blk, damp, tname = _setup(train, blocks, damping, chunk_rows, device, dtype)
+    rows, blk, damp, tname = _setup(train, blocks, damping, chunk_rows, device, dtype, layout)
     if tname != sname:
         raise ShapeError(f"train dtype {tname} differs from test dtype {sname}")
     if m == 0:

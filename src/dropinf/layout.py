@@ -6,6 +6,7 @@ and solver speaks in these coordinates; `Layout` is the single place that define
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from math import prod
 from typing import Iterable, Sequence
@@ -39,8 +40,32 @@ class Slot:
         return (self.shape[0], prod(self.shape[1:]))
 
 
+#: Curvature structures, finest first: one block per parameter tensor, per layer (module), or one.
+CURVATURES = ("tensor", "layer", "global")
+
+# peft keeps a LoRA pair as child modules (q.lora_A.default.weight) or parameter dicts
+# (emb.lora_embedding_A.default); both belong to the layer they adapt (q, emb).
+_PEFT_PART = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)(?:\.[^.]+)?(?:\.(?:weight|bias))?$")
+
+
+def check_curvature(curvature: str, what: str = "curvature") -> str:
+    if curvature not in CURVATURES:
+        raise DropinfError(f"{what} must be one of {', '.join(CURVATURES)}, got {curvature!r}")
+    return curvature
+
+
+def layer_of(name: str) -> str:
+    """The module a parameter belongs to: its name without the last part (weight, bias, ...), and a
+    LoRA matrix's name without its lora_A/lora_B part, so A and B of one adapted module are one layer."""
+    stripped = _PEFT_PART.sub("", name)
+    if stripped != name:
+        return stripped
+    return name.rpartition(".")[0] or "(root)"
+
+
 class Layout:
-    """Ordered slots; `blocks` are the (start, stop) column ranges, one per parameter tensor."""
+    """Ordered slots; `blocks` are the (start, stop) column ranges, one per parameter tensor;
+    `groups(curvature)` groups the slots into curvature blocks (tensor, layer or global)."""
 
     def __init__(self, slots: Sequence[Slot]):
         self.slots = list(slots)
@@ -63,6 +88,24 @@ class Layout:
     @property
     def blocks(self) -> list[tuple[int, int]]:
         return [(s.offset, s.stop) for s in self.slots]
+
+    def groups(self, curvature: str = "layer") -> list[tuple[str, list[int]]]:
+        """(label, slot indices) per curvature block, in order of first appearance. 'layer': the slots
+        whose parameters belong to one module (see `layer_of`); 'tensor': one per slot; 'global': one."""
+        check_curvature(curvature)
+        if curvature == "global":
+            return [("all parameters", list(range(len(self.slots))))]
+        if curvature == "tensor":
+            return [(s.name, [i]) for i, s in enumerate(self.slots)]
+        out: dict[str, list[int]] = {}
+        for i, s in enumerate(self.slots):
+            out.setdefault(layer_of(s.name), []).append(i)
+        return list(out.items())
+
+    def coordinate_blocks(self, curvature: str = "layer") -> dict[str, torch.Tensor]:
+        """label -> the flat coordinates of each curvature block (1-D int64), for raw gradients."""
+        return {label: torch.cat([torch.arange(self.slots[i].offset, self.slots[i].stop) for i in idx])
+                for label, idx in self.groups(curvature)}
 
     def __getitem__(self, name: str) -> Slot:
         return self._by_name[name]

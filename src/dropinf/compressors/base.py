@@ -15,17 +15,202 @@ times simply accumulates contributions.
 
 Adding a compressor = one new module with a subclass that sets `name`; `__init_subclass__`
 registers it.
+
+Column blocks: `column_blocks(curvature)` groups the output columns into the curvature blocks the
+r-space solve uses (`dropinf.influence(..., blocks=...)`). It is derived from a `ColumnMap`: which
+column group each output column belongs to and which parameter slots each group draws from.
+A compressor with `.indices` whose column j is (a multiple of) coordinate indices[j] (dropout and
+its relatives) maps each column to the slot of its coordinate; raw gradients likewise; compressors
+that mix coordinates (Gaussian, SJLT, LoGra) say which slots each of their columns mixes. A curvature
+block is then the columns whose slots lie in one block of the layout's grouping; a column group
+spanning several such blocks (a global projection) merges them, so the solve is never finer than
+what the compression kept apart. The same map is rebuilt from stored array attributes
+(`column_blocks_from_attrs`), so the score stage needs no compressor object.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..errors import DropinfError, ShapeError
-from ..layout import Layout, Slot
+from ..layout import Layout, Slot, check_curvature
 
 COMPRESSORS: dict[str, type["Compressor"]] = {}
+
+
+@dataclass
+class ColumnMap:
+    """owner[j]: the column group of output column j; groups[g]: the slot indices group g draws from."""
+
+    owner: torch.Tensor
+    groups: list[list[int]]
+
+    @classmethod
+    def per_slot(cls, layout: Layout, coordinates: torch.Tensor) -> "ColumnMap":
+        """Column j is coordinate coordinates[j] (up to a weight): its group is its slot."""
+        return cls(layout.locate(coordinates), [[i] for i in range(len(layout))])
+
+    @classmethod
+    def from_ranges(cls, layout: Layout, columns: dict, out_dim: int) -> "ColumnMap":
+        """Slot name -> its (start, stop) output columns (LoGra)."""
+        owner = torch.full((out_dim,), -1, dtype=torch.long)
+        for i, s in enumerate(layout.slots):
+            lo, hi = columns[s.name]
+            owner[lo:hi] = i
+        if (owner < 0).any():
+            raise DropinfError(f"column ranges leave output columns {torch.nonzero(owner < 0).flatten()[:5].tolist()} "
+                               f"without a parameter")
+        return cls(owner, [[i] for i in range(len(layout))])
+
+    @classmethod
+    def single(cls, layout: Layout, out_dim: int) -> "ColumnMap":
+        return cls(torch.zeros(out_dim, dtype=torch.long), [list(range(len(layout)))])
+
+    def blocks(self, layout: Layout, curvature: str = "layer") -> dict[str, torch.Tensor]:
+        """label -> output columns (1-D int64, ascending) of each curvature block, in layout order."""
+        check_curvature(curvature)
+        grouping = layout.groups(curvature)
+        block_of_slot = torch.empty(len(layout), dtype=torch.long)
+        for b, (_, slots) in enumerate(grouping):
+            block_of_slot[slots] = b
+        parent = list(range(len(grouping)))  # union-find over layout blocks joined by one column group
+
+        def root(b):
+            while parent[b] != b:
+                parent[b] = parent[parent[b]]
+                b = parent[b]
+            return b
+
+        for slots in self.groups:
+            bs = sorted({int(block_of_slot[i]) for i in slots})
+            for b in bs[1:]:
+                parent[root(b)] = root(bs[0])
+        roots = torch.tensor([root(b) for b in range(len(grouping))], dtype=torch.long)
+        group_root = torch.tensor([int(roots[block_of_slot[g[0]]]) if g else -1 for g in self.groups],
+                                  dtype=torch.long)
+        col_root = group_root[self.owner]
+        out = {}
+        for r in sorted(set(roots.tolist())):
+            cols = torch.nonzero(col_root == r).flatten()
+            if cols.numel() == 0:
+                continue  # no kept column comes from this block (dropout at small r)
+            members = [grouping[b][0] for b in range(len(grouping)) if int(roots[b]) == r]
+            if len(members) == len(grouping) and len(grouping) > 1:
+                label = "all parameters"
+            elif len(members) <= 3:
+                label = " + ".join(members)
+            else:
+                label = f"{members[0]} + {len(members) - 1} more"
+            out[label] = cols
+        return out
+
+
+def split_columns(widths, r: int) -> torch.Tensor:
+    """Block of each of r output columns, r split across blocks in proportion to their widths.
+
+    Every block gets one column, then each further column goes to the block with the highest
+    width / (columns + 1/2) (Webster / Sainte-Lague highest averages; ties to the earlier block),
+    never more columns than a block is wide. The columns come in that order, so the split at r' < r
+    is the first r' columns of the split at r: projections built on it nest in r.
+    """
+    import heapq
+
+    widths = [int(w) for w in widths]
+    if r < len(widths):
+        raise DropinfError(f"r={r} is smaller than the {len(widths)} curvature blocks, and each block needs at "
+                           f"least one column; raise r or use blocks='global' (one projection of all parameters)")
+    if r > sum(widths):
+        raise DropinfError(f"r={r} exceeds the {sum(widths)} coordinates of the blocks")
+    order, seats = list(range(len(widths))), [1] * len(widths)
+    heap = [(-w / 1.5, b) for b, w in enumerate(widths) if w > 1]
+    heapq.heapify(heap)
+    while len(order) < r:
+        _, b = heapq.heappop(heap)
+        order.append(b)
+        seats[b] += 1
+        if seats[b] < widths[b]:
+            heapq.heappush(heap, (-widths[b] / (seats[b] + 0.5), b))
+    return torch.tensor(order, dtype=torch.long)
+
+
+@dataclass
+class ProjectionBlocks:
+    """Per-block projections: block b projects the concatenation of its slots (width d_b) to the
+    output columns `columns[b]` (r_b of them, split by `split_columns`)."""
+
+    mode: str
+    labels: list[str]
+    slots: list[list[int]]
+    widths: list[int]
+    owner: torch.Tensor            # (r,) block of each output column
+    columns: list[torch.Tensor]    # block -> its output columns, ascending
+    where: dict[str, tuple[int, int]]  # slot name -> (block, offset of the slot inside its block)
+
+    @classmethod
+    def build(cls, layout: Layout, mode: str, r: int, who: str) -> "ProjectionBlocks | None":
+        """None when the mode gives one block (then the compressor's single projection applies)."""
+        check_curvature(mode, f"{who} blocks")
+        grouping = layout.groups(mode)
+        if len(grouping) == 1:
+            return None
+        widths, where = [], {}
+        for b, (_, idx) in enumerate(grouping):
+            off = 0
+            for i in idx:
+                where[layout.slots[i].name] = (b, off)
+                off += layout.slots[i].numel
+            widths.append(off)
+        try:
+            owner = split_columns(widths, r)
+        except DropinfError as e:
+            raise DropinfError(f"{who} with blocks={mode!r}: {e}") from None
+        return cls(mode, [g[0] for g in grouping], [g[1] for g in grouping], widths, owner,
+                   [torch.nonzero(owner == b).flatten() for b in range(len(grouping))], where)
+
+    def counts(self, r: int | None = None) -> list[int]:
+        """Columns per block at r (default: all of them)."""
+        own = self.owner if r is None else self.owner[:r]
+        return torch.bincount(own, minlength=len(self.widths)).tolist()
+
+    def column_map(self) -> ColumnMap:
+        return ColumnMap(self.owner, self.slots)
+
+    def attrs(self, layout: Layout) -> dict:
+        return {"blocks": self.mode, "block_labels": self.labels, "block_widths": self.widths,
+                "block_columns": self.counts(),
+                "column_map": {"owner": self.owner.tolist(),
+                               "groups": [[layout.slots[i].name for i in g] for g in self.slots]}}
+
+
+def column_map_from_attrs(attrs: dict) -> tuple[Layout, ColumnMap]:
+    """The layout and column map of a stored array from its attributes (the extract stage writes
+    `layout`, `dim`, `out_dim` and `compressor_attrs`)."""
+    if "layout" not in attrs or "compressor_attrs" not in attrs:
+        raise DropinfError("the array's attributes hold no 'layout'/'compressor_attrs': cannot tell which "
+                           "curvature block its columns belong to (written by `dropinf extract`?)")
+    layout = Layout.from_json(attrs["layout"])
+    ca = attrs["compressor_attrs"]
+    out_dim = int(ca.get("out_dim", attrs.get("out_dim")))
+    if "column_map" in ca:  # compressors that mix coordinates record their map
+        names = {s.name: i for i, s in enumerate(layout.slots)}
+        cm = ca["column_map"]
+        return layout, ColumnMap(torch.tensor(cm["owner"], dtype=torch.long),
+                                 [[names[n] for n in g] for g in cm["groups"]])
+    if isinstance(ca.get("columns"), dict):  # LoGra: a column range per slot
+        return layout, ColumnMap.from_ranges(layout, ca["columns"], out_dim)
+    if ca.get("indices") is not None and len(ca["indices"]) == out_dim:
+        return layout, ColumnMap.per_slot(layout, torch.tensor(ca["indices"], dtype=torch.long))
+    if ca.get("compressor") == "identity" and out_dim == layout.dim:
+        return layout, ColumnMap.per_slot(layout, torch.arange(layout.dim))
+    return layout, ColumnMap.single(layout, out_dim)
+
+
+def column_blocks_from_attrs(attrs: dict, curvature: str = "layer") -> dict[str, torch.Tensor]:
+    """Curvature blocks of a stored gradient array's columns (see `Compressor.column_blocks`)."""
+    layout, cmap = column_map_from_attrs(attrs)
+    return cmap.blocks(layout, curvature)
 
 
 class Compressor:
@@ -60,6 +245,24 @@ class Compressor:
         """JSON-able description stored next to compressed arrays (provenance)."""
         return {"compressor": self.name, "dim": self.dim, "r": self.r, "seed": self.seed,
                 "out_dim": self.out_dim}
+
+    # ---- curvature blocks of the output columns -------------------------------------------
+    def column_map(self) -> ColumnMap:
+        """Which slots each output column draws from. Default: column j is coordinate indices[j]
+        when the compressor keeps coordinates (`.indices`, one per column), raw coordinates when
+        out_dim == dim, else one group drawing from every slot (solved as one block)."""
+        layout = self.require_layout()
+        idx = getattr(self, "indices", None)
+        if isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.numel() == self.out_dim:
+            return ColumnMap.per_slot(layout, idx)
+        if self.name == "identity" and self.out_dim == self.dim:
+            return ColumnMap.per_slot(layout, torch.arange(self.dim))
+        return ColumnMap.single(layout, self.out_dim)
+
+    def column_blocks(self, curvature: str = "layer") -> dict[str, torch.Tensor]:
+        """label -> output columns of each curvature block ('tensor', 'layer' or 'global'), for
+        `dropinf.influence(..., blocks=...)`. Never finer than the compression keeps apart."""
+        return self.column_map().blocks(self.require_layout(), curvature)
 
     # ---- matrix path ---------------------------------------------------------------------
     def compress(self, G: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import DropinfError
 from ..layout import Slot
-from .base import Compressor
+from .base import ColumnMap, Compressor
 
 
 def split_budget(r: int) -> tuple[int, int]:
@@ -54,6 +54,10 @@ class LoGra(Compressor):
     @property
     def blocks(self) -> list[tuple[int, int]]:
         return list(self.columns.values())
+
+    def column_map(self) -> ColumnMap:
+        """Each layer's columns come from its own factors: one column group per parameter tensor."""
+        return ColumnMap.from_ranges(self.layout, self.columns, self.out_dim)
 
     def attrs(self):
         return {**super().attrs(), "k_row": self.k_row, "k_col": self.k_col,
