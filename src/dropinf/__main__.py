@@ -107,6 +107,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--recompute-batch-size", type=int, default=64, help="rows per recomputed chunk")
     s.add_argument("--seeds", type=_ints, default=[0])
     s.add_argument("--damping", type=_damping, default="paper", help="'paper', a number, or a JSON list (one per block)")
+    s.add_argument("--curvature", default="layer", choices=["layer", "tensor", "global"],
+                   help="curvature blocks of every method (docs/curvature.md)")
     s.add_argument("--options", type=_json, default={}, help="JSON options for dropinf.influence")
     s.add_argument("--device", default="auto")
     s.add_argument("--experiment", default="")
@@ -182,7 +184,7 @@ def _run(args) -> int | None:
         from .pipeline.score import score
         score(args.data, args.out_dir, args.method, args.r, args.grads, args.seeds, args.damping, args.device,
               args.threads, args.options, args.experiment, model=args.model, gradients=args.gradients,
-              recompute_batch_size=args.recompute_batch_size)
+              recompute_batch_size=args.recompute_batch_size, curvature=args.curvature)
     elif st == "evaluate":
         from .pipeline.evaluate import evaluate
         evaluate(args.data, args.model, args.scores, args.out, args.method, args.r, args.experiment,

@@ -103,13 +103,21 @@ THREADS = config["threads"]
 
 
 # ---- input/params functions of the rules ---------------------------------------------------------
+def compressor_options(comp):
+    """extract.compressor_options of `comp`; a projection's `blocks` defaults to score.curvature."""
+    opts = dict(config["extract"]["compressor_options"].get(comp, {}))
+    if comp in ("gaussian", "sjlt"):
+        opts.setdefault("blocks", config["score"]["curvature"])
+    return opts
+
+
 def extract_params(wildcards):
     """Only what changes this compressor's arrays (never the list of r values)."""
     comp = wildcards.compressor
     return {
         "r": r_of(wildcards),
         "seeds": "none" if comp == "identity" else ",".join(str(s) for s in SEEDS),
-        "options": json.dumps(config["extract"]["compressor_options"].get(comp, {}), sort_keys=True),
+        "options": json.dumps(compressor_options(comp), sort_keys=True),
         "budget": config["extract"]["identity_budget_mb"] if comp == "identity" else "none",
     }
 

@@ -73,6 +73,7 @@ rule lds_score:
         model=lambda wc, input: f"--model {input.model}" if "model" in input.keys() else "",
         recompute_batch_size=config["score"]["recompute_batch_size"],
         damping=config["score"]["damping"],
+        curvature=config["score"]["curvature"],
         options=lambda wc: json.dumps(config["score"]["method_options"].get(wc.method, {}), sort_keys=True),
         device=config["device"],
     log:
@@ -93,8 +94,8 @@ rule lds_score:
     shell:
         "python -m dropinf lds score --data {input.data} --parts {input.parts} --method {wildcards.method}"
         " --r {params.r} {params.grads} {params.model} --recompute-batch-size {params.recompute_batch_size}"
-        " --seeds {params.seeds} --damping {params.damping} --options {params.options:q}"
-        " --device {params.device} --threads {threads} --experiment {params.exp}"
+        " --seeds {params.seeds} --damping {params.damping} --curvature {params.curvature}"
+        " --options {params.options:q} --device {params.device} --threads {threads} --experiment {params.exp}"
         " --out {output.metrics} --per-test {output.per_test} > {log} 2>&1"
 
 

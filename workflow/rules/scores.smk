@@ -13,6 +13,7 @@ rule score:
         gradients=config["score"]["gradients"],
         recompute_batch_size=config["score"]["recompute_batch_size"],
         damping=config["score"]["damping"],
+        curvature=config["score"]["curvature"],
         options=lambda wc: json.dumps(config["score"]["method_options"].get(wc.method, {}), sort_keys=True),
         device=config["device"],
     log:
@@ -33,6 +34,7 @@ rule score:
     shell:
         "python -m dropinf score --data {input.data} --method {wildcards.method} --r {params.r} {params.grads}"
         " {params.model} --gradients {params.gradients} --recompute-batch-size {params.recompute_batch_size}"
-        " --seeds {params.seeds} --damping {params.damping} --options {params.options:q}"
+        " --seeds {params.seeds} --damping {params.damping} --curvature {params.curvature}"
+        " --options {params.options:q}"
         " --device {params.device} --threads {threads} --experiment {params.exp}"
         " --out-dir $(dirname {output}) > {log} 2>&1"

@@ -120,7 +120,8 @@ def split_columns(widths, r: int) -> torch.Tensor:
     widths = [int(w) for w in widths]
     if r < len(widths):
         raise DropinfError(f"r={r} is smaller than the {len(widths)} curvature blocks, and each block needs at "
-                           f"least one column; raise r or use blocks='global' (one projection of all parameters)")
+                           f"least one column; raise r or use blocks='global' (one projection of all parameters; workflow: "
+                           f"extract.compressor_options.<compressor>.blocks: global)")
     if r > sum(widths):
         raise DropinfError(f"r={r} exceeds the {sum(widths)} coordinates of the blocks")
     order, seats = list(range(len(widths))), [1] * len(widths)

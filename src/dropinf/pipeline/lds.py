@@ -235,10 +235,11 @@ def load_parts(paths) -> dict:
 def score_method(data, parts, out, per_test_out, method: str, r: int | None = None, grads: str | None = None,
                  seeds=(0,), damping="paper", options: dict | None = None, device: str = "auto",
                  threads: int | None = None, experiment: str = "", model: str | None = None,
-                 recompute_batch_size: int = 64) -> list[dict]:
+                 recompute_batch_size: int = 64, curvature: str = "layer") -> list[dict]:
     """LDS of one method at one r. A full-space method whose raw gradients were not stored (over the
     identity budget) recomputes them from `model` (`dropinf.recompute`): train chunk by chunk, and the
-    whole test split once (per-test-example scores need every test gradient: m x d floats)."""
+    whole test split once (per-test-example scores need every test gradient: m x d floats).
+    Curvature blocks as in the `score` stage (`curvature`: layer, tensor or global)."""
     import numpy as np
     import torch
 
@@ -248,8 +249,11 @@ def score_method(data, parts, out, per_test_out, method: str, r: int | None = No
     from .evaluate import write_rows
     from .extract import load_split
     from .methods import BASELINES, FULL_SPACE, solver_of
+    from .score import block_summary, solve_blocks
     from .storage import MANIFEST, read_manifest
+    from ..layout import check_curvature
 
+    check_curvature(curvature, "score.curvature")
     stage = Stage("lds_score", device=device, threads=threads)
     sub = load_parts(parts)
     masks, actual = sub["masks"], sub["test_loss"]
@@ -257,7 +261,7 @@ def score_method(data, parts, out, per_test_out, method: str, r: int | None = No
     options = dict(options or {})
     key = {"experiment": experiment, "method": method, "r": r}
     meta = {"kind": "lds per test example", "experiment": experiment, "method": method, "r": r, "damping": damping,
-            "options": options, "subsets": sub["meta"], "sign_convention": dropinf.SIGN_CONVENTION,
+            "curvature": curvature, "blocks": {}, "options": options, "subsets": sub["meta"], "sign_convention": dropinf.SIGN_CONVENTION,
             "definition": "LDS_j = Spearman over subsets S of sum_{i in S} tau_j(z_i) against the subset model's "
                           "loss on test example j; tau_j = dropinf.influence(..., reduce=False)"}
     rows, per_test, seeds_done = [], [], []
@@ -282,26 +286,27 @@ def score_method(data, parts, out, per_test_out, method: str, r: int | None = No
 
             log.info("%s: raw gradients were not stored (%s); recomputing them from %s", method,
                      gm.get("reason", "unknown reason"), model)
-            recomputed = recomputed_gradients(data, model, stage.device, recompute_batch_size)
-            gm = {**gm, "status": "complete", "blocks": recomputed[2]}
+            recomputed = recomputed_gradients(data, model, stage.device, recompute_batch_size, curvature)
+            gm = {**gm, "status": "complete"}
             meta["gradients"] = f"raw gradients recomputed from {model} (not stored: {gm.get('reason')})"
         if gm.get("status") != "complete":
             reason = f"{gm.get('compressor')} extraction was skipped: {gm.get('reason', 'unknown reason')}"
             log.warning("SKIPPED lds of %s: %s", method, reason)
             return finish("skipped", reason)
-        blocks = [tuple(b) for b in gm["blocks"]] if method in FULL_SPACE else None
-        jobs = [(None, blocks)] if method in FULL_SPACE else [(int(s), None) for s in seeds]
-    for seed, blocks in jobs:
+        jobs = [(None, None)] if method in FULL_SPACE else [(int(s), None) for s in seeds]
+    for seed, _ in jobs:
         t0 = time.perf_counter()
         if method in BASELINES:
             scores = np.random.default_rng(int(seed)).standard_normal((n, m))
         else:
             if recomputed is not None:
-                train, lazy_test, _ = recomputed
+                train, lazy_test, blocks = recomputed
                 test = lazy_test[0:lazy_test.n].to(train.dtype)
             else:
                 train = load_split(grads_dir, gm, seed, "train")
                 test = torch.from_numpy(np.asarray(load_split(grads_dir, gm, seed, "test")[...]))
+                blocks = solve_blocks(method, gm, train, curvature)
+            meta["blocks"][str(seed)] = block_summary(curvature, blocks)
             if train.shape[0] != n or test.shape[0] != m:
                 raise ValueError(f"gradients ({train.shape[0]} train, {test.shape[0]} test rows) do not match the "
                                  f"subset models' data ({n} train, {m} test)")
@@ -461,6 +466,8 @@ def add_parser(sub) -> None:
     c.add_argument("--recompute-batch-size", type=int, default=64)
     c.add_argument("--seeds", type=_ints, default=[0])
     c.add_argument("--damping", type=_damping, default="paper")
+    c.add_argument("--curvature", default="layer", choices=["layer", "tensor", "global"],
+                   help="curvature blocks of every method (docs/curvature.md)")
     c.add_argument("--options", type=_json, default={})
     c.add_argument("--out", required=True, help="metrics.csv")
     c.add_argument("--per-test", required=True, help="per_test.npz")
@@ -485,6 +492,6 @@ def run(args) -> None:
     elif args.lds_action == "score":
         score_method(args.data, args.parts, args.out, args.per_test, args.method, args.r, args.grads, args.seeds,
                      args.damping, args.options, args.device, args.threads, args.experiment, model=args.model,
-                     recompute_batch_size=args.recompute_batch_size)
+                     recompute_batch_size=args.recompute_batch_size, curvature=args.curvature)
     else:
         summarize(args.inputs, args.parts, args.out, args.table, args.experiment, args.runner)

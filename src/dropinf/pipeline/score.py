@@ -4,10 +4,15 @@
     {out_dir}/scores.zarr        (full-space methods: orig, lissa, datainf, tracin)
     {out_dir}/manifest.json      (written last)
 
-Full-space methods run their own solver on the `identity` arrays with per-layer curvature blocks
-(the layout's parameter tensors); compressed methods run the `exact` solver on their compressor's
-arrays with one global block; `random` draws seeded standard-normal scores. Every score array is
-(n_train,) float32 whose attributes carry the sign convention: positive = harmful.
+Every method solves with the curvature structure `curvature` (config `score.curvature`: 'layer',
+the default, 'tensor' or 'global'; see docs/curvature.md): full-space methods run their own solver
+on the `identity` arrays, block-diagonal by the layout's grouping; compressed methods run the
+`exact` solver in r-space with the blocks of their columns, read from the arrays' attributes
+(`dropinf.compressors.base.column_blocks_from_attrs`: dropout's kept coordinates grouped by the
+block they come from, LoGra's and per-block Gaussian/SJLT's columns by their block; a global
+projection stays one block); `random` draws seeded standard-normal scores. Every score array is
+(n_train,) float32 whose attributes carry the sign convention (positive = harmful), the curvature
+setting and the blocks actually solved.
 
 Where full-space methods read raw gradients (`gradients`): "stored" reads the identity extraction
 and skips when it was skipped (over its budget); "recompute" never reads it: the fine-tuned model
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import DropinfError
+from ..layout import Layout, check_curvature
 from .common import Stage, clean_stale, file_sha256, jsonable, log
 from .extract import load_split
 from .methods import BASELINES, FULL_SPACE, solver_of
@@ -39,13 +45,32 @@ def score_relpath(seed) -> str:
 GRADIENT_SOURCES = ("auto", "stored", "recompute")
 
 
+def solve_blocks(method: str, gm: dict, array, curvature: str) -> dict:
+    """label -> columns of each curvature block for `method` on one extracted array (manifest `gm`)."""
+    from ..compressors.base import column_blocks_from_attrs
+
+    if method in FULL_SPACE:
+        return Layout.from_json(gm["layout"]).coordinate_blocks(curvature)
+    return column_blocks_from_attrs(dict(array.attrs), curvature)
+
+
+def block_summary(curvature: str, blocks: dict) -> dict:
+    """What a score's attributes say about its curvature (labels only when few)."""
+    widths = [int(len(v)) for v in blocks.values()]
+    out = {"curvature": curvature, "n_blocks": len(blocks), "block_widths": widths}
+    if len(blocks) <= 256:
+        out["block_labels"] = list(blocks)
+    return out
+
+
 def score(data, out_dir, method: str, r: int | None = None, grads: str | None = None, seeds=(0,),
           damping="paper", device: str = "auto", threads: int | None = None, options: dict | None = None,
           experiment: str = "", model: str | None = None, gradients: str = "auto",
-          recompute_batch_size: int = 64) -> dict:
+          recompute_batch_size: int = 64, curvature: str = "layer") -> dict:
     import dropinf
     from ..influence import influence
 
+    check_curvature(curvature, "score.curvature")
     if gradients not in GRADIENT_SOURCES:
         raise DropinfError(f"score.gradients must be one of {', '.join(GRADIENT_SOURCES)}, got {gradients!r}")
     stage = Stage("score", device=device, threads=threads)
@@ -54,11 +79,11 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
     clean_stale(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options = dict(options or {})
-    manifest = {"method": method, "r": r, "experiment": experiment, "damping": damping, "options": options,
-                "scores": {}, "seconds": {}, "extract_seconds": {}, "compress_seconds": {}, "extract_provenance": None,
+    manifest = {"method": method, "r": r, "experiment": experiment, "damping": damping, "curvature": curvature,
+                "options": options, "n_blocks": {}, "scores": {}, "seconds": {}, "extract_seconds": {}, "compress_seconds": {}, "extract_provenance": None,
                 "seeds": []}
     common_attrs = {"kind": "influence scores", "experiment": experiment, "method": method, "r": r,
-                    "damping": damping, "sign_convention": dropinf.SIGN_CONVENTION,
+                    "damping": damping, "curvature": curvature, "sign_convention": dropinf.SIGN_CONVENTION,
                     "positive_means": "harmful (raises test loss when up-weighted)",
                     "most_valuable": "most negative", "options": options}
 
@@ -80,7 +105,7 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
 
     if method in FULL_SPACE and gradients == "recompute":
         return _score_recomputed(data, model, out_dir, method, damping, options, stage, manifest, common_attrs,
-                                 recompute_batch_size, why="score.gradients is 'recompute'")
+                                 recompute_batch_size, curvature, why="score.gradients is 'recompute'")
     if grads is None:
         raise DropinfError(f"score: method {method!r} reads extracted gradients; pass --grads (an extract manifest)")
     gm = read_manifest(grads)
@@ -92,7 +117,7 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
             raise DropinfError(f"score: {method} needs raw gradients, {why}, and no --model was given to "
                                f"recompute them (or set score.gradients to 'stored' to skip {method})")
         return _score_recomputed(data, model, out_dir, method, damping, options, stage, manifest, common_attrs,
-                                 recompute_batch_size, why=why)
+                                 recompute_batch_size, curvature, why=why)
     if gm.get("status") != "complete":
         reason = f"{gm.get('compressor')} extraction was skipped: {gm.get('reason', 'unknown reason')}"
         log.warning("SKIPPED %s: %s", method, reason)
@@ -101,28 +126,30 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
         return manifest
 
     solver = solver_of(method)
-    blocks = [tuple(b) for b in gm["blocks"]] if method in FULL_SPACE else None
     seeds_here = [None] if method in FULL_SPACE else [int(s) for s in seeds]
     for seed in seeds_here:
         train = load_split(grads_dir, gm, seed, "train")
         test = torch.from_numpy(np.asarray(load_split(grads_dir, gm, seed, "test")[...]))
+        blocks = solve_blocks(method, gm, train, curvature)
         t0 = time.perf_counter()
         values = influence(train, test, solver, damping=damping, blocks=blocks, device=stage.device, **options)
         secs = time.perf_counter() - t0
         values = values.to(torch.float32).numpy()
+        projection = dict(train.attrs).get("compressor_attrs", {}).get("blocks")
         attrs = {**common_attrs, "seed": seed, "n": int(values.shape[0]), "solver": solver,
-                 "blocks": "per layer" if blocks else "global", "n_blocks": len(blocks) if blocks else 1,
+                 **block_summary(curvature, blocks), "projection_blocks": projection,
                  "grads": str(grads_dir / gm["arrays"][str(seed)]["train"]), "compressor": gm["compressor"],
                  "out_dim": gm["out_dim"], "dim": gm["dim"], "score_seconds": secs,
                  "compressor_seed": seed, "provenance": stage.provenance()}
         save_array(out_dir / score_relpath(seed), values, attrs)
         manifest["scores"][str(seed)] = score_relpath(seed)
         manifest["seconds"][str(seed)] = secs
+        manifest["n_blocks"][str(seed)] = len(blocks)
         manifest["extract_seconds"][str(seed)] = gm.get("seconds", {}).get(str(seed))
         # served from stored raw gradients: the projection's seconds (the raw pass is the identity job's)
         manifest["compress_seconds"][str(seed)] = (gm.get("compress_seconds") or {}).get(str(seed))
-        log.info("%s (%s, %s) seed %s: %d scores in %.3fs; mean %.3g, std %.3g", method, solver,
-                 "per-layer blocks" if blocks else "global block", seed, values.shape[0], secs,
+        log.info("%s (%s, curvature %s: %d blocks) seed %s: %d scores in %.3fs; mean %.3g, std %.3g", method,
+                 solver, curvature, len(blocks), seed, values.shape[0], secs,
                  float(values.mean()), float(values.std()))
     manifest.update(status="complete", seeds=[s for s in seeds_here if s is not None],
                     provenance=stage.provenance(), sliced_from=gm.get("sliced_from"))
@@ -130,8 +157,8 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
     return manifest
 
 
-def recomputed_gradients(data, model, device, batch_size: int):
-    """(train, test, per-layer blocks): raw gradients of the fine-tuned model, recomputed on demand."""
+def recomputed_gradients(data, model, device, batch_size: int, curvature: str = "layer"):
+    """(train, test, blocks of `curvature`): raw gradients of the fine-tuned model, recomputed on demand."""
     from ..recompute import RecomputedGradients
     from .train import load_trained
 
@@ -139,17 +166,17 @@ def recomputed_gradients(data, model, device, batch_size: int):
     spec, _ = load_trained(model, blob, device)
     train, test = (RecomputedGradients(spec.module, spec.loss_fn, model_inputs(blob[s]), params=spec.params,
                                        device=device, batch_size=int(batch_size)) for s in ("train", "test"))
-    return train, test, [tuple(b) for b in train.layout.blocks]
+    return train, test, train.layout.coordinate_blocks(curvature)
 
 
 def _score_recomputed(data, model, out_dir, method, damping, options, stage, manifest, common_attrs,
-                      batch_size: int, why: str) -> dict:
+                      batch_size: int, curvature: str, why: str) -> dict:
     """A full-space method on raw gradients recomputed chunk by chunk from the fine-tuned model."""
     from ..influence import influence
 
-    train, test, blocks = recomputed_gradients(data, model, stage.device, batch_size)
-    log.info("%s on recomputed raw gradients (%s): n=%d, d=%d, %d per-layer blocks, %d rows per pass chunk",
-             method, why, train.n, train.d, len(blocks), batch_size)
+    train, test, blocks = recomputed_gradients(data, model, stage.device, batch_size, curvature)
+    log.info("%s on recomputed raw gradients (%s): n=%d, d=%d, %d blocks (curvature %s), %d rows per pass chunk",
+             method, why, train.n, train.d, len(blocks), curvature, batch_size)
     t0 = time.perf_counter()
     v = test.mean().to(train.dtype)
     values = influence(train, v, solver_of(method), damping=damping, blocks=blocks, device=stage.device,
@@ -162,12 +189,13 @@ def _score_recomputed(data, model, out_dir, method, damping, options, stage, man
              "mean %.3g, std %.3g", method, values.shape[0], secs, train.seconds + test.seconds, train.passes,
              float(values.mean()), float(values.std()))
     attrs = {**common_attrs, "seed": None, "n": int(values.shape[0]), "solver": solver_of(method),
-             "blocks": "per layer", "n_blocks": len(blocks), "grads": "recomputed from the model (not stored)",
+             **block_summary(curvature, blocks), "grads": "recomputed from the model (not stored)",
              "model": str(model), "model_sha256": file_sha256(model), "compressor": "identity", "out_dim": train.d, "dim": train.d,
              "score_seconds": secs, "recompute": cost, "provenance": stage.provenance()}
     save_array(Path(out_dir) / score_relpath(None), values, attrs)
     manifest["scores"]["None"] = score_relpath(None)
     manifest["seconds"]["None"] = secs
+    manifest["n_blocks"]["None"] = len(blocks)
     manifest.update(status="complete", seeds=[], recompute=cost, provenance=stage.provenance())
     write_manifest(out_dir, jsonable(manifest))
     return manifest
