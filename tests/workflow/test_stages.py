@@ -208,8 +208,11 @@ def test_full_space_methods_on_recomputed_gradients_equal_stored(trained, tmp_pa
     a = np.asarray(open_array(tmp_path / "ref" / "scores.zarr")[...])
     b = open_array(tmp_path / "got" / "scores.zarr")
     np.testing.assert_allclose(b[...], a, rtol=2e-4, atol=1e-6 * np.abs(a).max())
-    blocks = json.loads((stored / "manifest.json").read_text())["blocks"]
-    assert b.attrs["grads"].startswith("recomputed") and b.attrs["n_blocks"] == len(blocks)
+    from dropinf.layout import Layout
+
+    layers = Layout.from_json(json.loads((stored / "manifest.json").read_text())["layout"]).groups("layer")
+    assert b.attrs["grads"].startswith("recomputed") and b.attrs["curvature"] == "layer"  # the default
+    assert b.attrs["n_blocks"] == len(layers) == open_array(tmp_path / "ref" / "scores.zarr").attrs["n_blocks"]
     if passes is not None:  # one gradient pass over train per solver pass ('paper' damping costs one)
         assert got["recompute"]["train_passes"] == passes
     else:  # Woodbury blocks sweep panel by panel; dense blocks two passes
