@@ -309,3 +309,51 @@ def test_paper_damping_that_overflows_float32_names_the_block():
     with pytest.raises(DampingRangeError, match=r"\(b, 8 columns\).*'paper' damping"):
         influence(G, T, "datainf", dtype=torch.float32, layout=L)
     assert math.isfinite(influence(G, T, "datainf", layout=L).sum().item())  # float64 holds it
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+
+def _mlp_and_batches(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(40, 5, generator=g, dtype=F64), torch.randint(3, (40,), generator=g)
+    batches = [{"x": x[s:s + 16], "y": y[s:s + 16]} for s in range(0, 40, 16)]
+    return model, batches
+
+
+def _loss(model, batch):
+    return nn.functional.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+
+@pytest.mark.parametrize("name,blocks", [("gaussian", "layer"), ("gaussian", "tensor"), ("gaussian", "global"),
+                                         ("sjlt", "layer"), ("sjlt", "global")])
+def test_fused_per_block_projection_equals_matrix_path_and_scores_by_its_blocks(name, blocks):
+    from dropinf.extraction import Extractor
+
+    model, batches = _mlp_and_batches()
+    raw = Extractor(model, _loss, "identity")
+    G = raw.run(batches)
+    ex = Extractor(model, _loss, name, r=12, seed=3, blocks=blocks)
+    C = ex.run(batches)
+    assert ex.compressor.blocks == blocks
+    assert rel(C, ex.compressor.compress(G)) < 1e-10
+    T = C[:8]
+    groups = [v.tolist() for v in ex.compressor.column_blocks(blocks).values()]
+    assert len(groups) == {"layer": 3, "tensor": 6, "global": 1}[blocks]
+    ref = dense_ref(C, T, groups, paper(C, groups))
+    assert rel(influence(C, T, "exact", blocks=blocks, layout=ex.compressor), ref) < 1e-10
+
+
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_extracted_dropout_at_full_width_is_orig_through_the_documented_api(curvature):
+    from dropinf.extraction import Extractor
+
+    model, batches = _mlp_and_batches(1)
+    raw = Extractor(model, _loss, "identity")
+    G = raw.run(batches)
+    ex = Extractor(model, _loss, "dropout", r=raw.layout.dim, seed=2)
+    C = ex.run(batches)
+    full = influence(G, G[:8], "orig", blocks=curvature, layout=raw.layout)
+    kept = influence(C, C[:8], "exact", blocks=curvature, layout=ex.compressor)
+    assert rel(kept, full) < 1e-10
