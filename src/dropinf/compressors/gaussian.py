@@ -96,6 +96,13 @@ class Gaussian(Compressor):
             self._cached += nbytes
         return P
 
+    def _columns(self, blk: int, device) -> torch.Tensor:
+        """Output columns of curvature block `blk`, kept on `device` (no host copy per batch)."""
+        key = ("columns", blk, str(device))
+        if key not in self._cache:
+            self._cache[key] = self.proj.columns[blk].to(device)
+        return self._cache[key]
+
     def _project_local(self, X, start: int, stop: int, cblock: int | None) -> torch.Tensor:
         """X (n, stop-start) holds columns [start, stop) of P (or of P_cblock); returns X @ those.T."""
         rows = self.r if cblock is None else len(self.proj.columns[cblock])
@@ -120,7 +127,7 @@ class Gaussian(Compressor):
             blk, off = self.proj.where[slot.name]
             local = off + a - slot.offset
             y = self._project_local(X[:, a - start:b - start], local, local + b - a, blk)
-            out.index_add_(1, self.proj.columns[blk].to(X.device), y)
+            out.index_add_(1, self._columns(blk, X.device), y)
         return out
 
     def _compress(self, G):
