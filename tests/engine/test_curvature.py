@@ -357,3 +357,17 @@ def test_extracted_dropout_at_full_width_is_orig_through_the_documented_api(curv
     full = influence(G, G[:8], "orig", blocks=curvature, layout=raw.layout)
     kept = influence(C, C[:8], "exact", blocks=curvature, layout=ex.compressor)
     assert rel(kept, full) < 1e-10
+
+
+def test_blocks_of_dropinf_extract_output_from_a_rebuilt_compressor():
+    """`dropinf.extract` returns a plain tensor; the same compressor, rebuilt from the model's layout and
+    the seed, gives the blocks of its columns."""
+    model, batches = _mlp_and_batches(2)
+    C = dropinf.extract(model, _loss, batches, "gaussian", r=9, seed=4)
+    L = Layout.from_model(model)
+    comp = dropinf.compressor("gaussian", dim=L.dim, r=9, seed=4, layout=L)
+    raw = dropinf.extract(model, _loss, batches, "identity")
+    assert rel(C, comp.compress(raw)) < 1e-10
+    groups = [v.tolist() for v in comp.column_blocks().values()]
+    assert len(groups) == 3
+    assert rel(influence(C, C[:5], "exact", layout=comp), dense_ref(C, C[:5], groups, paper(C, groups))) < 1e-10

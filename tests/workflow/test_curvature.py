@@ -70,3 +70,19 @@ def test_dropout_at_full_width_equals_orig_for_each_curvature(wf, tmp_path):
         if curvature == "global":
             assert not torch.allclose(full, dropinf.influence(arr["train"], torch.from_numpy(arr["test"][...]),
                                                               "orig", blocks="tensor"), rtol=1e-3)
+
+
+def test_schema_default_and_bad_value():
+    from pathlib import Path
+
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml")
+                            .read_text())
+    props = schema["properties"]["score"]["properties"]["curvature"]
+    assert props["default"] == "layer" and props["enum"] == ["layer", "tensor", "global"]
+    bad = {"experiment": "x", "dataset": {"name": "digits"}, "model": {"name": "mlp"}, "methods": ["orig"],
+           "r": [16], "seeds": [0], "score": {"curvature": "per-layer"}}
+    errors = [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(bad)]
+    assert len(errors) == 1 and "per-layer" in errors[0]
