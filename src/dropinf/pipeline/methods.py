@@ -6,11 +6,11 @@ and the stages import it normally. It is the one place that maps a method to its
 from __future__ import annotations
 
 #: Full-space methods: they need raw per-example gradients (the `identity` extraction) and solve
-#: with per-layer curvature blocks. Skipped, with the reason logged, when d is too large.
+#: block-diagonal by `score.curvature` (docs/curvature.md).
 FULL_SPACE = ("orig", "lissa", "datainf", "tracin")
 
-#: Compressed methods: the compressor of the same name, then the `exact` solver in r-space
-#: (one global block).
+#: Compressed methods: the compressor of the same name, then the `exact` solver in r-space with
+#: the blocks of its columns under `score.curvature`.
 COMPRESSED = ("dropout", "gaussian", "logra", "sjlt")
 
 #: Baselines that need no gradients.

@@ -80,8 +80,8 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
     options = dict(options or {})
     manifest = {"method": method, "r": r, "experiment": experiment, "damping": damping, "curvature": curvature,
-                "options": options, "n_blocks": {}, "scores": {}, "seconds": {}, "extract_seconds": {}, "compress_seconds": {}, "extract_provenance": None,
-                "seeds": []}
+                "options": options, "n_blocks": {}, "scores": {}, "seconds": {}, "extract_seconds": {},
+                "compress_seconds": {}, "extract_provenance": None, "seeds": []}
     common_attrs = {"kind": "influence scores", "experiment": experiment, "method": method, "r": r,
                     "damping": damping, "curvature": curvature, "sign_convention": dropinf.SIGN_CONVENTION,
                     "positive_means": "harmful (raises test loss when up-weighted)",
