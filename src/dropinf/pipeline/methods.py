@@ -6,7 +6,8 @@ and the stages import it normally. It is the one place that maps a method to its
 from __future__ import annotations
 
 #: Full-space methods: they need raw per-example gradients (the `identity` extraction) and solve
-#: block-diagonal by `score.curvature` (docs/curvature.md).
+#: block-diagonal by `score.curvature` (docs/curvature.md). Skipped, with the reason logged, when d
+#: is too large.
 FULL_SPACE = ("orig", "lissa", "datainf", "tracin")
 
 #: Compressed methods: the compressor of the same name, then the `exact` solver in r-space with
