@@ -6,6 +6,7 @@ the factors to the compressor. Registering a new layer type = one subclass with 
 """
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar
 
 import torch
@@ -33,6 +34,15 @@ class Handler:
     def supports(cls, module: nn.Module) -> str | None:
         """None if every tracked role can be handled, else the reason it cannot."""
         return None
+
+    @staticmethod
+    def input_of(module, args, kwargs):
+        """The tensor the parameter gradients are built from: the forward's first argument,
+        passed by position or by keyword (`fc(input=x)`)."""
+        if args:
+            return args[0]
+        first = next(iter(inspect.signature(module.forward).parameters))
+        return kwargs[first]
 
     @staticmethod
     def capture(module, x: torch.Tensor):
