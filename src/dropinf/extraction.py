@@ -330,11 +330,11 @@ class Extractor:
                     if self.plan is None or (B >= 2 and not self.plan.axes_known):
                         t = time.perf_counter()
                         self.plan, ref = selfcheck.make_plan(self, batch, want_reference=self._checked_batch(index, B))
-                        self.timings["plan_seconds"] = time.perf_counter() - t
+                        self.timings["plan_seconds"] = _elapsed(t, self.device)
                     if self._checked_batch(index, B):
                         t = time.perf_counter()
                         out = selfcheck.checked_step(self, batch, out_dtype, start, ref)
-                        self.timings["self_check_seconds"] += time.perf_counter() - t
+                        self.timings["self_check_seconds"] += _elapsed(t, self.device)
                     elif self._graph_ok():
                         out, _ = self._graphed(batch, out_dtype)
                     else:
@@ -352,6 +352,12 @@ class Extractor:
         if not rows:
             raise DropinfError("extract: the loader yielded no batches")
         return torch.cat(rows)
+
+
+def _elapsed(t0: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 class _tracked_state:
