@@ -303,7 +303,7 @@ class Conv1dNet(nn.Module):
         super().__init__()
         self.c1 = nn.Conv1d(3, 4, 3, padding=1)
         self.c2 = nn.Conv1d(4, 2, 2, stride=2, dilation=2, bias=False)
-        self.grouped = nn.Conv1d(2, 4, 3, groups=2, padding="same")
+        self.grouped = nn.Conv1d(2, 4, 4, groups=2, padding="same")  # even extent: padded 1 left, 2 right
         self.fc = nn.Linear(4 * 5, classes)
 
     def forward(self, x):                       # (B, 3, 11)

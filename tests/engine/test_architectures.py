@@ -173,8 +173,8 @@ def _vector_loss(model, batch):
     return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
 
 
-def _text(cls, **kw):
-    return lambda seed: _finish(cls(**kw), _cls_loss, _text_data(seed), seed)
+def _text(cls, refused=None, **kw):
+    return lambda seed: _finish(cls(**kw), _cls_loss, _text_data(seed), seed, refused=refused)
 
 
 def _image(cls, shape):
@@ -193,7 +193,8 @@ BUILDERS: dict[str, Callable[[int], Case]] = {
     "mha_batch_first": _text(M.MHANet),
     "mha_seq_first_causal_weights": _text(M.MHANet, batch_first=False, need_weights=True, causal_mask=True),
     "mha_cross_kdim": _text(M.MHANet, cross_kdim=4),
-    "mha_weights_in_loss": _text(M.MHANet, need_weights=True, use_weights=True),
+    "mha_weights_in_loss": _text(M.MHANet, need_weights=True, use_weights=True,
+                                 refused="MultiheadAttention.*attention weights"),
     "transformer_encoder_layer": _text(M.EncoderLayerNet),
     "transformer_encoder_layer_norm_first": _text(M.EncoderLayerNet, norm_first=True),
     "lstm": _text(M.RecurrentNet, kind="lstm"),
@@ -232,7 +233,7 @@ WAITING = {
     "mha_batch_first": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
     "mha_seq_first_causal_weights": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
     "mha_cross_kdim": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
-    "mha_weights_in_loss": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
+    "mha_weights_in_loss": "Handler.capture_call: the refusal of attention weights in the loss runs in it",
     "transformer_encoder_layer": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
     "transformer_encoder_layer_norm_first": "Handler.capture_call/output_tensor/claims: MultiheadAttention "
                                             "needs its whole call",
@@ -268,3 +269,94 @@ def test_architecture_matches_batch_size_1_autograd(arch):
     drop = _extract(case, "dropout", r=r, seed=seed)
     idx = dropinf.compressor("dropout", dim=ref.shape[1], r=r, seed=seed).indices
     assert rel_err(drop, ref[:, idx]) < 1e-10
+
+
+# ---- the handlers alone: the contract in dropinf.modules, driven without the extraction engine ---
+NEW_HANDLER_CASES = ["conv1d", "grouped_conv2d", "mha_batch_first", "mha_seq_first_causal_weights", "mha_cross_kdim",
+                     "opt_learned_positions", "transformer_encoder_layer", "transformer_encoder_layer_norm_first"]
+
+
+def handler_rows(case, comp):
+    """Compressed per-example rows of every parameter in `case`, formed only through
+    claims → capture_call → output_tensor/replace_output → emit of each module's handler."""
+    model, named = case.model, dict(case.model.named_parameters())
+    slot_of = {id(named[n]): comp.layout[n] for n in case.names}
+    claimed, hooks, rows = set(), [], []
+    for module in model.modules():  # parents first: a parent's claim on a sub-module's parameter wins
+        h = handler_for(module)
+        mine = {} if h is None else {r: p for r, p in h.claims(module).items() if id(p) not in claimed}
+        claimed.update(id(p) for p in mine.values())
+        slots = {r: slot_of[id(p)] for r, p in mine.items()}
+        if slots:
+            assert h.supports(module) is None and h.couples_examples(module) is None
+            hooks.append((module, h, slots))
+    assert claimed >= set(slot_of), "a parameter of this case has no handler"
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for batch in case.batches:
+            B = next(iter(batch.values())).shape[0]
+            out, leaves = torch.zeros(B, comp.out_dim, dtype=torch.float64), []
+
+            def hook(module, args, kwargs, output, h, slots):
+                saved = h.capture_call(module, args, kwargs, output)
+                t = h.output_tensor(module, output)
+                if not t.requires_grad:
+                    leaves.append(t.detach().requires_grad_())
+                    t = leaves[-1].clone()
+                    output = h.replace_output(module, output, t)
+                t.register_hook(lambda d: h.emit(module, saved, d, slots, comp, out))
+                return output
+
+            handles = [m.register_forward_hook(lambda *a, h=h, s=s: hook(*a, h, s), with_kwargs=True)
+                       for m, h, s in hooks]
+            try:
+                torch.autograd.grad(case.loss(model, batch).sum(), leaves)
+            finally:
+                for hd in handles:
+                    hd.remove()
+            rows.append(out)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("name,r", [("identity", None), ("dropout", 40), ("gaussian", 7), ("logra", 4), ("sjlt", 9)])
+@pytest.mark.parametrize("arch", NEW_HANDLER_CASES)
+def test_new_handlers_equal_every_compressors_matrix_path(arch, name, r):
+    case = BUILDERS[arch](99)
+    ref = M.reference_bs1(case.model, case.loss, case.batches, case.names)
+    layout = dropinf.layout.Layout.from_model(case.model, case.names)
+    comp = dropinf.compressor(name, dim=layout.dim, r=layout.dim if r is None else min(r, layout.dim), seed=5,
+                              layout=layout)
+    assert rel_err(handler_rows(case, comp), comp.compress(ref)) < 1e-10
+
+
+def test_mha_weights_feeding_the_loss_are_refused_naming_the_module():
+    case = BUILDERS["mha_weights_in_loss"](3)
+    layout = dropinf.layout.Layout.from_model(case.model, case.names)
+    with pytest.raises(dropinf.DropinfError, match="MultiheadAttention.*attention weights"):
+        handler_rows(case, dropinf.compressor("identity", dim=layout.dim, r=layout.dim, layout=layout))
+
+
+def test_embedding_whose_forward_scales_is_refused_naming_it():
+    class Scaled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    model = nn.Sequential()
+    model.emb = Scaled(11, 4)
+    data = _text_data(0)
+    case = Case(model.double(), lambda m, b: m.emb(b["ids"]).sum((1, 2)), M.split(data), ["emb.weight"])
+    layout = dropinf.layout.Layout.from_model(case.model, case.names)
+    with pytest.raises(dropinf.DropinfError, match="Scaled: its forward does more than look up"):
+        handler_rows(case, dropinf.compressor("identity", dim=layout.dim, r=layout.dim, layout=layout))
+
+
+def test_whole_call_handlers_refuse_an_engine_that_passes_only_the_first_input():
+    mha = nn.MultiheadAttention(4, 2)
+    with pytest.raises(dropinf.DropinfError, match="MultiheadAttention.*whole call"):
+        handler_for(mha).capture(mha, torch.zeros(3, 2, 4))
