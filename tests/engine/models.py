@@ -227,12 +227,12 @@ class MHANet(nn.Module):
     """Embedding → nn.MultiheadAttention (self or cross, optional separate k/v dims) → pool → head."""
 
     def __init__(self, vocab=11, dim=6, heads=2, classes=3, batch_first=True, need_weights=False,
-                 causal_mask=False, cross_kdim=None, use_weights=False):
+                 causal_mask=False, cross_kdim=None, use_weights=False, cross=False, bias=True):
         super().__init__()
         self.emb = nn.Embedding(vocab, dim)
         kd = cross_kdim
-        self.mem = nn.Linear(dim, kd) if kd else None
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first, kdim=kd, vdim=kd)
+        self.mem = nn.Linear(dim, kd or dim) if kd or cross else None  # keys/values from a second input
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first, kdim=kd, vdim=kd, bias=bias)
         self.head = nn.Linear(dim, classes)
         self.batch_first, self.need_weights, self.causal_mask = batch_first, need_weights, causal_mask
         self.use_weights = use_weights

@@ -193,6 +193,7 @@ BUILDERS: dict[str, Callable[[int], Case]] = {
     "mha_batch_first": _text(M.MHANet),
     "mha_seq_first_causal_weights": _text(M.MHANet, batch_first=False, need_weights=True, causal_mask=True),
     "mha_cross_kdim": _text(M.MHANet, cross_kdim=4),
+    "mha_cross_packed_no_bias": _text(M.MHANet, cross=True, bias=False, batch_first=False),
     "mha_weights_in_loss": _text(M.MHANet, need_weights=True, use_weights=True,
                                  refused="MultiheadAttention.*attention weights"),
     "transformer_encoder_layer": _text(M.EncoderLayerNet),
@@ -233,6 +234,7 @@ WAITING = {
     "mha_batch_first": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
     "mha_seq_first_causal_weights": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
     "mha_cross_kdim": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
+    "mha_cross_packed_no_bias": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
     "mha_weights_in_loss": "Handler.capture_call: the refusal of attention weights in the loss runs in it",
     "transformer_encoder_layer": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
     "transformer_encoder_layer_norm_first": "Handler.capture_call/output_tensor/claims: MultiheadAttention "
@@ -273,7 +275,7 @@ def test_architecture_matches_batch_size_1_autograd(arch):
 
 # ---- the handlers alone: the contract in dropinf.modules, driven without the extraction engine ---
 NEW_HANDLER_CASES = ["conv1d", "grouped_conv2d", "mha_batch_first", "mha_seq_first_causal_weights", "mha_cross_kdim",
-                     "opt_learned_positions", "transformer_encoder_layer", "transformer_encoder_layer_norm_first"]
+                     "mha_cross_packed_no_bias", "opt_learned_positions", "transformer_encoder_layer", "transformer_encoder_layer_norm_first"]
 
 
 def handler_rows(case, comp):
