@@ -151,23 +151,31 @@ class Extractor:
         def hooked_hook(module, k, args, kwargs, output):
             handler, slots, axes = plan.hooked[module]
             x_axis, y_axis = axes[min(k, len(axes) - 1)] if axes else (None, None)
-            x = handler.input_of(module, args, kwargs)
-            if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
-                raise DropinfError(f"{type(module).__name__} module: expected tensor input and output")
-            xb = selfcheck.batch_major(x, x_axis, B, module)
-            saved = [handler.capture(module, xb)]  # a box, emptied once used so memory frees during backward
+            y = handler.output_tensor(module, output)
+            if handler.needs_call:  # the handler reads the whole call and finds the batch itself
+                saved = [handler.capture_call(module, args, kwargs, output)]
+                to_batch = lambda d: d  # noqa: E731
+            else:
+                x = handler.input_of(module, args, kwargs)
+                if not isinstance(y, torch.Tensor) or not isinstance(x, torch.Tensor):
+                    raise DropinfError(f"{type(module).__name__} module: expected tensor input and output")
+                saved = [handler.capture(module, selfcheck.batch_major(x, x_axis, B, module))]
+                to_batch = lambda d: selfcheck.batch_major(d, y_axis, B, module)  # noqa: E731
+            # (`saved` is a box, emptied once used so memory frees during backward)
+            new = y
             if y_axis == selfcheck.EXPAND and B > 1:
                 # Shared by the batch (planned: every loss unchanged by this): one copy per example,
                 # so each example's gradient stays separate instead of being summed by broadcasting.
-                output = output.expand(B, *output.shape[1:])
-            if not output.requires_grad:
-                output = start_graph(output)
+                new = new.expand(B, *new.shape[1:])
+            if not new.requires_grad:
+                new = start_graph(new)
+            if new is not y:
+                output = handler.replace_output(module, output, new)
 
             def on_grad(delta):
-                handler.emit(module, saved.pop(), selfcheck.batch_major(delta, y_axis, B, module), slots, comp,
-                             state["out"])
+                handler.emit(module, saved.pop(), to_batch(delta), slots, comp, state["out"])
 
-            output.register_hook(on_grad)
+            new.register_hook(on_grad)
             return output
 
         def site_hook(module, k, args, kwargs, output):

@@ -188,15 +188,15 @@ def record(ex, batch, reference: bool, track_uses: bool):
         if stack and stack[-1] is m:
             stack.pop()
         h = handler_for(m)
-        x = None
+        x = y = None
         if h is not None:
             try:
-                x = _shape(h.input_of(m, args, kwargs))
+                y = _shape(h.output_tensor(m, output))
+                x = y if h.needs_call else _shape(h.input_of(m, args, kwargs))  # whole-call handlers find the batch
             except (IndexError, KeyError, TypeError):
                 x = None
         outs = [tuple(t.shape) for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        calls[m].append(Call([_shape(t) for t in tree_leaves((args, kwargs))], outs, x,
-                             _shape(output) if isinstance(output, torch.Tensor) else None))
+        calls[m].append(Call([_shape(t) for t in tree_leaves((args, kwargs))], outs, x, y))
 
     handles = []
     for m in ex.model.modules():
@@ -321,7 +321,8 @@ def make_plan(ex, batch, want_reference: bool):
         return [k for k, (_, _, x, y) in enumerate(a)
                 if x == SHARED and y == SHARED and calls[m][k].y is not None and calls[m][k].y[:1] == (1,)]
 
-    expandable = {m: shared_rows(m) for m in calls if handler_for(m) is not None and shared_rows(m)}
+    expandable = {m: shared_rows(m) for m in calls
+                  if handler_for(m) is not None and not handler_for(m).needs_call and shared_rows(m)}
     if expandable and not _expansion_is_transparent(ex, batch, expandable, losses):
         expandable = {}
     for m, ks in expandable.items():
@@ -345,32 +346,43 @@ def make_plan(ex, batch, want_reference: bool):
                 return False
         return True
 
-    owners = defaultdict(list)  # id(param) -> [(module, role)]
+    mnames = _module_names(ex.model)
+    for m in calls:  # no per-example gradient exists through a module that mixes the batch's examples
+        h = handler_for(m)
+        coupled = None if h is None else h.couples_examples(m)
+        if coupled:
+            raise DropinfError(f"{type(m).__name__} module {mnames.get(m, '?')!r}: {coupled}; the examples of a batch "
+                               "are not independent, so per-example gradients do not exist for this model")
+    owners = defaultdict(list)    # id(param) -> [(module, role)] from the module tree
+    claimants = defaultdict(dict)  # id(param) -> {module: (handler, role)} from the handlers' claims
     for m in ex.model.modules():
         for role, p in m._parameters.items():
             if p is not None:
                 owners[id(p)].append((m, role))
-    mnames = _module_names(ex.model)
+        h = handler_for(m)
+        if h is not None and m not in ex.forced and h.supports(m) is None:
+            for role, p in h.claims(m).items():
+                claimants[id(p)][m] = (h, role)
     reasons = []
     for name, p in ex.named:
-        handled = {}
         why = None
         for m, role in owners[id(p)]:
             h = handler_for(m)
             reason = None if h is None else h.supports(m)
             if m in ex.forced:
                 why = f"{type(m).__name__} in fallback="
-            elif h is None or role not in h.roles or reason:
+            elif m not in claimants[id(p)]:
                 why = why or f"no handler for {type(m).__name__}" + (f" ({reason})" if reason else "")
-            else:
-                handled[m] = (h, role)
         stacks = uses.get(name, set())
+        claim = claimants[id(p)]
+        # the claimants whose forward consumes it (a parent's claim on a sub-module's parameter that
+        # its sub-module never reads itself, as nn.MultiheadAttention's out_proj)
+        handled = {m: hr for m, hr in claim.items() if not stacks or any(st and st[-1] is m for st in stacks)}
         fused = False
-        if not why and handled:
-            inside = all(st and st[-1] in handled for st in stacks)
-            if not inside:
-                outer = next(st for st in stacks if not (st and st[-1] in handled))
-                why = f"used outside its module, in {type(outer[-1]).__name__ if outer else 'loss_fn'}.forward"
+        if handled:
+            outer = next((st for st in stacks if not (st and st[-1] in handled)), None)
+            if outer is not None:
+                why = f"used outside its module, in {type(outer[-1]).__name__ + '.forward' if outer else 'loss_fn'}"
             elif not all(fusable(m) for m in handled if calls.get(m)):
                 why = "its module's input has no batch axis (shared by the batch)"
             else:
