@@ -353,7 +353,7 @@ class Extractor:
                 else:
                     rows.append(out.cpu() if self.device.type != "cpu" else out)
                 start += B
-        self.timings["extract_seconds"] = time.perf_counter() - t0
+        self.timings["extract_seconds"] = _elapsed(t0, self.device)
         self.n = start
         if sink is not None:
             return None
