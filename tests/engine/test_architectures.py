@@ -3,9 +3,8 @@
 Every case runs padded variable-length batches (-100 labels where the task has them) split into a
 full batch, a short one and one of size 1. `identity` must equal the per-example gradients and
 `dropout` their sampled columns to 1e-10, or extraction must refuse with a DropinfError naming
-the module. Cases waiting on the extraction engine (coverage of functional parameter use, batch
-axis, per-module fallback, keyword calls, handlers that need the whole call) are strict xfails
-naming the missing piece: they turn into failures the moment it lands.
+the module. A case waiting on the extraction engine goes into WAITING as a strict xfail naming the
+missing piece (none today): it turns into a failure the moment that piece lands.
 """
 from __future__ import annotations
 
@@ -217,30 +216,7 @@ BUILDERS: dict[str, Callable[[int], Case]] = {
 }
 
 # Cases that need work in the extraction engine (src/dropinf/extraction.py), by missing piece.
-WAITING = {
-    "functional_tied_output": "coverage: a parameter read functionally (F.linear(h, emb.weight)) is dropped",
-    "learned_query": "batch axis: a (1, D) broadcast input to a tracked Linear is expanded by shape",
-    "learned_query_squeezed": "batch axis: the hook's (B, D) expansion of a (1, D) output breaks .squeeze(0)",
-    "sequence_first_T_eq_B": "batch axis: a (T, B, D) input with T == B is read as batch-major",
-    "keyword_call": "keyword calls: the forward hook reads args[0] only (fc(input=x))",
-    "lstm": "per-module fallback: whole-model vmap cannot run nn.LSTM",
-    "lstm_packed": "per-module fallback: whole-model vmap cannot run packed nn.LSTM",
-    "gru": "per-module fallback: whole-model vmap cannot run nn.GRU",
-    "gru_packed": "per-module fallback: whole-model vmap cannot run packed nn.GRU",
-    "opt": "batch axis: OPT's MLP and norms get (B*T, D) inputs; Handler.capture_call for its positional embedding",
-    "bert": "coverage: the MLM head's bias, registered on two modules, sends the whole model to vmap (HF masking)",
-    "roberta": "coverage: the MLM head's bias, registered on two modules, sends the whole model to vmap (HF masking)",
-    "opt_learned_positions": "Handler.capture_call: the embedding's indices are computed inside its forward",
-    "mha_batch_first": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
-    "mha_seq_first_causal_weights": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
-    "mha_cross_kdim": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
-    "mha_cross_packed_no_bias": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
-    "mha_weights_in_loss": "Handler.capture_call: the refusal of attention weights in the loss runs in it",
-    "transformer_encoder_layer": "Handler.capture_call/output_tensor/claims: MultiheadAttention needs its whole call",
-    "transformer_encoder_layer_norm_first": "Handler.capture_call/output_tensor/claims: MultiheadAttention "
-                                            "needs its whole call",
-    "batchnorm_batch_statistics": "refusal: Handler.couples_examples (batch statistics) must raise, not fall back",
-}
+WAITING: dict[str, str] = {}
 
 
 def _params(names):
