@@ -284,7 +284,7 @@ def _conv_geometry(conv) -> tuple[tuple, tuple, tuple, tuple]:
     a 1-d convolution is a 2-d one over height 1. padding="same" puts an odd remainder at the end,
     as torch does."""
     k, s, d = conv.kernel_size, conv.stride, conv.dilation
-    if conv.padding == "valid":
+    if conv.padding == "valid" or conv.padding_mode != "zeros":  # other modes: the input was padded in capture
         pads = [(0, 0)] * len(k)
     elif conv.padding == "same":
         pads = [(di * (ki - 1) // 2, di * (ki - 1) - di * (ki - 1) // 2) for ki, di in zip(k, d)]
@@ -296,15 +296,10 @@ def _conv_geometry(conv) -> tuple[tuple, tuple, tuple, tuple]:
 
 
 class ConvHandler(Handler):
-    """nn.Conv1d and nn.Conv2d, any stride/padding/dilation, grouped and depthwise included."""
+    """nn.Conv1d and nn.Conv2d: any stride, dilation, padding and padding_mode; grouped and
+    depthwise included."""
 
     types = (nn.Conv1d, nn.Conv2d)
-
-    @classmethod
-    def supports(cls, module):
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r}"
-        return None
 
     @staticmethod
     def capture(module, x):
@@ -312,6 +307,8 @@ class ConvHandler(Handler):
         if x.dim() != module.weight.dim():
             raise DropinfError(f"{type(module).__name__} got an input of shape {tuple(x.shape)}: fused extraction "
                                "needs a batch dimension")
+        if module.padding_mode != "zeros":  # reflect/replicate/circular: pad as the module's forward does
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         return x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
 
     @staticmethod
