@@ -349,17 +349,43 @@ def test_mha_weights_feeding_the_loss_are_refused_naming_the_module():
         handler_rows(case, dropinf.compressor("identity", dim=layout.dim, r=layout.dim, layout=layout))
 
 
-def test_embedding_whose_forward_scales_is_refused_naming_it():
-    class Scaled(nn.Embedding):
-        def forward(self, ids):
-            return super().forward(ids) * 2.0
+class _Scaled(nn.Embedding):
+    """Rows times a factor, and zero at padded positions (Bart-style scaled word embedding)."""
 
-    model = nn.Sequential()
-    model.emb = Scaled(11, 4)
-    data = _text_data(0)
-    case = Case(model.double(), lambda m, b: m.emb(b["ids"]).sum((1, 2)), M.split(data), ["emb.weight"])
+    def forward(self, ids):
+        return super().forward(ids) * 2.5 * (ids != 0).unsqueeze(-1)
+
+
+class _Shifted(nn.Embedding):
+    def forward(self, ids):
+        return super().forward(ids) + 1.0
+
+
+class _EmbeddingHead(nn.Module):
+    def __init__(self, emb_cls):
+        super().__init__()
+        self.emb, self.head = emb_cls(11, 4), nn.Linear(4, 3)
+
+    def forward(self, ids, mask):
+        return self.head(torch.tanh(self.emb(ids)).sum(1))
+
+
+def _embedding_case(cls):
+    return _finish(_EmbeddingHead(cls), _cls_loss, _text_data(0), 0)
+
+
+def test_scaled_embedding_subclass_is_exact():
+    case = _embedding_case(_Scaled)
     layout = dropinf.layout.Layout.from_model(case.model, case.names)
-    with pytest.raises(dropinf.DropinfError, match="Scaled: its forward does more than look up"):
+    comp = dropinf.compressor("identity", dim=layout.dim, r=layout.dim, layout=layout)
+    ref = M.reference_bs1(case.model, case.loss, case.batches, case.names)
+    assert rel_err(handler_rows(case, comp), ref) < 1e-10
+
+
+def test_embedding_whose_forward_adds_is_refused_naming_it():
+    case = _embedding_case(_Shifted)
+    layout = dropinf.layout.Layout.from_model(case.model, case.names)
+    with pytest.raises(dropinf.DropinfError, match="_Shifted: its forward does more than look up"):
         handler_rows(case, dropinf.compressor("identity", dim=layout.dim, r=layout.dim, layout=layout))
 
 
