@@ -393,3 +393,13 @@ def test_whole_call_handlers_refuse_an_engine_that_passes_only_the_first_input()
     mha = nn.MultiheadAttention(4, 2)
     with pytest.raises(dropinf.DropinfError, match="MultiheadAttention.*whole call"):
         handler_for(mha).capture(mha, torch.zeros(3, 2, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_embedding_lookup_is_recognised_in_low_precision(dtype):
+    emb = _Scaled(11, 4).to(dtype)
+    ids = torch.tensor([[3, 0, 7], [10, 1, 1]])
+    h = handler_for(emb)
+    got_ids, scale = h.capture_call(emb, (ids,), {}, emb(ids))
+    assert torch.equal(got_ids[ids != 0], ids[ids != 0])
+    assert torch.equal(scale.float(), 2.5 * (ids != 0).float())
