@@ -157,11 +157,12 @@ class EmbeddingHandler(Handler):
 
 
 class ComputedIndexEmbeddingHandler(EmbeddingHandler):
-    """An nn.Embedding subclass whose forward computes the indices it looks up (OPT's learned
-    positions are called with the attention mask and add an offset). The indices actually read
-    are recovered by running that forward once more on an index table (row n holds n), and the
-    lookup is verified against the real output: a forward that does more than look rows up
-    (scaling, adding) is refused, naming the module."""
+    """An nn.Embedding subclass whose forward computes what it looks up: OPT's learned positions
+    (called with the attention mask, indices = cumulative mask + offset), scaled word embeddings
+    (rows times a factor, per position or not). The forward is run once more on a probe table whose
+    row n is (n + 1, 1, 1, ...): column 1 of the result is the factor c and column 0 / c - 1 the
+    index actually read. The real output must equal c · weight[index] (exactly in float64, to a
+    few ulps otherwise), else the module is refused by name; the gradient rows are c · δ."""
 
     needs_call = True
 
@@ -171,20 +172,32 @@ class ComputedIndexEmbeddingHandler(EmbeddingHandler):
 
     @classmethod
     def capture_call(cls, module, args, kwargs, output):
-        name = type(module).__name__
-        w = module.weight
-        table = torch.arange(w.shape[0], dtype=torch.float64, device=w.device)[:, None].expand(w.shape)
-        with torch.no_grad(), stateless._reparametrize_module(module, {"weight": table}):
+        name, w = type(module).__name__, module.weight.detach()
+        N, D = w.shape
+        probe = torch.ones(N, D, dtype=torch.float64, device=w.device)
+        probe[:, 0] = torch.arange(1, N + 1, dtype=torch.float64, device=w.device)
+        with torch.no_grad(), stateless._reparametrize_module(module, {"weight": probe}):
             looked = module.forward(*args, **kwargs)  # forward, not __call__: no hooks run again
-        ids = looked[..., 0].round().long() if torch.is_tensor(looked) and looked.shape == output.shape else None
-        if ids is not None and ids.numel() and (ids.min() < 0 or ids.max() >= w.shape[0]):
-            ids = None
-        if ids is None or not torch.equal(F.embedding(ids, w.detach()), output.detach()):
-            raise DropinfError(f"{name}: its forward does more than look up rows of its table, so its per-example "
-                               "gradient cannot be formed from the indices; exclude its weight with params=")
+        ok = torch.is_tensor(looked) and torch.is_tensor(output) and looked.shape == output.shape
+        if ok:
+            c = looked[..., 1] if D > 1 else torch.ones_like(looked[..., 0])
+            ids = torch.where(c != 0, looked[..., 0] / torch.where(c != 0, c, 1) - 1, 0).round().long()
+            ok = ids.dim() >= 1 and (ids.numel() == 0 or (ids.min() >= 0 and ids.max() < N))
+        if ok:
+            want = c.to(w.dtype).unsqueeze(-1) * F.embedding(ids, w)
+            tol = 0.0 if w.dtype == torch.float64 else 4 * torch.finfo(w.dtype).eps
+            ok = torch.allclose(want, output.detach(), rtol=tol, atol=0.0)
+        if not ok:
+            raise DropinfError(f"{name}: its forward does more than look up (and scale) rows of its table, so its "
+                               "per-example gradient cannot be formed from indices; exclude its weight with params=")
         if ids.dim() < 2:
             raise DropinfError(f"{name}: looked up indices of shape {tuple(ids.shape)}: need a batch dimension")
-        return ids
+        return ids, c.to(w.dtype)
+
+    @classmethod
+    def emit(cls, module, saved, delta, slots, comp, out):
+        ids, c = saved
+        super().emit(module, ids, delta * c.unsqueeze(-1), slots, comp, out)
 
 
 class MultiheadAttentionHandler(Handler):
@@ -293,7 +306,7 @@ def _conv_geometry(conv) -> tuple[tuple, tuple, tuple, tuple]:
     a 1-d convolution is a 2-d one over height 1. padding="same" puts an odd remainder at the end,
     as torch does."""
     k, s, d = conv.kernel_size, conv.stride, conv.dilation
-    if conv.padding == "valid":
+    if conv.padding == "valid" or conv.padding_mode != "zeros":  # other modes: the input was padded in capture
         pads = [(0, 0)] * len(k)
     elif conv.padding == "same":
         pads = [(di * (ki - 1) // 2, di * (ki - 1) - di * (ki - 1) // 2) for ki, di in zip(k, d)]
@@ -305,15 +318,10 @@ def _conv_geometry(conv) -> tuple[tuple, tuple, tuple, tuple]:
 
 
 class ConvHandler(Handler):
-    """nn.Conv1d and nn.Conv2d, any stride/padding/dilation, grouped and depthwise included."""
+    """nn.Conv1d and nn.Conv2d: any stride, dilation, padding and padding_mode; grouped and
+    depthwise included."""
 
     types = (nn.Conv1d, nn.Conv2d)
-
-    @classmethod
-    def supports(cls, module):
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r}"
-        return None
 
     @staticmethod
     def capture(module, x):
@@ -321,6 +329,8 @@ class ConvHandler(Handler):
         if x.dim() != module.weight.dim():
             raise DropinfError(f"{type(module).__name__} got an input of shape {tuple(x.shape)}: fused extraction "
                                "needs a batch dimension")
+        if module.padding_mode != "zeros":  # reflect/replicate/circular: pad as the module's forward does
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         return x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
 
     @staticmethod

@@ -297,11 +297,12 @@ class RecurrentNet(nn.Module):
 
 
 class Conv1dNet(nn.Module):
-    """nn.Conv1d with padding, then one with stride and dilation, then a Linear."""
+    """nn.Conv1d with circular padding, one with stride and dilation, a grouped one with padding="same"
+    over an even extent, then a Linear."""
 
     def __init__(self, classes=3):
         super().__init__()
-        self.c1 = nn.Conv1d(3, 4, 3, padding=1)
+        self.c1 = nn.Conv1d(3, 4, 3, padding=1, padding_mode="circular")
         self.c2 = nn.Conv1d(4, 2, 2, stride=2, dilation=2, bias=False)
         self.grouped = nn.Conv1d(2, 4, 4, groups=2, padding="same")  # even extent: padded 1 left, 2 right
         self.fc = nn.Linear(4 * 5, classes)
@@ -311,12 +312,12 @@ class Conv1dNet(nn.Module):
 
 
 class GroupedConvNet(nn.Module):
-    """Depthwise Conv2d (groups = channels) and a grouped one (groups=2), then a Linear."""
+    """Depthwise Conv2d (groups = channels, reflect padding) and a grouped one (groups=2), then a Linear."""
 
     def __init__(self, classes=3):
         super().__init__()
         self.pw = nn.Conv2d(2, 4, 1)
-        self.dw = nn.Conv2d(4, 4, 3, groups=4, padding=1)
+        self.dw = nn.Conv2d(4, 4, 3, groups=4, padding=1, padding_mode="reflect")
         self.gc = nn.Conv2d(4, 6, (3, 2), groups=2, stride=2, dilation=(1, 2), bias=False)
         self.fc = nn.Linear(6 * 3 * 3, classes)
 

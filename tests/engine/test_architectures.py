@@ -310,7 +310,12 @@ def test_new_handlers_equal_every_compressors_matrix_path(arch, name, r):
     layout = dropinf.layout.Layout.from_model(case.model, case.names)
     comp = dropinf.compressor(name, dim=layout.dim, r=layout.dim if r is None else min(r, layout.dim), seed=5,
                               layout=layout)
-    assert rel_err(handler_rows(case, comp), comp.compress(ref)) < 1e-10
+    got, want = handler_rows(case, comp), comp.compress(ref)
+    assert rel_err(got, want) < 1e-10
+    if name == "identity":  # every parameter on its own, so a small one cannot hide behind a large one
+        for slot in layout.slots:
+            block = want[:, slot.offset:slot.stop]
+            assert block.norm() > 0 and rel_err(got[:, slot.offset:slot.stop], block) < 1e-10, slot.name
 
 
 def test_mha_weights_feeding_the_loss_are_refused_naming_the_module():
@@ -320,17 +325,43 @@ def test_mha_weights_feeding_the_loss_are_refused_naming_the_module():
         handler_rows(case, dropinf.compressor("identity", dim=layout.dim, r=layout.dim, layout=layout))
 
 
-def test_embedding_whose_forward_scales_is_refused_naming_it():
-    class Scaled(nn.Embedding):
-        def forward(self, ids):
-            return super().forward(ids) * 2.0
+class _Scaled(nn.Embedding):
+    """Rows times a factor, and zero at padded positions (Bart-style scaled word embedding)."""
 
-    model = nn.Sequential()
-    model.emb = Scaled(11, 4)
-    data = _text_data(0)
-    case = Case(model.double(), lambda m, b: m.emb(b["ids"]).sum((1, 2)), M.split(data), ["emb.weight"])
+    def forward(self, ids):
+        return super().forward(ids) * 2.5 * (ids != 0).unsqueeze(-1)
+
+
+class _Shifted(nn.Embedding):
+    def forward(self, ids):
+        return super().forward(ids) + 1.0
+
+
+class _EmbeddingHead(nn.Module):
+    def __init__(self, emb_cls):
+        super().__init__()
+        self.emb, self.head = emb_cls(11, 4), nn.Linear(4, 3)
+
+    def forward(self, ids, mask):
+        return self.head(torch.tanh(self.emb(ids)).sum(1))
+
+
+def _embedding_case(cls):
+    return _finish(_EmbeddingHead(cls), _cls_loss, _text_data(0), 0)
+
+
+def test_scaled_embedding_subclass_is_exact():
+    case = _embedding_case(_Scaled)
     layout = dropinf.layout.Layout.from_model(case.model, case.names)
-    with pytest.raises(dropinf.DropinfError, match="Scaled: its forward does more than look up"):
+    comp = dropinf.compressor("identity", dim=layout.dim, r=layout.dim, layout=layout)
+    ref = M.reference_bs1(case.model, case.loss, case.batches, case.names)
+    assert rel_err(handler_rows(case, comp), ref) < 1e-10
+
+
+def test_embedding_whose_forward_adds_is_refused_naming_it():
+    case = _embedding_case(_Shifted)
+    layout = dropinf.layout.Layout.from_model(case.model, case.names)
+    with pytest.raises(dropinf.DropinfError, match="_Shifted: its forward does more than look up"):
         handler_rows(case, dropinf.compressor("identity", dim=layout.dim, r=layout.dim, layout=layout))
 
 
@@ -338,3 +369,13 @@ def test_whole_call_handlers_refuse_an_engine_that_passes_only_the_first_input()
     mha = nn.MultiheadAttention(4, 2)
     with pytest.raises(dropinf.DropinfError, match="MultiheadAttention.*whole call"):
         handler_for(mha).capture(mha, torch.zeros(3, 2, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_embedding_lookup_is_recognised_in_low_precision(dtype):
+    emb = _Scaled(11, 4).to(dtype)
+    ids = torch.tensor([[3, 0, 7], [10, 1, 1]])
+    h = handler_for(emb)
+    got_ids, scale = h.capture_call(emb, (ids,), {}, emb(ids))
+    assert torch.equal(got_ids[ids != 0], ids[ids != 0])
+    assert torch.equal(scale.float(), 2.5 * (ids != 0).float())
