@@ -92,6 +92,7 @@ class Extractor:
                                               layout=self.layout, **compressor_opts)
         self.forced = self._forced_modules(fallback)
         self.plan: selfcheck.Plan | None = None
+        self._batches = 0  # batches extracted so far, over every run
         self.timings: dict[str, float] = {}
 
     def _forced_modules(self, fallback) -> set:
@@ -314,7 +315,9 @@ class Extractor:
         graph.replay()
         return out.clone(), B
 
-    def _checked_batch(self, index: int, B: int) -> bool:
+    def _checked_batch(self, index: int) -> bool:
+        """`index` counts batches over this extractor's lifetime (several `run`s, as recompute makes):
+        self_check=True checks the first one only."""
         if self.check_every < 0:
             return False
         return index == 0 if self.check_every == 0 else index % self.check_every == 0
@@ -330,16 +333,17 @@ class Extractor:
         t0 = time.perf_counter()
         self.timings["self_check_seconds"] = 0.0
         with _tracked_state(self):
-            for index, batch in enumerate(loader):
+            for batch in loader:
+                index, self._batches = self._batches, self._batches + 1
                 batch = _to_device(batch, self.device)
                 B = _batch_size(batch)
                 with torch.enable_grad():
                     ref = None
                     if self.plan is None or (B >= 2 and not self.plan.axes_known):
                         t = time.perf_counter()
-                        self.plan, ref = selfcheck.make_plan(self, batch, want_reference=self._checked_batch(index, B))
+                        self.plan, ref = selfcheck.make_plan(self, batch, want_reference=self._checked_batch(index))
                         self.timings["plan_seconds"] = _elapsed(t, self.device)
-                    if self._checked_batch(index, B):
+                    if self._checked_batch(index):
                         t = time.perf_counter()
                         out = selfcheck.checked_step(self, batch, out_dtype, start, ref)
                         self.timings["self_check_seconds"] += _elapsed(t, self.device)

@@ -205,3 +205,15 @@ def test_self_check_failure_restores_state(monkeypatch):
     with pytest.raises(GradientCheckError):
         dropinf.extract(model, loss, data, "identity")
     assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_self_check_once_per_extractor_over_several_runs(monkeypatch):
+    """Recomputation calls `run` once per slice: the default check runs on the first batch only."""
+    model, loss, data = text_setup(6)
+    seen = []
+    real = selfcheck.checked_step
+    monkeypatch.setattr(selfcheck, "checked_step", lambda ex, batch, d, start, ref: seen.append(start) or
+                        real(ex, batch, d, start, ref))
+    ex = Extractor(model, loss, "dropout", r=9)
+    first, again = ex.run(data), ex.run(data)
+    assert seen == [0] and torch.equal(first, again)
