@@ -256,17 +256,23 @@ class Extractor:
         named = dict(self.named)
         tracked = [named[n] for n in self.plan.whole]
         rows = {n: [] for n in self.plan.whole}
-        for i in range(B):
-            example = selfcheck.example(batch, i, B)
-            try:
-                loss = self.loss_fn(self.model, example)[0]
-                gs = torch.autograd.grad(loss, tracked, allow_unused=True)
-            except Exception as e:
-                raise DropinfError(f"per-example gradients of {self.plan.whole[:5]} failed both under torch.func "
-                                   f"({type(err).__name__}: {err}) and one example at a time "
-                                   f"({type(e).__name__}: {e}); exclude them with params=") from e
-            for n, p, g in zip(self.plan.whole, tracked, gs):
-                rows[n].append(torch.zeros_like(p) if g is None else g)
+        for p in tracked:
+            p.requires_grad_(True)
+        try:
+            for i in range(B):
+                example = selfcheck.example(batch, i, B)
+                try:
+                    loss = self.loss_fn(self.model, example)[0]
+                    gs = torch.autograd.grad(loss, tracked, allow_unused=True)
+                except Exception as e:
+                    raise DropinfError(f"per-example gradients of {self.plan.whole[:5]} failed both under torch.func "
+                                       f"({type(err).__name__}: {err}) and one example at a time "
+                                       f"({type(e).__name__}: {e}); exclude them with params=") from e
+                for n, p, g in zip(self.plan.whole, tracked, gs):
+                    rows[n].append(torch.zeros_like(p) if g is None else g)
+        finally:
+            for p in tracked:
+                p.requires_grad_(False)
         return {n: torch.stack(v) for n, v in rows.items()}
 
     def _step(self, batch, out_dtype, comp=None):

@@ -180,3 +180,20 @@ def ids_batches(seed=0, n=7, batch_size=3):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(V, (n, T + 1), generator=g)
     return [{"ids": ids[s:s + batch_size]} for s in range(0, n, batch_size)]
+
+
+class Tempered(nn.Module):
+    """An LSTM classifier whose temperature Parameter is read by the loss, outside any module call:
+    the whole-model path, where torch.func cannot vmap the LSTM (one example at a time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Recurrent("lstm")
+        self.temp = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def tempered_loss(model, batch):
+    return F.cross_entropy(model(batch["x"]) / model.temp, batch["y"], reduction="none")

@@ -27,6 +27,7 @@ CASES = {
     "lstm": (lambda: cm.Recurrent("lstm"), cm.x_loss, cm.x_batches),
     "gru_seq_first": (lambda: cm.Recurrent("gru", batch_first=False), cm.x_loss, cm.x_batches),
     "lstm_packed": (lambda: cm.Recurrent("lstm", packed=True), cm.packed_loss, cm.x_batches),
+    "param_read_by_loss": (cm.Tempered, cm.tempered_loss, cm.x_batches),
 }
 
 
@@ -107,6 +108,8 @@ def test_routing_keyword_call_free_parameters_custom_and_recurrent_modules():
     assert plan.sites == {model.custom: ["custom.w", "custom.v", "custom.b"]}
     model, plan = plan_of("lstm")
     assert list(plan.sites) == [model.rnn]
+    model, plan = plan_of("param_read_by_loss")  # no module call uses it: the whole model, only for it
+    assert plan.whole == ["temp"] and list(plan.sites) == [model.net.rnn]
 
 
 def test_first_batch_of_one_then_replanned():
