@@ -7,7 +7,7 @@ receives δ (the gradient of the summed per-example losses w.r.t. that output, w
 depends only on loss_b) and hands the factors to the compressor, which adds its compressed
 contribution.
 
-On the first batch a *plan* (`dropinf.selfcheck.probe`) records, for every tracked parameter,
+On the first batch a *plan* (`dropinf.selfcheck.make_plan`) records, for every tracked parameter,
 inside which module calls it is consumed, and the batch axis of every module call's inputs and
 outputs (from a 1-example forward of the same batch). A parameter is fused only when every use
 is inside a module with a handler and those calls have a batch axis; every other parameter goes
