@@ -461,7 +461,7 @@ def tolerance(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
     if dtype == torch.float64:
         return 1e-8, 1e-10
     if dtype == torch.float32:
-        tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        tf32 = device.type == "cuda" and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
         return (1e-2, 1e-3) if tf32 else (1e-3, 1e-4)
     return 5e-2, 1e-2
 
