@@ -80,10 +80,10 @@ def batch_major(t: torch.Tensor, axis: Axis | None, B: int, module=None) -> torc
     return t
 
 
-def example(batch, i: int, B: int):
-    """Example i of a batch-first batch, as a batch of one."""
-    return tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == B else t,
-                    batch)
+def example(batch, i, B: int):
+    """Example i of a batch-first batch, as a batch of one (a slice: those examples)."""
+    pick = i if isinstance(i, slice) else slice(i, i + 1)
+    return tree_map(lambda t: t[pick] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == B else t, batch)
 
 
 def _split(t: torch.Tensor, axis: Axis, B: int):
@@ -283,7 +283,12 @@ def make_plan(ex, batch, want_reference: bool):
         raise ShapeError(f"loss_fn must return per-example losses of shape [B] = [{B}], got {lshape}")
     ref = Reference(gsum)
     if B >= 2:
-        sub, _, g0, _ = record(ex, example(batch, 0, B), reference=want_reference, track_uses=False)
+        try:
+            sub, _, g0, _ = record(ex, example(batch, 0, B), reference=want_reference, track_uses=False)
+        except Exception as err:
+            raise DropinfError(f"the model fails on one example of the batch alone ({type(err).__name__}: {err}); "
+                               "per-example gradients need a forward that runs on a batch of one (batch tensors "
+                               "are sliced along their first dimension)") from err
         if want_reference:
             ref.examples[0] = g0
     elif want_reference:
@@ -323,7 +328,8 @@ def make_plan(ex, batch, want_reference: bool):
 
     expandable = {m: shared_rows(m) for m in calls
                   if handler_for(m) is not None and not handler_for(m).needs_call and shared_rows(m)}
-    if expandable and not _expansion_is_transparent(ex, batch, expandable, losses):
+    # checked on the first two examples: a forward of two, not of the whole batch
+    if expandable and not _expansion_is_transparent(ex, example(batch, slice(0, 2), B), expandable, losses[:2]):
         expandable = {}
     for m, ks in expandable.items():
         axes_cache[m] = [(i, o, EXPAND, EXPAND) if k in ks else (i, o, x, y)
@@ -403,8 +409,11 @@ def make_plan(ex, batch, want_reference: bool):
                 while k < min(len(common), len(st)) and common[k] is st[k]:
                     k += 1
                 common = common[:k]
-            site = next((m for m in reversed(common)
-                         if any(q is p for _, q in m.named_parameters(remove_duplicate=False)) and site_ok(m)), None)
+            owning = [m for m in reversed(common) if any(q is p for _, q in m.named_parameters(remove_duplicate=False))]
+            site = next((m for m in owning if site_ok(m)), None)
+            if owning and site is not owning[0]:
+                why = (why or "") + (f"; {type(owning[0]).__name__}'s inputs or outputs have no batch axis "
+                                     "(shared, or packed sequences)")
         if site is None:
             plan.whole.append(name)
             plan.where[name] = "whole model per example"

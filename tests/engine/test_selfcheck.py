@@ -220,3 +220,16 @@ def test_self_check_once_per_extractor_over_several_runs(monkeypatch):
     ex = Extractor(model, loss, "dropout", r=9)
     first, again = ex.run(data), ex.run(data)
     assert seen == [0] and torch.equal(first, again)
+
+
+def test_model_that_cannot_run_one_example_is_a_clear_error():
+    torch.manual_seed(0)
+    model = cm.FixedBatchNet().double()
+    with pytest.raises(DropinfError, match="fails on one example of the batch alone"):
+        quiet_run(Extractor(model, cm.x_loss, "identity"), cm.x_batches(0))
+
+
+def test_packed_sequence_reason_is_given():
+    model, loss, data, _ = build("lstm_packed", 0)
+    with pytest.warns(UserWarning, match="LSTM's inputs or outputs have no batch axis"):
+        Extractor(model, loss, "identity").run(data)
