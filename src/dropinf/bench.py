@@ -7,8 +7,10 @@ same batch: (a) the floor, a batched forward+backward with all weight gradients 
 (b) fused extraction into (B, r) with each compressor; (c) the paper's way, a batch-size-1 loop that
 forms each full gradient then gathers (dropout) or projects it (dense Gaussian); (d) Zarr write
 throughput, an end-to-end run (extract + write N examples to Zarr) and scoring from Zarr.
-Timings: warm-up, CUDA events, median of repeats (see /work/.library/device/METHOD.md), after the
-timed paths are checked against per-example autograd. Rows are CSV with provenance.
+Timings: warm-up, CUDA events, median of repeats, after the timed paths are checked against
+per-example autograd. (e) the self-check's cost: the extra time of the first, checked batch (and
+the coverage plan every extraction makes), as a fraction of a 2,000-example extraction.
+Rows are CSV with provenance.
 """
 from __future__ import annotations
 
@@ -251,6 +253,8 @@ def run(args) -> list[dict]:
         specs.append(("identity", None))
 
     def fused(ex, graphed=False):
+        if ex.plan is None:
+            ex.prepare(batch)
         with torch.enable_grad():
             for p in params:
                 p.requires_grad_(False)
@@ -262,6 +266,7 @@ def run(args) -> list[dict]:
 
     # One extractor at a time, freed before the next, so no compressor's caches (Gaussian tiles)
     # sit in the next one's peak memory.
+    fused_seconds = {}
     for name, r in specs:
         key = name if name != "dropout" else f"dropout_r{r}"
         ex = Extractor(model, loss_fn, name, r=r, seed=0, params=names)
@@ -275,6 +280,7 @@ def run(args) -> list[dict]:
             m = peak_mem(lambda: fused(ex))
             emit(f"fused_{key}", ex.compressor.out_dim, t, m, ratio_to_floor=t / floor,
                  mem_ratio_to_floor=m / floor_mem if floor_mem == floor_mem else "")
+            fused_seconds[key] = t
             if graph_floor is not None and getattr(ex.compressor, "graph_safe", True):
                 ex.cuda_graph = True
                 t = cuda_time(lambda: fused(ex, True), args.warmup, args.repeats)
@@ -285,6 +291,10 @@ def run(args) -> list[dict]:
         del ex
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    key = f"dropout_r{args.r[0]}"
+    if key in fused_seconds:
+        rows.append(self_check_cost(model, loss_fn, batch, names, args.r[0], fused_seconds[key], base, emit))
 
     if args.paper_loop:
         model.eval()
@@ -309,6 +319,30 @@ def run(args) -> list[dict]:
     if args.e2e:
         rows.extend(end_to_end(args, model, loss_fn, make, names, base))
     return rows
+
+
+def self_check_cost(model, loss_fn, batch, names, r, batch_seconds, base, emit, n_examples=2000,
+                    repeats=3) -> dict:
+    """Cost of the self-check (on by default, first batch): one-batch extractions by fresh
+    extractors with and without it (both plan coverage and warm the compressor's caches), the
+    difference, and that as a fraction of extracting `n_examples` (ceil(n/B) fused batches + the
+    coverage plan + the check)."""
+    B = next(iter(batch.values())).shape[0]
+    on, off, plans = [], [], []
+    for i in range(repeats + 1):  # the first round warms up
+        for check, times in ((True, on), (False, off)):
+            ex = Extractor(model, loss_fn, "dropout", r=r, seed=0, params=names, self_check=check)
+            ex.run([batch])
+            if i:
+                times.append(ex.timings["extract_seconds"])
+                plans.append(ex.timings["plan_seconds"])
+            del ex
+    extra = max(0.0, statistics.median(on) - statistics.median(off))
+    plan = statistics.median(plans)
+    total = -(-n_examples // B) * batch_seconds + plan + extra
+    return emit(f"self_check_dropout_r{r}", r, extra, float("nan"), self_check_extra_s=extra, plan_s=plan,
+                first_batch_checked_s=statistics.median(on), first_batch_unchecked_s=statistics.median(off),
+                n_examples=n_examples, self_check_fraction=extra / total, plan_fraction=plan / total)
 
 
 def end_to_end(args, model, loss_fn, make, names, base) -> list[dict]:

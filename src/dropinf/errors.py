@@ -17,6 +17,10 @@ class NotPositiveDefiniteError(DropinfError, ArithmeticError):
     """A damped curvature system that Cholesky cannot factor."""
 
 
+class GradientCheckError(DropinfError):
+    """The self-check found fused per-example gradients that disagree with autograd on this model."""
+
+
 class BudgetError(DropinfError, MemoryError):
     """A request that would exceed a configured memory budget."""
 

@@ -5,29 +5,38 @@ so autograd never computes weight gradients (no weight-gradient GEMMs); gradient
 activations only. Forward hooks keep each supported layer's input; a tensor hook on its output
 receives δ (the gradient of the summed per-example losses w.r.t. that output, which for example b
 depends only on loss_b) and hands the factors to the compressor, which adds its compressed
-contribution. Parameters of unsupported module types fall back to torch.func per-example
-gradients, with one warning naming the module types.
+contribution.
+
+On the first batch a *plan* (`dropinf.selfcheck.make_plan`) records, for every tracked parameter,
+inside which module calls it is consumed, and the batch axis of every module call's inputs and
+outputs (from a 1-example forward of the same batch). A parameter is fused only when every use
+is inside a module with a handler and those calls have a batch axis; every other parameter goes
+to a fallback *site*: the innermost module call that contains all its uses and whose inputs and
+outputs have a batch axis. There its inputs and output gradients are kept from the one batched
+backward and torch.func computes per-example gradients of its parameters alone. A parameter with
+no such site (used outside any module, or no batch axis anywhere) goes through the whole model
+per example. The self-check (`dropinf.selfcheck`) then proves the fused rows against autograd.
 """
 from __future__ import annotations
 
 import time
 import warnings
-from collections import defaultdict
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.nn.utils import stateless
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from .compressors.base import Compressor, compressor as make_compressor
 from .errors import DropinfError, ShapeError, check_finite
 from .layout import Layout, select_parameters
 from .modules import handler_for
+from . import selfcheck
 
 
-def _batch_size(batch) -> int | None:
-    leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0]
+def _batch_size(batch) -> int:
+    leaves = [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0]
     if not leaves:
         raise DropinfError("a batch must contain at least one tensor whose first dimension is the batch")
     return leaves[0].shape[0]
@@ -37,13 +46,34 @@ def _to_device(batch, device):
     return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, batch)
 
 
+def _floating(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def _check_every(self_check) -> int:
+    if self_check is True:
+        return 0  # first batch only
+    if self_check is False or self_check is None:
+        return -1
+    if isinstance(self_check, int) and self_check > 0:
+        return int(self_check)
+    raise DropinfError(f"self_check must be True, False or a positive int k (every k-th batch), got {self_check!r}")
+
+
 class Extractor:
-    """Reusable extraction state for one (model, tracked params, compressor)."""
+    """Reusable extraction state for one (model, tracked params, compressor).
+
+    fallback: module names (as in `named_modules()`), module classes or class names whose
+    handler is not used: their parameters take the per-module torch.func fallback.
+    self_check: True (first batch), False, or k (every k-th batch): see `extract`.
+    """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, compressor: str | Compressor, r: int | None = None,
-                 seed: int = 0, params=None, device=None, cuda_graph: bool = False, **compressor_opts):
+                 seed: int = 0, params=None, device=None, cuda_graph: bool = False, self_check=True,
+                 fallback=(), **compressor_opts):
         self.model, self.loss_fn = model, loss_fn
         self.cuda_graph = cuda_graph
+        self.check_every = _check_every(self_check)
         self._graphs: dict = {}
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
@@ -60,71 +90,115 @@ class Extractor:
                 raise DropinfError("extract: r is required")
             self.compressor = make_compressor(compressor, dim=self.layout.dim, r=r, seed=seed,
                                               layout=self.layout, **compressor_opts)
-        self._plan_modules()
+        self.forced = self._forced_modules(fallback)
+        self.plan: selfcheck.Plan | None = None
+        self._batches = 0  # batches extracted so far, over every run
         self.timings: dict[str, float] = {}
 
-    # ---- which module computes which tracked parameter --------------------------------------
-    def _plan_modules(self):
-        slot_of = {id(p): self.layout[n] for n, p in self.named}
-        usages = defaultdict(list)  # param id -> [(module, role)]
-        for module in self.model.modules():
-            for role, p in module._parameters.items():
-                if p is not None and id(p) in slot_of:
-                    usages[id(p)].append((module, role))
-        self.hooked: dict[nn.Module, tuple[type, dict]] = {}
-        fallback, reasons = [], set()
-        for name, p in self.named:
-            ok = True
-            for module, role in usages[id(p)]:
-                h = handler_for(module)
-                why = None if h is None else h.supports(module)
-                if h is None or role not in h.roles or why:
-                    ok = False
-                    reasons.add(type(module).__name__ + (f" ({why})" if why else ""))
-            if not usages[id(p)]:
-                ok = False
-                reasons.add("<no owning module>")
-            if ok:
-                for module, role in usages[id(p)]:
-                    self.hooked.setdefault(module, (handler_for(module), {}))[1][role] = slot_of[id(p)]
+    def _forced_modules(self, fallback) -> set:
+        names = dict(self.model.named_modules())
+        forced = set()
+        for f in ([fallback] if isinstance(fallback, (str, type)) else list(fallback)):
+            if isinstance(f, type):
+                forced |= {m for m in names.values() if isinstance(m, f)}
+            elif isinstance(f, str) and f in names:
+                forced.add(names[f])
+            elif isinstance(f, str) and any(type(m).__name__ == f for m in names.values()):
+                forced |= {m for m in names.values() if type(m).__name__ == f}
             else:
-                fallback.append(name)
-        self.fallback = fallback
-        if fallback:
-            warnings.warn(f"dropinf.extract: no fused path for {sorted(reasons)}; {len(fallback)} parameter(s) "
-                          f"({', '.join(fallback[:5])}{'...' if len(fallback) > 5 else ''}) use torch.func "
-                          "per-example gradients (slower)", stacklevel=3)
+                raise DropinfError(f"fallback: {f!r} is neither a module name nor a module type of this model")
+        return forced
+
+    # ---- compatibility views of the plan ------------------------------------------------------
+    @property
+    def hooked(self) -> dict:
+        return {} if self.plan is None else self.plan.hooked
+
+    @property
+    def fallback(self) -> list[str]:
+        return [] if self.plan is None else self.plan.fallback_names
+
+    def prepare(self, batch) -> "selfcheck.Plan":
+        """Plan the batch's coverage (called by `run` on the first batch; public for inspection)."""
+        batch = _to_device(batch, self.device)
+        with _tracked_state(self):
+            self.plan, _ = selfcheck.make_plan(self, batch, want_reference=False)
+        return self.plan
 
     # ---- one batch ---------------------------------------------------------------------------
-    def _fused(self, batch, out_dtype) -> tuple[torch.Tensor, int]:
-        comp, leaves, handles = self.compressor, [], []
+    def _fused(self, batch, out_dtype, comp=None) -> tuple[torch.Tensor, int]:
+        comp = comp if comp is not None else self.compressor
+        plan, leaves, handles = self.plan, [], []
         state = {"out": None}
         B = _batch_size(batch)
+        calls: dict = {}
+        site_calls: list = []
 
-        def fwd_hook(module, args, output):
-            handler, slots = self.hooked[module]
-            x = args[0]
-            if x.shape[0] != B:
-                if x.shape[0] != 1:
-                    raise DropinfError(f"{type(module).__name__} module got input of shape {tuple(x.shape)} for a "
-                                       f"batch of {B}: fused extraction needs batch-major inputs")
-                # Shared across the batch (e.g. position embeddings, shape (1, T)): expand so that
-                # each example's gradient stays separate instead of being summed by broadcasting.
-                x, output = x.expand(B, *x.shape[1:]), output.expand(B, *output.shape[1:])
-            saved = [handler.capture(module, x)]  # a box, emptied once used so memory frees during backward
-            if not output.requires_grad:  # first tracked layer: start the activation graph here
-                leaf = output.detach().requires_grad_()
-                leaves.append(leaf)
-                output = leaf.clone()  # a non-leaf, so later in-place ops stay legal
+        def start_graph(t):
+            """First tracked layer: start the activation graph at its output (a non-leaf clone, so
+            later in-place ops stay legal)."""
+            leaf = t.detach().requires_grad_()
+            leaves.append(leaf)
+            return leaf.clone()
 
-            def on_grad(delta):
-                handler.emit(module, saved.pop(), delta, slots, comp, state["out"])
-
-            output.register_hook(on_grad)
+        def fwd_hook(module, args, kwargs, output):
+            k = calls[module] = calls.get(module, -1) + 1
+            if module in plan.hooked:
+                output = hooked_hook(module, k, args, kwargs, output)
+            if module in plan.sites:
+                output = site_hook(module, k, args, kwargs, output)
             return output
 
-        for module in self.hooked:
-            handles.append(module.register_forward_hook(fwd_hook))
+        def hooked_hook(module, k, args, kwargs, output):
+            handler, slots, axes = plan.hooked[module]
+            x_axis, y_axis = axes[min(k, len(axes) - 1)] if axes else (None, None)
+            y = handler.output_tensor(module, output)
+            if handler.needs_call:  # the handler reads the whole call and finds the batch itself
+                saved = [handler.capture_call(module, args, kwargs, output)]
+                to_batch = lambda d: d  # noqa: E731
+            else:
+                x = handler.input_of(module, args, kwargs)
+                if not isinstance(y, torch.Tensor) or not isinstance(x, torch.Tensor):
+                    raise DropinfError(f"{type(module).__name__} module: expected tensor input and output")
+                saved = [handler.capture(module, selfcheck.batch_major(x, x_axis, B, module))]
+                to_batch = lambda d: selfcheck.batch_major(d, y_axis, B, module)  # noqa: E731
+            # (`saved` is a box, emptied once used so memory frees during backward)
+            new = y
+            if y_axis == selfcheck.EXPAND and B > 1:
+                # Shared by the batch (planned: every loss unchanged by this): one copy per example,
+                # so each example's gradient stays separate instead of being summed by broadcasting.
+                new = new.expand(B, *new.shape[1:])
+            if not new.requires_grad:
+                new = start_graph(new)
+            if new is not y:
+                output = handler.replace_output(module, output, new)
+
+            def on_grad(delta):
+                handler.emit(module, saved.pop(), to_batch(delta), slots, comp, state["out"])
+
+            new.register_hook(on_grad)
+            return output
+
+        def site_hook(module, k, args, kwargs, output):
+            in_axes, out_axes = plan.site_axes(module, k)
+            flat, spec = tree_flatten(output)
+            idx = [i for i, t in enumerate(flat) if _floating(t)]
+            for i in idx:
+                if not flat[i].requires_grad:
+                    flat[i] = start_graph(flat[i])
+            deltas = [None] * len(idx)
+            for j, i in enumerate(idx):
+                def keep(d, j=j):
+                    deltas[j] = d
+                if flat[i].requires_grad:
+                    flat[i].register_hook(keep)
+            detached = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
+            site_calls.append((module, detached, [flat[i].shape for i in idx], [flat[i].dtype for i in idx],
+                               deltas, in_axes, out_axes))
+            return tree_unflatten(flat, spec)
+
+        for module in set(plan.hooked) | set(plan.sites):
+            handles.append(module.register_forward_hook(fwd_hook, with_kwargs=True))
         try:
             losses = self.loss_fn(self.model, batch)
         finally:
@@ -135,25 +209,77 @@ class Extractor:
         state["out"] = torch.zeros(B, comp.out_dim, dtype=out_dtype, device=self.device)
         if leaves:
             torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
-        elif self.hooked:
-            raise DropinfError("the loss does not depend on any tracked parameter")
+        elif plan.hooked or plan.sites:
+            if not plan.whole:
+                raise DropinfError("the loss does not depend on any tracked parameter")
+        for module, (args, kwargs), shapes, dtypes, deltas, in_axes, out_axes in site_calls:
+            deltas = [d if d is not None else torch.zeros(s, dtype=dt, device=self.device)
+                      for d, s, dt in zip(deltas, shapes, dtypes)]
+            self._site_rows(module, args, kwargs, deltas, in_axes, out_axes, B, comp, state["out"])
         return state["out"], B
 
-    def _functional(self, batch, out: torch.Tensor) -> None:
-        """Per-example gradients of the fallback parameters through torch.func, compressed."""
+    def _site_rows(self, module, args, kwargs, deltas, in_axes, out_axes, B, comp, out) -> None:
+        """Per-example gradients of the site's fallback parameters from its inputs and δ (torch.func)."""
+        names = self.plan.sites[module]
+        local = {}
+        for n, p in module.named_parameters(remove_duplicate=False):
+            local.setdefault(id(p), n)
+        tracked = dict(self.named)
+        pv = {local[id(tracked[n])]: tracked[n].detach() for n in names}
+        grads = selfcheck.per_example_vjp(module, pv, args, kwargs, deltas, in_axes, out_axes, B)
+        for n in names:
+            g = grads[local[id(tracked[n])]]
+            comp.add_vector(out, self.layout[n], g.reshape(B, 1, -1).to(out.dtype))
+
+    def _functional(self, batch, out: torch.Tensor, comp=None) -> None:
+        """Per-example gradients of the whole-model fallback parameters through torch.func, compressed."""
+        comp = comp if comp is not None else self.compressor
         named = dict(self.named)
-        params = {n: named[n].detach() for n in self.fallback}
+        params = {n: named[n].detach() for n in self.plan.whole}
+        B = out.shape[0]
 
         def single_loss(p, example):
             example = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
             with stateless._reparametrize_module(self.model, p):
                 return self.loss_fn(self.model, example)[0]
 
-        in_dims = tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, batch)
-        grads = torch.func.vmap(torch.func.grad(single_loss), in_dims=(None, in_dims))(params, batch)
+        in_dims = tree_map(lambda t: 0 if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == B else None,
+                           batch)
+        try:
+            grads = torch.func.vmap(torch.func.grad(single_loss), in_dims=(None, in_dims))(params, batch)
+        except Exception as err:  # ops without a batching rule (e.g. recurrent kernels): one example at a time
+            grads = self._functional_loop(batch, B, err)
         for n, g in grads.items():
-            slot = self.layout[n]
-            self.compressor.add_vector(out, slot, g.reshape(g.shape[0], 1, -1).to(out.dtype))
+            comp.add_vector(out, self.layout[n], g.reshape(g.shape[0], 1, -1).to(out.dtype))
+
+    def _functional_loop(self, batch, B, err) -> dict:
+        named = dict(self.named)
+        tracked = [named[n] for n in self.plan.whole]
+        rows = {n: [] for n in self.plan.whole}
+        for p in tracked:
+            p.requires_grad_(True)
+        try:
+            for i in range(B):
+                example = selfcheck.example(batch, i, B)
+                try:
+                    loss = self.loss_fn(self.model, example)[0]
+                    gs = torch.autograd.grad(loss, tracked, allow_unused=True)
+                except Exception as e:
+                    raise DropinfError(f"per-example gradients of {self.plan.whole[:5]} failed both under torch.func "
+                                       f"({type(err).__name__}: {err}) and one example at a time "
+                                       f"({type(e).__name__}: {e}); exclude them with params=") from e
+                for n, p, g in zip(self.plan.whole, tracked, gs):
+                    rows[n].append(torch.zeros_like(p) if g is None else g)
+        finally:
+            for p in tracked:
+                p.requires_grad_(False)
+        return {n: torch.stack(v) for n, v in rows.items()}
+
+    def _step(self, batch, out_dtype, comp=None):
+        out, B = self._fused(batch, out_dtype, comp)
+        if self.plan.whole:
+            self._functional(batch, out, comp)
+        return out, B
 
     # ---- CUDA graphs: replay the whole fused step, no per-layer Python in the loop --------------
     _MAX_GRAPHS = 4  # one per batch shape (full batches + the last partial one, typically)
@@ -162,7 +288,7 @@ class Extractor:
         if not (self.cuda_graph and self.device.type == "cuda"):
             return False
         why = None
-        if self.fallback:
+        if self.plan.sites or self.plan.whole:
             why = "torch.func fallback parameters"
         elif not getattr(self.compressor, "graph_safe", True):
             why = f"{self.compressor.name} draws random numbers per batch"
@@ -195,42 +321,49 @@ class Extractor:
         graph.replay()
         return out.clone(), B
 
+    def _checked_batch(self, index: int) -> bool:
+        """`index` counts batches over this extractor's lifetime (several `run`s, as recompute makes):
+        self_check=True checks the first one only."""
+        if self.check_every < 0:
+            return False
+        return index == 0 if self.check_every == 0 else index % self.check_every == 0
+
     def run(self, loader: Iterable, sink: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
         """Compressed gradients of every example in `loader`, in order: (n, out_dim) float32
         (float64 for a float64 model). With `sink`, rows go to sink(start, rows) and None is returned."""
-        model = self.model
         n_expected = len(loader.dataset) if hasattr(loader, "dataset") else None
         if hasattr(self.compressor, "check_budget") and n_expected is not None:
             self.compressor.check_budget(n_expected)
-        was_training = model.training
-        saved_flags = [(p, p.requires_grad) for p in model.parameters()]
         out_dtype = torch.float64 if self.named[0][1].dtype == torch.float64 else torch.float32
         rows, start = [], 0
         t0 = time.perf_counter()
-        model.eval()  # no dropout; BatchNorm uses running statistics, so examples are independent
-        try:
-            for p, _ in saved_flags:
-                p.requires_grad_(False)
+        self.timings["self_check_seconds"] = 0.0
+        with _tracked_state(self):
             for batch in loader:
+                index, self._batches = self._batches, self._batches + 1
                 batch = _to_device(batch, self.device)
+                B = _batch_size(batch)
                 with torch.enable_grad():
-                    if self._graph_ok():
-                        out, B = self._graphed(batch, out_dtype)
+                    ref = None
+                    if self.plan is None or (B >= 2 and not self.plan.axes_known):
+                        t = time.perf_counter()
+                        self.plan, ref = selfcheck.make_plan(self, batch, want_reference=self._checked_batch(index))
+                        self.timings["plan_seconds"] = _elapsed(t, self.device)
+                    if self._checked_batch(index):
+                        t = time.perf_counter()
+                        out = selfcheck.checked_step(self, batch, out_dtype, start, ref)
+                        self.timings["self_check_seconds"] += _elapsed(t, self.device)
+                    elif self._graph_ok():
+                        out, _ = self._graphed(batch, out_dtype)
                     else:
-                        out, B = self._fused(batch, out_dtype)
-                    if self.fallback:
-                        self._functional(batch, out)
+                        out, _ = self._step(batch, out_dtype)
                 check_finite(out, "compressed per-example gradients", offset=start)
                 if sink is not None:
                     sink(start, out)
                 else:
                     rows.append(out.cpu() if self.device.type != "cpu" else out)
                 start += B
-        finally:
-            for p, flag in saved_flags:
-                p.requires_grad_(flag)
-            model.train(was_training)
-        self.timings["extract_seconds"] = time.perf_counter() - t0
+        self.timings["extract_seconds"] = _elapsed(t0, self.device)
         self.n = start
         if sink is not None:
             return None
@@ -239,11 +372,49 @@ class Extractor:
         return torch.cat(rows)
 
 
+def _elapsed(t0: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+class _tracked_state:
+    """Eval mode and requires_grad=False on every parameter for the duration; both restored after."""
+
+    def __init__(self, ex: Extractor):
+        self.model = ex.model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.model.eval()  # no dropout; BatchNorm uses running statistics, so examples are independent
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.model.train(self.was_training)
+
+
 def extract(model: nn.Module, loss_fn: Callable, loader: Iterable, compressor: str | Compressor, r: int | None = None,
             seed: int = 0, params=None, device=None, sink=None, **opts) -> torch.Tensor | None:
     """Compressed per-example gradients, shape (n, out_dim), one fused pass per batch.
 
-    `loss_fn(model, batch)` returns per-example losses [B]. With compressor="dropout" the kept
+    `loss_fn(model, batch)` returns per-example losses [B]; batch tensors are batch-first (as a
+    DataLoader collates them; the model may transpose inside). With compressor="dropout" the kept
     coordinates are exactly `dropinf.compressor("dropout", dim=<tracked coordinates>, r, seed).indices`.
+
+    Options:
+      self_check=True (default): on the first batch, prove the fused rows against autograd on this
+        model: the batch sum of the compressed rows must equal the compressed gradient of the summed
+        loss (one ordinary backward), per parameter tensor, and two examples must equal their
+        batch-size-1 autograd gradients at the compressed coordinates. A mismatch raises
+        `dropinf.errors.GradientCheckError` naming the parameters. `self_check=k` checks every
+        k-th batch; `self_check=False` skips it. The model's state (train/eval, requires_grad,
+        .grad) is never changed.
+      fallback=[module names, types or type names]: do not use the fused handler for these
+        modules; their parameters take the per-module torch.func fallback.
+      cuda_graph=True: replay the fused step as a CUDA graph (checked batches run eagerly).
     """
     return Extractor(model, loss_fn, compressor, r, seed, params, device, **opts).run(loader, sink=sink)

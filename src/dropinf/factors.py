@@ -3,7 +3,7 @@
 A matrix parameter's per-example gradient is  g[b] = sum_t R[b, t, :] (outer) C[b, t, :]  where
 R and C are factors of shape (B, T, n). Factors are lazy so compressors read only what they
 keep: a one-hot factor (embedding lookups) gathers by comparing ids, an unfold factor (Conv2d)
-reads only the sampled input taps.
+reads only the sampled input taps; grouped convolutions spread positions over (group, position).
 """
 from __future__ import annotations
 
@@ -67,53 +67,69 @@ class OneHot(Factor):
         return P.T.to(self.dtype)[self.ids]
 
 
-class Unfold(Factor):
-    """im2col of a Conv2d input, columns ordered (channel, ky, kx) as in the weight's flattening."""
+class GroupRows(Factor):
+    """Output gradients of a grouped convolution, δ (B, L, out), spread over (group, position) pairs:
+    the row of output channel o at position (j, t) is δ[b, t, o] when o belongs to group j, else 0.
+    With `Unfold(..., groups)` as the columns, Σ over (j, t) gives exactly the block-diagonal
+    per-example weight gradient (out, in/groups·k)."""
 
-    def __init__(self, x: torch.Tensor, conv: torch.nn.Conv2d):
-        self.conv = conv
-        kh, kw = conv.kernel_size
-        ph, pw = conv.padding if not isinstance(conv.padding, str) else _same_padding(conv)
-        self.x = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
-        sh, sw = conv.stride
-        dh, dw = conv.dilation
+    def __init__(self, delta: torch.Tensor, groups: int):
+        self.d, self.groups = delta, int(groups)
+        self.batch, L, self.width = delta.shape
+        self.length = self.groups * L
+        self.per_group = self.width // self.groups
+        self.device = delta.device
+
+    def gather(self, idx):
+        vals = self.d.index_select(-1, idx)                                           # (B, L, k)
+        own = torch.arange(self.groups, device=idx.device)[:, None] == (idx // self.per_group)[None, :]
+        return (vals[:, None] * own[None, :, None, :].to(vals.dtype)).reshape(self.batch, self.length, -1)
+
+    def project(self, P):
+        d = acc(self.d).view(self.batch, -1, self.groups, self.per_group)
+        Pg = P.to(d.dtype).view(P.shape[0], self.groups, self.per_group)
+        return torch.einsum("blgo,kgo->bglk", d, Pg).reshape(self.batch, self.length, P.shape[0])
+
+
+class Unfold(Factor):
+    """im2col of a convolution input x (B, C, H, W), columns ordered (channel, ky, kx) as in the
+    weight's flattening (a 1-d convolution is H = 1, kernel (1, k)). With groups g the positions are
+    (group, output position) pairs and the columns the group's own C/g channels; pair it with
+    `GroupRows`. `padding` is (top, bottom, left, right)."""
+
+    def __init__(self, x: torch.Tensor, kernel, stride, dilation, padding, groups: int = 1):
+        self.kernel, self.stride, self.dilation, self.groups = tuple(kernel), tuple(stride), tuple(dilation), int(groups)
+        top, bottom, left, right = padding
+        self.x = F.pad(x, (left, right, top, bottom)) if any(padding) else x
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
         H, W = self.x.shape[-2:]
         self.oh = (H - dh * (kh - 1) - 1) // sh + 1
         self.ow = (W - dw * (kw - 1) - 1) // sw + 1
-        self.batch, self.length = x.shape[0], self.oh * self.ow
-        self.width = x.shape[1] * kh * kw
+        self.per_group = x.shape[1] // self.groups
+        self.batch, self.length = x.shape[0], self.groups * self.oh * self.ow
+        self.width = self.per_group * kh * kw
         self.device = x.device
 
+    def _by_group(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, g, k, L) → (B, g·L, k): positions ordered (group, output position)."""
+        return t.transpose(2, 3).reshape(self.batch, self.length, -1)
+
     def gather(self, idx):
-        kh, kw = self.conv.kernel_size
-        sh, sw = self.conv.stride
-        dh, dw = self.conv.dilation
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
         c, rem = idx // (kh * kw), idx % (kh * kw)
         ky, kx = rem // kw, rem % kw
         ys = ky[:, None] * dh + sh * torch.arange(self.oh, device=idx.device)[None, :]  # (k, oh)
         xs = kx[:, None] * dw + sw * torch.arange(self.ow, device=idx.device)[None, :]  # (k, ow)
-        taps = self.x[:, c[:, None, None], ys[:, :, None], xs[:, None, :]]  # (B, k, oh, ow)
-        return taps.flatten(2).transpose(1, 2)
+        ch = c[None, :] + self.per_group * torch.arange(self.groups, device=idx.device)[:, None]  # (g, k)
+        taps = self.x[:, ch[:, :, None, None], ys[None, :, :, None], xs[None, :, None, :]]  # (B, g, k, oh, ow)
+        return self._by_group(taps.flatten(3))
 
     def full(self):
-        cols = F.unfold(self.x, self.conv.kernel_size, dilation=self.conv.dilation, stride=self.conv.stride)
-        return acc(cols.transpose(1, 2))
+        cols = F.unfold(self.x, self.kernel, dilation=self.dilation, stride=self.stride)  # (B, C·kh·kw, L)
+        return acc(self._by_group(cols.view(self.batch, self.groups, self.width, -1)))
 
     def project(self, P):
-        kh, kw = self.conv.kernel_size
-        w = P.to(self.x.dtype).view(P.shape[0], -1, kh, kw)
-        y = F.conv2d(self.x, w, stride=self.conv.stride, dilation=self.conv.dilation)
-        return acc(y.flatten(2).transpose(1, 2))
-
-
-def _same_padding(conv):
-    if conv.padding == "valid":
-        return (0, 0)
-    # padding="same" with stride 1: total padding d*(k-1), split evenly (odd totals unsupported)
-    pads = []
-    for k, d in zip(conv.kernel_size, conv.dilation):
-        total = d * (k - 1)
-        if total % 2:
-            raise NotImplementedError("Conv2d padding='same' with an even kernel extent")
-        pads.append(total // 2)
-    return tuple(pads)
+        kh, kw = self.kernel
+        w = P.to(self.x.dtype).view(P.shape[0], self.per_group, kh, kw).repeat(self.groups, 1, 1, 1)
+        y = F.conv2d(self.x, w, stride=self.stride, dilation=self.dilation, groups=self.groups)
+        return acc(self._by_group(y.view(self.batch, self.groups, P.shape[0], -1)))

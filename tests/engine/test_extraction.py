@@ -52,12 +52,16 @@ def test_identity_matches_autograd(case, dtype, tol):
 
 
 def test_fallback_warns_once_naming_module_type():
+    """Coverage is planned on the first batch: the free Parameter `scale` (used in TiedLM.forward)
+    takes the per-module fallback at the model; the tied weight stays fused in both modules."""
     model, loss, data, _ = setup("tied", torch.float64, 0)
+    ex = Extractor(model, loss, "identity")
     with pytest.warns(UserWarning, match="TiedLM") as rec:
-        ex = Extractor(model, loss, "identity")
+        ex.run(data)
     assert len(rec) == 1
     assert ex.fallback == ["scale"]
     assert set(ex.hooked) == {model.emb, model.mix, model.out}  # tied weight: both usages hooked
+    assert ex.plan.sites == {model: ["scale"]} and not ex.plan.whole
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -179,11 +183,11 @@ def test_hf_causal_lm_padded_batches(arch):
             torch.nn.init.normal_(p, 1.0, 0.3)
     data = _padded_lm_batches(17)
     names = [n for n, _ in model.named_parameters()]
+    ex = Extractor(model, _hf_lm_loss, "identity")
+    ref = reference_grads(model, _hf_lm_loss, data, names)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback allowed
-        ex = Extractor(model, _hf_lm_loss, "identity")
-    ref = reference_grads(model, _hf_lm_loss, data, names)
-    got = ex.run(data)
+        got = ex.run(data)
     assert rel_err(got, ref) < 1e-10
     drop = Extractor(model, _hf_lm_loss, "dropout", r=50, seed=1).run(data)
     assert rel_err(drop, ref[:, dropinf.compressor("dropout", dim=ref.shape[1], r=50, seed=1).indices]) < 1e-10

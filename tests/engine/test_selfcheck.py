@@ -1,0 +1,235 @@
+"""Coverage routing, the per-module fallback and the self-check, against batch-size-1 float64 autograd."""
+import warnings
+
+import pytest
+import torch
+
+import dropinf
+from dropinf import modules, selfcheck
+from dropinf.errors import DropinfError, GradientCheckError
+from dropinf.extraction import Extractor
+from dropinf.factors import Dense
+
+from . import coverage_models as cm
+from .models import TextNet, reference_grads, text_batches, text_loss
+
+CASES = {
+    "functional_tied": (cm.FunctionalTied, cm.lm_loss, cm.ids_batches),
+    "mha_batch_first": (lambda: cm.MHA(True), cm.x_loss, cm.x_batches),
+    "mha_seq_first": (lambda: cm.MHA(False), cm.x_loss, cm.x_batches),
+    "encoder_layer": (cm.EncoderLayer, cm.x_loss, cm.x_batches),
+    "query_squeeze": (lambda: cm.LearnedQuery(True), cm.x_loss, cm.x_batches),
+    "query_broadcast": (lambda: cm.LearnedQuery(False), cm.x_loss, cm.x_batches),
+    "seq_first_T_eq_B": (cm.SeqFirst, cm.x_loss, cm.x_batches),
+    "keyword_call": (cm.KeywordCall, cm.x_loss, cm.x_batches),
+    "free_parameters": (cm.FreeParams, cm.x_loss, cm.x_batches),
+    "custom_module": (cm.CustomLayer, cm.x_loss, cm.x_batches),
+    "lstm": (lambda: cm.Recurrent("lstm"), cm.x_loss, cm.x_batches),
+    "gru_seq_first": (lambda: cm.Recurrent("gru", batch_first=False), cm.x_loss, cm.x_batches),
+    "lstm_packed": (lambda: cm.Recurrent("lstm", packed=True), cm.packed_loss, cm.x_batches),
+    "param_read_by_loss": (cm.Tempered, cm.tempered_loss, cm.x_batches),
+}
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def build(case, seed):
+    cls, loss, batches = CASES[case]
+    torch.manual_seed(seed)
+    model = cls().double()
+    data = batches(seed=seed)
+    names = [n for n, _ in model.named_parameters()]
+    return model, loss, data, names
+
+
+def quiet_run(ex, data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ex.run(data)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_parameter_accounted_for_and_exact(case):
+    """Self-check on (default): passes, and identity/dropout rows equal per-example autograd."""
+    seed = torch.seed() % 10_000
+    model, loss, data, names = build(case, seed)
+    ref = reference_grads(model, loss, data, names)
+    ex = Extractor(model, loss, "identity")
+    got = quiet_run(ex, data)
+    assert set(ex.plan.where) == set(names)  # every tracked parameter has a path
+    assert rel_err(got, ref) < 1e-10, f"seed {seed}: {ex.plan.where}"
+    drop = Extractor(model, loss, "dropout", r=17, seed=seed)
+    got = quiet_run(drop, data)
+    assert rel_err(got, ref[:, drop.compressor.indices]) < 1e-10, f"seed {seed}"
+
+
+def plan_of(case, seed=0):
+    model, loss, data, _ = build(case, seed)
+    ex = Extractor(model, loss, "identity")
+    quiet_run(ex, data)
+    return model, ex.plan
+
+
+def test_routing_functional_use_goes_to_the_enclosing_module():
+    model, plan = plan_of("functional_tied")
+    assert plan.where["emb.weight"] == "fallback at <model> (FunctionalTied)"
+    assert plan.sites == {model: ["emb.weight"]} and plan.where["mix.weight"] == "fused: Linear"
+    assert set(plan.hooked) == {model.mix}  # the embedding's own hook no longer emits emb.weight
+
+
+def test_routing_attention_out_proj_never_fused_by_the_linear_handler():
+    model, plan = plan_of("mha_seq_first")
+    assert plan.where["att.out_proj.weight"] != "fused: Linear"  # read functionally by the attention
+
+
+def test_routing_learned_query():
+    model, plan = plan_of("query_squeeze")  # .squeeze(0): the output cannot be expanded
+    assert plan.where["qproj.weight"].startswith("fallback at <model>")
+    model, plan = plan_of("query_broadcast")  # broadcast only: expanded per example, fused
+    assert plan.where["qproj.weight"] == "fused: Linear"
+    assert plan.hooked[model.qproj][2] == [(selfcheck.EXPAND, selfcheck.EXPAND)]
+
+
+def test_routing_sequence_first_batch_axis_is_found_not_guessed():
+    model, plan = plan_of("seq_first_T_eq_B")
+    assert all(w.startswith("fused") for w in plan.where.values())
+    assert plan.hooked[model.fc][2] == [(selfcheck.Axis("batch", 1), selfcheck.Axis("batch", 1))]
+    assert plan.hooked[model.head][2] == [(selfcheck.Axis("batch", 0), selfcheck.Axis("batch", 0))]
+
+
+def test_routing_keyword_call_free_parameters_custom_and_recurrent_modules():
+    model, plan = plan_of("keyword_call")
+    assert all(w == "fused: Linear" for w in plan.where.values())
+    model, plan = plan_of("free_parameters")
+    assert plan.sites == {model: ["cls", "pos"]} and not plan.whole
+    model, plan = plan_of("custom_module")
+    assert plan.sites == {model.custom: ["custom.w", "custom.v", "custom.b"]}
+    model, plan = plan_of("lstm")
+    assert list(plan.sites) == [model.rnn]
+    model, plan = plan_of("param_read_by_loss")  # no module call uses it: the whole model, only for it
+    assert plan.whole == ["temp"] and list(plan.sites) == [model.net.rnn]
+
+
+def test_first_batch_of_one_then_replanned():
+    model, loss, data, names = build("seq_first_T_eq_B", 3)
+    data = [{k: v[:1] for k, v in data[0].items()}] + data
+    ref = reference_grads(model, loss, data, names)
+    ex = Extractor(model, loss, "identity")
+    got = quiet_run(ex, data)
+    assert ex.plan.axes_known and rel_err(got, ref) < 1e-10
+
+
+def test_forced_fallback_option():
+    model, loss, data, names = build("keyword_call", 4)
+    ref = reference_grads(model, loss, data, names)
+    ex = Extractor(model, loss, "identity", fallback=["fc"])
+    got = quiet_run(ex, data)
+    assert ex.plan.where["fc.weight"] == "fallback at fc (Linear)" and ex.plan.where["head.weight"] == "fused: Linear"
+    assert rel_err(got, ref) < 1e-10
+    with pytest.raises(DropinfError, match="nope"):
+        Extractor(model, loss, "identity", fallback=["nope"])
+
+
+# ---- the self-check catches what coverage cannot see ---------------------------------------------
+def text_setup(seed=0):
+    torch.manual_seed(seed)
+    return TextNet().double(), text_loss, text_batches(seed=seed)
+
+
+def break_linear(monkeypatch, how):
+    real = modules.LinearHandler.emit
+
+    def broken(module, x, delta, slots, comp, out):
+        delta = delta * 0 if how == "zero" else delta.flip(0)  # flip: swaps examples, keeps the batch sum
+        real(module, x, delta, slots, comp, out)
+
+    monkeypatch.setattr(modules.LinearHandler, "emit", staticmethod(broken))
+
+
+# zeroed δ: every sum is wrong; δ of the examples swapped: the bias's batch sum is unchanged, only
+# the per-example rows catch it
+@pytest.mark.parametrize("how,what", [("zero", r"fc\.weight \[fused: Linear\]: sum over the batch"),
+                                      ("flip", r"fc\.bias \[fused: Linear\]: example 0")])
+@pytest.mark.parametrize("name,r", [("identity", None), ("dropout", 40), ("gaussian", 8), ("logra", 4), ("sjlt", 8)])
+def test_broken_handler_is_caught_naming_the_parameter(monkeypatch, how, what, name, r):
+    model, loss, data = text_setup(1)
+    break_linear(monkeypatch, how)
+    with pytest.raises(GradientCheckError, match=what) as err:
+        dropinf.extract(model, loss, data, name, r=r)
+    assert "params=" in str(err.value) and "fallback=" in str(err.value)
+    assert "conv1d.weight" not in str(err.value)  # the correct layers are not blamed
+
+
+def test_self_check_false_skips_it(monkeypatch):
+    model, loss, data = text_setup(2)
+    names = [n for n, _ in model.named_parameters()]
+    ref = reference_grads(model, loss, data, names)
+    break_linear(monkeypatch, "zero")
+    got = dropinf.extract(model, loss, data, "identity", self_check=False)
+    assert rel_err(got, ref) > 1e-3  # wrong, unchecked: what the check exists for
+
+
+def test_unseen_functional_use_is_caught(monkeypatch):
+    """If a use escaped the coverage plan, the fused embedding would miss the F.linear term."""
+    monkeypatch.setattr(selfcheck._Uses, "__torch_function__",
+                        lambda self, func, types, args=(), kwargs=None: func(*args, **(kwargs or {})))
+    model, loss, data, _ = build("functional_tied", 0)
+    with pytest.raises(GradientCheckError, match=r"emb\.weight \[fused: Embedding\]"):
+        quiet_run(Extractor(model, loss, "identity"), data)
+
+
+def test_self_check_every_k_batches_and_state_restored(monkeypatch):
+    model, loss, data = text_setup(3)
+    data = data + text_batches(seed=4)  # 6 batches
+    seen = []
+    real = selfcheck.checked_step
+    monkeypatch.setattr(selfcheck, "checked_step", lambda ex, batch, d, start, ref: seen.append(start) or
+                        real(ex, batch, d, start, ref))
+    model.train()
+    model.ln.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    dropinf.extract(model, loss, data, "dropout", r=9, self_check=2)
+    assert seen == [0, 6, 10]  # batches 0, 2, 4 (of sizes 3, 3, 1, 3, 3, 1)
+    assert model.training and flags == [p.requires_grad for p in model.parameters()]
+    assert all(p.grad is None for p in model.parameters())
+    seen.clear()
+    dropinf.extract(model, loss, data, "dropout", r=9)
+    assert seen == [0]
+    with pytest.raises(DropinfError, match="self_check"):
+        dropinf.extract(model, loss, data, "dropout", r=9, self_check=-1)
+
+
+def test_self_check_failure_restores_state(monkeypatch):
+    model, loss, data = text_setup(5)
+    model.train()
+    break_linear(monkeypatch, "zero")
+    with pytest.raises(GradientCheckError):
+        dropinf.extract(model, loss, data, "identity")
+    assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_self_check_once_per_extractor_over_several_runs(monkeypatch):
+    """Recomputation calls `run` once per slice: the default check runs on the first batch only."""
+    model, loss, data = text_setup(6)
+    seen = []
+    real = selfcheck.checked_step
+    monkeypatch.setattr(selfcheck, "checked_step", lambda ex, batch, d, start, ref: seen.append(start) or
+                        real(ex, batch, d, start, ref))
+    ex = Extractor(model, loss, "dropout", r=9)
+    first, again = ex.run(data), ex.run(data)
+    assert seen == [0] and torch.equal(first, again)
+
+
+def test_model_that_cannot_run_one_example_is_a_clear_error():
+    torch.manual_seed(0)
+    model = cm.FixedBatchNet().double()
+    with pytest.raises(DropinfError, match="fails on one example of the batch alone"):
+        quiet_run(Extractor(model, cm.x_loss, "identity"), cm.x_batches(0))
+
+
+def test_packed_sequence_reason_is_given():
+    model, loss, data, _ = build("lstm_packed", 0)
+    with pytest.warns(UserWarning, match="LSTM's inputs or outputs have no batch axis"):
+        Extractor(model, loss, "identity").run(data)
