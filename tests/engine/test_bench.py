@@ -6,8 +6,8 @@ from dropinf import bench
 
 def test_bench_cpu_smoke(tmp_path):
     out = tmp_path / "b.csv"
-    bench.main(["--arch", "gpt2-tiny", "--batch", "2", "--r", "8", "16", "--gaussian-r", "8", "--logra-r", "4",
-                "--sjlt-r", "8", "--e2e", "--e2e-examples", "4", "--score-train", "50", "--score-test", "5",
+    bench.main(["--arch", "gpt2-tiny", "--batch", "2", "--r", "8", "16", "--gaussian-r", "16", "--logra-r", "4",
+                "--sjlt-r", "16", "--e2e", "--e2e-examples", "4", "--score-train", "50", "--score-test", "5",
                 "--warmup", "0", "--repeats", "1", "--out", str(out)])
     rows = list(csv.DictReader(open(out)))
     paths = {r["path"] for r in rows}
