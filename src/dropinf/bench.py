@@ -7,8 +7,8 @@ same batch: (a) the floor, a batched forward+backward with all weight gradients 
 (b) fused extraction into (B, r) with each compressor; (c) the paper's way, a batch-size-1 loop that
 forms each full gradient then gathers (dropout) or projects it (dense Gaussian); (d) Zarr write
 throughput, an end-to-end run (extract + write N examples to Zarr) and scoring from Zarr.
-Timings: warm-up, CUDA events, median of repeats (see /work/.library/device/METHOD.md), after the
-timed paths are checked against per-example autograd. Rows are CSV with provenance.
+Timings: warm-up, CUDA events, median of repeats, after the timed paths are checked against
+per-example autograd. Rows are CSV with provenance.
 """
 from __future__ import annotations
 

@@ -335,7 +335,7 @@ def _fmt(values) -> str:
     return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
 
 
-def summarize(inputs, parts, out, table, experiment: str = "", runner: str | None = None) -> list[dict]:
+def summarize(inputs, parts, out, table, experiment: str = "") -> list[dict]:
     """summary.csv: every (method, r, seed) row of `inputs` plus the subset models' rows; lds_table.md."""
     import csv
 
@@ -395,14 +395,6 @@ def summarize(inputs, parts, out, table, experiment: str = "", runner: str | Non
     text.append(f"Subset models: mean test loss {sub_rows[2][1]:.4f}, mean test accuracy {sub_rows[3][1]:.4f}, "
                 f"{sub_rows[4][1]:.2f} s per model (wall, one job's view; {len(sub['metas'])} jobs, "
                 f"{part_seconds:.1f} s of job wall time in all).")
-    if runner and Path(runner).exists():
-        rec = json.loads(Path(runner).read_text())
-        per_rule = {}
-        for j in rec.get("jobs", []):
-            per_rule.setdefault(j["rule"], []).append(j["seconds"])
-        text.append(f"Device run ({rec.get('device')}, {rec.get('parallel')} jobs at a time): {rec.get('wall_seconds')} "
-                    "s wall; per rule (sum of job wall seconds): "
-                    + ", ".join(f"{k} {sum(v):.1f} s ({len(v)} jobs)" for k, v in per_rule.items()) + ".")
     text.append(f"Provenance: git {prov['git_commit']} (dirty: {prov['git_dirty']}), config sha256 "
                 f"{prov['config_sha256']}, dropinf {prov['dropinf_version']}, torch {prov['torch_version']}, "
                 f"device {prov['device']}; every row of `summary.csv` carries its own.")
@@ -467,7 +459,6 @@ def add_parser(sub) -> None:
     m = acts.add_parser("summarize", help="summary.csv and lds_table.md")
     m.add_argument("--inputs", nargs="+", required=True)
     m.add_argument("--parts", nargs="+", required=True)
-    m.add_argument("--runner", default=None, help="device runner.json to cite (optional)")
     m.add_argument("--out", required=True)
     m.add_argument("--table", required=True)
     for a in (t, c, m):
@@ -487,4 +478,4 @@ def run(args) -> None:
                      args.damping, args.options, args.device, args.threads, args.experiment, model=args.model,
                      recompute_batch_size=args.recompute_batch_size)
     else:
-        summarize(args.inputs, args.parts, args.out, args.table, args.experiment, args.runner)
+        summarize(args.inputs, args.parts, args.out, args.table, args.experiment)

@@ -77,15 +77,6 @@ def _side_info(summary: Path, present: set[str]) -> tuple[dict[str, str], int | 
         _json(p)  # checked here: report._skipped would raise a JSONDecodeError that names no file
     pairs = [(p.parts[-3], p.parts[-2]) for p in manifests]
     skipped = {m: f"method skipped by the workflow: {why or 'no reason recorded'}" for m, why in _skipped(summary, pairs)}
-    runner = base / "device_runner.json"  # scripts/device/ runs: a score job that left no rows was a skip
-    if runner.exists():
-        for job in _json(runner).get("jobs", []):
-            parts = Path(str(job.get("output", ""))).parts
-            if job.get("rule") == "score" and "scores" in parts and parts.index("scores") + 1 < len(parts):
-                m = parts[parts.index("scores") + 1]
-                if m not in present and job.get("rc") == 0:
-                    skipped.setdefault(m, "method skipped by the workflow (its score job ran but left no rows "
-                                          "in summary.csv; see that experiment's report for the reason)")
     n_train = None
     for p in sorted(base.glob("grads/*/*/manifest.json")):
         n_train = (_json(p).get("n") or {}).get("train")
