@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import dropinf
-from dropinf.pipeline.lds import (average_ranks, lds_per_test, load_npz, load_parts, part_models,
-                                  spearman_columns, subset_indices, subset_masks)
+from dropinf.pipeline.lds import load_npz, load_parts, part_models, subset_indices, subset_masks
+from dropinf.pipeline.metrics import average_ranks, lds_per_test, spearman_columns
 
 
 def _brute_ranks(values):

@@ -39,7 +39,7 @@ LDS_METRICS = ("lds", "lds_std_over_test", "lds_n_test", "lds_score_seconds")
 
 
 # ----------------------------------------------------------------------------------------------
-# The computation (numpy; tested against a brute-force reference in tests/workflow/test_lds.py)
+# Subsets (numpy; LDS_j itself is `metrics.lds_per_test`)
 # ----------------------------------------------------------------------------------------------
 
 def subset_indices(n: int, k: int, fraction: float, seed: int):
@@ -62,55 +62,6 @@ def subset_masks(n: int, models, fraction: float, seed: int):
     for row, k in enumerate(models):
         masks[row, subset_indices(n, k, fraction, seed)] = True
     return masks
-
-
-def average_ranks(x):
-    """Ranks (1-based, ties get their average rank) of each column of x (M, m), float64."""
-    import numpy as np
-
-    x = np.asarray(x, dtype=np.float64)
-    squeeze = x.ndim == 1
-    if squeeze:
-        x = x[:, None]
-    out = np.empty_like(x)
-    for j in range(x.shape[1]):
-        col = x[:, j]
-        order = np.argsort(col, kind="mergesort")
-        s = col[order]
-        bounds = np.flatnonzero(np.diff(s)) + 1
-        starts = np.concatenate(([0], bounds))
-        stops = np.concatenate((bounds, [s.shape[0]]))
-        out[order, j] = np.repeat((starts + stops + 1) / 2.0, stops - starts)
-    return out[:, 0] if squeeze else out
-
-
-def spearman_columns(a, b):
-    """(m,) Spearman correlation of a[:, j] with b[:, j] (both (M, m)); NaN where a column is constant."""
-    import numpy as np
-
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"spearman_columns needs two (M, m) arrays of one shape, got {a.shape} and {b.shape}")
-    ra, rb = average_ranks(a), average_ranks(b)
-    ra -= ra.mean(0)
-    rb -= rb.mean(0)
-    den = np.sqrt((ra * ra).sum(0) * (rb * rb).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = (ra * rb).sum(0) / den
-    rho[~(den > 0)] = np.nan
-    return rho
-
-
-def predicted_losses(masks, scores):
-    """(M, m) linear datamodel predictions sum_{i in S_k} tau_j(z_i) = masks @ scores."""
-    import numpy as np
-
-    return np.asarray(masks, dtype=np.float64) @ np.asarray(scores, dtype=np.float64)
-
-
-def lds_per_test(masks, scores, actual):
-    """(m,) LDS_j: Spearman over subsets of predicted (masks @ scores) against actual (M, m)."""
-    return spearman_columns(predicted_losses(masks, scores), actual)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +198,7 @@ def score_method(data, parts, out, per_test_out, method: str, r: int | None = No
     from .common import Stage, log
     from .evaluate import write_rows
     from .extract import load_split
+    from .metrics import lds_per_test
     from .methods import BASELINES, FULL_SPACE, solver_of
     from .storage import MANIFEST, read_manifest
 
