@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import zarr
+zarr = pytest.importorskip("zarr", reason="the workflow tests need zarr: pip install -e '.[workflow]'")
 
 import dropinf
 from dropinf.pipeline.metrics import mislabel_auc

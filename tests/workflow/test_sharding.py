@@ -12,7 +12,7 @@ import textwrap
 
 import numpy as np
 import pytest
-import zarr
+zarr = pytest.importorskip("zarr", reason="the workflow tests need zarr: pip install -e '.[workflow]'")
 
 from dropinf.errors import DropinfError
 from dropinf.pipeline import extract as extract_mod

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-import zarr
+zarr = pytest.importorskip("zarr", reason="the workflow tests need zarr: pip install -e '.[workflow]'")
 
 from dropinf.errors import DropinfError
 from dropinf.pipeline import extract as extract_mod
