@@ -188,8 +188,8 @@ def provenance_display(df):
     import pandas as pd
 
     cols = ["git_commit", "git_dirty", "config_sha256", "dropinf_version", "torch_version", "device"]
-    rows = df.dropna(subset=["git_commit"])
-    return rows[cols].drop_duplicates().reset_index(drop=True) if len(rows) else pd.DataFrame(columns=cols)
+    rows = df.reindex(columns=cols).dropna(subset=["git_commit"])
+    return rows.drop_duplicates().reset_index(drop=True) if len(rows) else pd.DataFrame(columns=cols)
 
 
 def tables_html(df, auc, retrain, timing, skipped, experiment: str) -> str:
