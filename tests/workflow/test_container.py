@@ -55,18 +55,19 @@ def test_definition_python_and_project_match_the_environment():
     assert "import dropinf" in sec["post"]  # and the build smoke-tests the result
 
 
-def _apptainer_image_or_skip():
+def _why_no_image() -> str | None:
     if shutil.which("apptainer") is None:
-        pytest.skip("apptainer is not installed (see docs/containers.md)")
+        return "apptainer is not installed (see docs/containers.md)"
     if not IMAGE.is_file():
-        pytest.skip(f"no image at {IMAGE}: apptainer build containers/dropinf.sif containers/dropinf.def "
-                    "(the test never builds it)")
+        return (f"no image at {IMAGE}: apptainer build containers/dropinf.sif containers/dropinf.def "
+                "(the test never builds it)")
+    return None
 
 
+@pytest.mark.skipif(_why_no_image() is not None, reason=str(_why_no_image()))
 def test_one_rule_runs_in_the_image(default_run, wf, tmp_path):
     """`extract` (dropout r=16, one seed) through `--software-deployment-method apptainer`: it runs
     with the image's torch and gives the same arrays as the same job run on the host."""
-    _apptainer_image_or_skip()
     exp = default_run.config["experiment"]
     cfg = wf.reduced_config()
     cfg.update(methods=["dropout"], r=[16], seeds=[0])

@@ -150,6 +150,7 @@ def test_lds_target_is_not_part_of_all(wf, tmp_path):
     assert "rule evaluate:" not in out and "rule score:" not in out  # LDS scores its own way (reduce=False)
 
 
+@pytest.mark.slow
 def test_lds_stage_end_to_end(wf, tmp_path):
     cfg = wf.write_config(tmp_path / "cfg.yaml", TINY)
     wf.snakemake(tmp_path, "lds", config=cfg)
