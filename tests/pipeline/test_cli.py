@@ -32,7 +32,7 @@ def test_entry_point_is_main_and_prints_the_version(capsys):
     assert capsys.readouterr().out.strip() == f"dropinf {dropinf.__version__}"
 
 
-def test_console_command_and_module_run_the_same_cli():
+def test_console_command_and_module_run_the_same_cli(capsys):
     module, attr = _entry_point()
     # what the installed `dropinf` script does: import the entry point and exit with its return value
     script = f"import sys; from {module} import {attr}; sys.exit({attr}())"
@@ -40,7 +40,12 @@ def test_console_command_and_module_run_the_same_cli():
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == f"dropinf {dropinf.__version__}"
-    proc = subprocess.run([sys.executable, "-m", "dropinf", "--help"], capture_output=True, text=True, env=ENV)
-    assert proc.returncode == 0 and proc.stdout.startswith("usage: dropinf ") and "--version" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "dropinf"], capture_output=True, text=True, env=ENV)
-    assert proc.returncode == 2 and "<stage>" in proc.stderr  # a stage is required
+    from dropinf.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith("usage: dropinf ") and "--version" in out
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2 and "<stage>" in capsys.readouterr().err  # a stage is required
