@@ -9,9 +9,7 @@ manifests, `benchmarks/<exp>/`) and writes `DEST/<exp>/`:
 * `auc_table.md`: mislabel-detection AUC at r = R (mean ± std, min, max, n seeds) for every method,
   the fine-tuned model's accuracies, skipped methods with the reason, and the provenance;
 * `rsweep_table.md`: AUC against r for every compressed method (mean, std, min, max over seeds);
-* `stage_seconds.md`: wall seconds of every workflow job (Snakemake's `benchmark:` files, and
-  `--runner`: the record of jobs run on the GPU machine by scripts/device/run_stages.py, copied as
-  `device_runner.json`);
+* `stage_seconds.md`: wall seconds of every workflow job (Snakemake's `benchmark:` files);
 * `auc_by_method.png`, `auc_vs_r.png` (the report stage's plots), and `figure1_dropout_gaussian.png`:
   AUC against r for dropout and gaussian with min-max bands over seeds, orig as a line (the
   layout of the paper's Figure 1), drawn from `summary.csv`.
@@ -22,26 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-ORDER = ["orig", "lissa", "datainf", "tracin", "gaussian", "logra", "dropout", "sjlt", "random"]
-
-
-def _rank(m: str) -> int:
-    return ORDER.index(m) if m in ORDER else len(ORDER)
-
-
-def auc_rows(df: pd.DataFrame) -> pd.DataFrame:
-    auc = df[df.metric == "mislabel_auc"]
-    g = auc.groupby(["method", "r"], dropna=False)["value"]
-    t = g.agg(["mean", "std", "min", "max", "count"]).reset_index()
-    return t.assign(_k=t.method.map(_rank)).sort_values(["_k", "r"], na_position="first").drop(columns="_k")
-
-
-def fmt(mean, std, n) -> str:
-    return f"{mean:.3f}" if n <= 1 or pd.isna(std) else f"{mean:.3f} ± {std:.3f}"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from dropinf.pipeline.report import _fmt as fmt, auc_stats as auc_rows  # noqa: E402  (one method order, one format)
 
 
 def skipped(run: Path) -> list[tuple[str, str]]:
@@ -69,8 +54,6 @@ def main(argv=None):
     ap.add_argument("--dest", type=Path, default=Path("results/reference"))
     ap.add_argument("--r", type=int, default=16, help="the r of the main table")
     ap.add_argument("--benchmarks", type=Path, default=None, help="default: benchmarks/<experiment>")
-    ap.add_argument("--runner", type=Path, default=None,
-                    help="runner.json of scripts/device/run_stages.py (jobs run on the GPU machine)")
     args = ap.parse_args(argv)
 
     run, exp = args.run, args.run.name
@@ -113,7 +96,7 @@ def main(argv=None):
         lines += ["Without r (uncompressed, random): " + ", ".join(f"{r.method} {r.mean:.3f}" for r in unc.itertuples()), ""]
     rs = sorted(int(r) for r in comp.r.unique())
     lines += ["| method | " + " | ".join(f"r={r}" for r in rs) + " |", "|---|" + "---|" * len(rs)]
-    for method, g in sorted(comp.groupby("method"), key=lambda kv: _rank(kv[0])):
+    for method, g in comp.groupby("method", sort=False):
         cells = []
         for r in rs:
             s = g[g.r == r]
@@ -123,33 +106,13 @@ def main(argv=None):
     lines += ["", "Cells: mean ± std [min, max] over seeds."]
     (dest / "rsweep_table.md").write_text("\n".join(lines) + "\n")
 
-    # ---- stage wall seconds --------------------------------------------------------------------
-    # Snakemake's `benchmark:` files for jobs run here; `--runner` (scripts/device/run_stages.py's
-    # record) for jobs run on the GPU machine, where Snakemake is absent.
-    rows = []
+    # ---- stage wall seconds (Snakemake's `benchmark:` files) -----------------------------------
     bench = args.benchmarks or Path("benchmarks") / exp
-    for f in sorted(bench.rglob("*.tsv")) if bench.exists() else []:
-        b = pd.read_csv(f, sep="\t")
-        rows.append((str(f.relative_to(bench))[:-4], float(b["s"].iloc[0]), "here (Snakemake benchmark)"))
-    runner = None
-    if args.runner is not None:
-        runner = json.loads(args.runner.read_text())
-        shutil.copyfile(args.runner, dest / "device_runner.json")
-        for j in sorted(runner["jobs"], key=lambda j: (j.get("started_s", 0), j["output"])):
-            name = j["rule"] + "/" + "/".join(Path(j["output"]).parts[2:-1])
-            rows.append((name.rstrip("/"), float(j["seconds"]), f"{runner['device']} ({j['status']})"))
+    rows = [(str(f.relative_to(bench))[:-4], float(pd.read_csv(f, sep="\t")["s"].iloc[0]))
+            for f in (sorted(bench.rglob("*.tsv")) if bench.exists() else [])]
     if rows:
-        lines = [f"# {exp}: wall seconds per workflow job", ""]
-        if runner is not None:
-            per = {}
-            for j in runner["jobs"]:
-                per.setdefault(j["rule"], []).append(float(j["seconds"]))
-            lines += [f"GPU machine ({runner['device']}): the planned Snakemake jobs ran {runner['parallel']} at a "
-                      f"time, {runner['wall_seconds']:.0f} s wall from the first job to the last; per rule (sum of job "
-                      "wall seconds, overlapping): " + ", ".join(f"{k} {sum(v):.0f} s ({len(v)} jobs)"
-                                                               for k, v in sorted(per.items())) + ".", ""]
-        lines += ["| job | wall s | where |", "|---|---|---|"]
-        lines += [f"| {name} | {s:.1f} | {where} |" for name, s, where in rows]
+        lines = [f"# {exp}: wall seconds per workflow job", "", "| job | wall s |", "|---|---|"]
+        lines += [f"| {name} | {s:.1f} |" for name, s in rows]
         (dest / "stage_seconds.md").write_text("\n".join(lines) + "\n")
 
     # ---- Figure-1 style plot -------------------------------------------------------------------
@@ -172,13 +135,16 @@ def main(argv=None):
         ax.axhline(float(orig.iloc[0]), color="k", ls="--", label=f"orig (uncompressed) {float(orig.iloc[0]):.3f}")
     ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
     ax.set_xscale("log", base=2)
+    rs = sorted(int(r) for r in pts.r.dropna().unique())
+    ax.set_xticks(rs, [str(r) for r in rs])
+    ax.minorticks_off()
     ax.set_xlabel("r (compressed dimension)")
     ax.set_ylabel("mislabel-detection AUC")
     n_seeds = int(pts[pts.method == "dropout"].groupby("r").size().max()) if len(pts[pts.method == "dropout"]) else 0
     ax.set_title(f"{exp}\ndropout vs gaussian vs orig ({n_seeds} seeds)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(dest / "figure1_dropout_gaussian.png", dpi=110)
+    fig.savefig(dest / "figure1_dropout_gaussian.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {dest}: " + ", ".join(sorted(p.name for p in dest.iterdir())))
 

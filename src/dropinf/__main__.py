@@ -1,4 +1,5 @@
-"""Command line: `python -m dropinf <stage> [options]`, the workflow's stages (see `dropinf.pipeline`).
+"""Command line: `dropinf <stage> [options]` (or `python -m dropinf`), the workflow's stages (see
+`dropinf.pipeline`); `dropinf --version` prints the version.
 
 Every stage reads and writes files only; the Snakefile is a thin layer over these commands.
 JSON-valued options (`--options`, `--dataset-options`, ...) take a JSON object.
@@ -44,8 +45,11 @@ def _r(text: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dropinf", description=__doc__,
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="dropinf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"dropinf {__version__}")
     p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="stage", required=True, metavar="<stage>")
 
@@ -148,6 +152,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Entry point of the `dropinf` console command and of `python -m dropinf`."""
     args = parser().parse_args(argv)
     from .errors import DropinfError
     from .pipeline.common import log, setup_logging

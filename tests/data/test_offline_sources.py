@@ -87,6 +87,7 @@ def test_austen_bpe_training_is_reproducible(debian_source):
     assert json.loads(a.to_str()) == json.loads(b.to_str())
 
 
+@pytest.mark.slow
 def test_austen_pretrain_excludes_holdout_and_validation(debian_source):
     pytest.importorskip("tokenizers")
     debian_source("r-cran-janeaustenr")

@@ -1,5 +1,5 @@
 """Published-setup loaders (GLUE, WikiText, OpenWebText, CIFAR-10) on small local stand-ins of
-the same format: the hub and the CIFAR-10 download are unreachable here."""
+the same format, so they run without the hub or the CIFAR-10 download."""
 import pickle
 import sys
 

@@ -20,8 +20,6 @@ def repo(tmp_path, monkeypatch):
     _git(tmp_path, "add", ".")
     _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
     monkeypatch.setattr(common, "_GIT_CACHE", {})
-    monkeypatch.delenv("DROPINF_COMMIT", raising=False)
-    monkeypatch.delenv("DROPINF_GIT_DIRTY", raising=False)
     return tmp_path
 
 
@@ -44,16 +42,14 @@ def test_changed_code_is_dirty(repo):
     assert common.git_state(str(repo)) == (_head(repo), "true")
 
 
-def test_copy_without_history_reads_the_environment(tmp_path, monkeypatch):
+def test_outside_a_checkout_is_unknown(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "_GIT_CACHE", {})
-    monkeypatch.setenv("DROPINF_COMMIT", "abc123")
-    monkeypatch.setenv("DROPINF_GIT_DIRTY", "false")
-    assert common.git_state(str(tmp_path)) == ("abc123", "false")
+    assert common.git_state(str(tmp_path)) == ("unknown", "")
 
 
-def test_named_commit_wins_over_a_stale_checkout(repo, monkeypatch):
-    # the GPU machine's copy can carry an older .git; the planner's commit is the truth
+def test_no_environment_variable_overrides_git(repo, monkeypatch):
+    # a stray variable must not falsify the record: git of the tree is the only source
     (repo / "src" / "code.py").write_text("x = 2\n")
     monkeypatch.setenv("DROPINF_COMMIT", "def456")
     monkeypatch.setenv("DROPINF_GIT_DIRTY", "false")
-    assert common.git_state(str(repo)) == ("def456", "false")
+    assert common.git_state(str(repo)) == (_head(repo), "true")

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-import zarr
+zarr = pytest.importorskip("zarr", reason="the workflow tests need zarr: pip install -e '.[workflow]'")
 
 from dropinf.pipeline import extract as extract_mod
 from dropinf.pipeline.prepare import prepare_data

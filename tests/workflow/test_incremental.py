@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-import zarr
+zarr = pytest.importorskip("zarr", reason="the workflow tests need zarr: pip install -e '.[workflow]'")
 
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import dropinf
-from dropinf.pipeline.lds import (average_ranks, lds_per_test, load_npz, load_parts, part_models,
-                                  spearman_columns, subset_indices, subset_masks)
+from dropinf.pipeline.lds import load_npz, load_parts, part_models, subset_indices, subset_masks
+from dropinf.pipeline.metrics import average_ranks, lds_per_test, spearman_columns
 
 
 def _brute_ranks(values):
@@ -150,6 +150,7 @@ def test_lds_target_is_not_part_of_all(wf, tmp_path):
     assert "rule evaluate:" not in out and "rule score:" not in out  # LDS scores its own way (reduce=False)
 
 
+@pytest.mark.slow
 def test_lds_stage_end_to_end(wf, tmp_path):
     cfg = wf.write_config(tmp_path / "cfg.yaml", TINY)
     wf.snakemake(tmp_path, "lds", config=cfg)

@@ -23,7 +23,7 @@ COMPRESSED = {"gaussian", "logra", "dropout", "sjlt"}
 
 GLUE = [(task, rank) for task in ("mrpc", "qnli", "sst2", "rte") for rank in (2, 8)]
 MISLABEL = {f"mislabel-glue-{t}-roberta-lora{k}.yaml": (f"glue_{t}", k) for t, k in GLUE}
-#: config file -> the paper's experiment it reproduces (as named in DESIGN.md / issue 4)
+#: config file -> the paper's experiment it reproduces (as the paper names it)
 PUBLISHED = {
     **{name: f"Table 1: {ds} + LoRA {k}" for name, (ds, k) in MISLABEL.items()},
     "rsweep-glue-cola-roberta-lora8.yaml": "Figure 1: CoLA r-sweep",

@@ -12,7 +12,7 @@ import textwrap
 
 import numpy as np
 import pytest
-import zarr
+zarr = pytest.importorskip("zarr", reason="the workflow tests need zarr: pip install -e '.[workflow]'")
 
 from dropinf.errors import DropinfError
 from dropinf.pipeline import extract as extract_mod
@@ -138,6 +138,7 @@ def _mtimes(directory):
     return {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_killed_shard_reruns_alone_and_result_is_identical(trained, tmp_path):
     whole_dir = tmp_path / "whole"
     whole = _extract(trained, whole_dir, "gaussian", 8)

@@ -133,6 +133,7 @@ def test_cli_help_lists_every_stage():
         assert stage in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "workflow" / "configs").glob("*.yaml")))
 def test_shipped_experiment_configs_validate_and_plan(wf, tmp_path, name):
     """Every config under workflow/configs/ passes the schema and builds its DAG (dry run)."""

@@ -20,7 +20,8 @@ from pathlib import Path
 
 log = logging.getLogger("dropinf")
 
-#: Environment variables the Snakefile sets for every job (plain CLI use works without them).
+#: Environment variables the Snakefile sets for every job (plain CLI use works without them):
+#: the config's hash, and the workflow's directory, whose git state the provenance records.
 ENV_CONFIG_SHA = "DROPINF_CONFIG_SHA256"
 ENV_REPO = "DROPINF_REPO"
 
@@ -128,18 +129,14 @@ _GIT_CACHE: dict[str, tuple[str, str]] = {}
 
 
 def git_state(repo: str | None = None) -> tuple[str, str]:
-    """(commit, dirty) of the workflow's source tree; ('unknown', '') outside a git checkout.
+    """(commit, dirty) of the source tree the code runs from; ('unknown', '') when git cannot tell.
 
-    dirty = a tracked file outside results/ differs from the commit. A caller that ran the code from
-    a copied tree (the GPU machine) names its commit in DROPINF_COMMIT (and DROPINF_GIT_DIRTY), as
-    the device planner and the benchmark do; that wins, because such a copy may carry a stale .git."""
+    Read from git itself, never from an override: a value that cannot be checked would be stamped on
+    every output as if it were true. dirty = a tracked file outside results/ differs from the commit."""
     repo = repo or os.environ.get(ENV_REPO) or str(Path(__file__).resolve().parents[3])
     if repo not in _GIT_CACHE:
-        named = os.environ.get("DROPINF_COMMIT")
-        commit = None if named else _git(repo, "rev-parse", "HEAD")
-        if named:
-            _GIT_CACHE[repo] = (named, os.environ.get("DROPINF_GIT_DIRTY", ""))
-        elif commit is None:
+        commit = _git(repo, "rev-parse", "HEAD")
+        if commit is None:
             _GIT_CACHE[repo] = ("unknown", "")
         else:
             # results/ holds outputs (committed reference tables among them), not code: an updated

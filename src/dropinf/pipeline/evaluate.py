@@ -12,7 +12,7 @@
   A full-space method on recomputed raw gradients has no extract_seconds; its score_seconds
   include the recomputation, also reported alone as `recompute_seconds`.
 
-Rows: experiment, method, r, seed, metric, value + provenance columns (see `COLUMNS`).
+Rows: experiment, method, r, seed, metric, value + provenance columns (`metrics.COLUMNS`).
 """
 from __future__ import annotations
 
@@ -24,13 +24,9 @@ import numpy as np
 import torch
 
 from .common import Stage, atomic_path, log
+from .metrics import COLUMNS, mislabel_auc, most_helpful_first
 from .prepare import load_prepared, model_inputs
 from .storage import read_manifest, open_array
-
-PROVENANCE = ("git_commit", "git_dirty", "config_sha256", "dropinf_version", "torch_version", "device",
-              "stage_seconds", "started_at")
-COLUMNS = ("experiment", "method", "r", "seed", "metric", "value") + PROVENANCE
-
 
 def write_rows(path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp:
@@ -39,33 +35,6 @@ def write_rows(path, rows: list[dict]) -> None:
             w.writeheader()
             for row in rows:
                 w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve of `scores` for the positive class `labels` (ties count one half).
-
-    The Mann-Whitney statistic with average ranks; equals sklearn's roc_auc_score."""
-    labels = np.asarray(labels, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    n_pos = int(labels.sum())
-    n_neg = labels.shape[0] - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUC needs both positive and negative examples")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(scores.shape[0], dtype=np.float64)
-    # average rank (1-based) of each group of tied scores
-    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
-    starts = np.concatenate(([0], boundaries))
-    stops = np.concatenate((boundaries, [scores.shape[0]]))
-    avg = (starts + stops + 1) / 2.0
-    ranks[order] = np.repeat(avg, stops - starts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def removal_order(scores: np.ndarray) -> np.ndarray:
-    """Training indices from most helpful (most negative score) to most harmful; ties by index."""
-    return np.lexsort((np.arange(scores.shape[0]), scores))
 
 
 def retrain_metric(blob, saved: dict, keep: np.ndarray, device, inputs: dict | None = None) -> tuple[str, float]:
@@ -115,12 +84,12 @@ def evaluate(data, model, scores, out, method: str, r: int | None = None, experi
         values = np.asarray(open_array(scores_dir / rel)[...], dtype=np.float64)
         found = []
         if flipped is not None and 0 < flipped.sum() < n:
-            auc = roc_auc(flipped, values)
+            auc = mislabel_auc(flipped, values)
             found.append(("mislabel_auc", auc))
         elif flipped is not None:
             log.info("no mislabel AUC: %d of %d labels flipped", int(flipped.sum()), n)
         if saved is not None:
-            order = removal_order(values)
+            order = most_helpful_first(values)
             for f in fractions:
                 k = int(round(float(f) * n))
                 kind, value = retrain_metric(blob, saved, order[k:], stage.device, inputs)

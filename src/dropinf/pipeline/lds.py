@@ -39,7 +39,7 @@ LDS_METRICS = ("lds", "lds_std_over_test", "lds_n_test", "lds_score_seconds")
 
 
 # ----------------------------------------------------------------------------------------------
-# The computation (numpy; tested against a brute-force reference in tests/workflow/test_lds.py)
+# Subsets (numpy; LDS_j itself is `metrics.lds_per_test`)
 # ----------------------------------------------------------------------------------------------
 
 def subset_indices(n: int, k: int, fraction: float, seed: int):
@@ -62,55 +62,6 @@ def subset_masks(n: int, models, fraction: float, seed: int):
     for row, k in enumerate(models):
         masks[row, subset_indices(n, k, fraction, seed)] = True
     return masks
-
-
-def average_ranks(x):
-    """Ranks (1-based, ties get their average rank) of each column of x (M, m), float64."""
-    import numpy as np
-
-    x = np.asarray(x, dtype=np.float64)
-    squeeze = x.ndim == 1
-    if squeeze:
-        x = x[:, None]
-    out = np.empty_like(x)
-    for j in range(x.shape[1]):
-        col = x[:, j]
-        order = np.argsort(col, kind="mergesort")
-        s = col[order]
-        bounds = np.flatnonzero(np.diff(s)) + 1
-        starts = np.concatenate(([0], bounds))
-        stops = np.concatenate((bounds, [s.shape[0]]))
-        out[order, j] = np.repeat((starts + stops + 1) / 2.0, stops - starts)
-    return out[:, 0] if squeeze else out
-
-
-def spearman_columns(a, b):
-    """(m,) Spearman correlation of a[:, j] with b[:, j] (both (M, m)); NaN where a column is constant."""
-    import numpy as np
-
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"spearman_columns needs two (M, m) arrays of one shape, got {a.shape} and {b.shape}")
-    ra, rb = average_ranks(a), average_ranks(b)
-    ra -= ra.mean(0)
-    rb -= rb.mean(0)
-    den = np.sqrt((ra * ra).sum(0) * (rb * rb).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = (ra * rb).sum(0) / den
-    rho[~(den > 0)] = np.nan
-    return rho
-
-
-def predicted_losses(masks, scores):
-    """(M, m) linear datamodel predictions sum_{i in S_k} tau_j(z_i) = masks @ scores."""
-    import numpy as np
-
-    return np.asarray(masks, dtype=np.float64) @ np.asarray(scores, dtype=np.float64)
-
-
-def lds_per_test(masks, scores, actual):
-    """(m,) LDS_j: Spearman over subsets of predicted (masks @ scores) against actual (M, m)."""
-    return spearman_columns(predicted_losses(masks, scores), actual)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,6 +199,7 @@ def score_method(data, parts, out, per_test_out, method: str, r: int | None = No
     from .common import Stage, log
     from .evaluate import write_rows
     from .extract import load_split
+    from .metrics import lds_per_test
     from .methods import BASELINES, FULL_SPACE, solver_of
     from .score import block_summary, solve_blocks
     from .storage import MANIFEST, read_manifest
@@ -340,7 +292,7 @@ def _fmt(values) -> str:
     return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
 
 
-def summarize(inputs, parts, out, table, experiment: str = "", runner: str | None = None) -> list[dict]:
+def summarize(inputs, parts, out, table, experiment: str = "") -> list[dict]:
     """summary.csv: every (method, r, seed) row of `inputs` plus the subset models' rows; lds_table.md."""
     import csv
 
@@ -400,14 +352,6 @@ def summarize(inputs, parts, out, table, experiment: str = "", runner: str | Non
     text.append(f"Subset models: mean test loss {sub_rows[2][1]:.4f}, mean test accuracy {sub_rows[3][1]:.4f}, "
                 f"{sub_rows[4][1]:.2f} s per model (wall, one job's view; {len(sub['metas'])} jobs, "
                 f"{part_seconds:.1f} s of job wall time in all).")
-    if runner and Path(runner).exists():
-        rec = json.loads(Path(runner).read_text())
-        per_rule = {}
-        for j in rec.get("jobs", []):
-            per_rule.setdefault(j["rule"], []).append(j["seconds"])
-        text.append(f"Device run ({rec.get('device')}, {rec.get('parallel')} jobs at a time): {rec.get('wall_seconds')} "
-                    "s wall; per rule (sum of job wall seconds): "
-                    + ", ".join(f"{k} {sum(v):.1f} s ({len(v)} jobs)" for k, v in per_rule.items()) + ".")
     text.append(f"Provenance: git {prov['git_commit']} (dirty: {prov['git_dirty']}), config sha256 "
                 f"{prov['config_sha256']}, dropinf {prov['dropinf_version']}, torch {prov['torch_version']}, "
                 f"device {prov['device']}; every row of `summary.csv` carries its own.")
@@ -474,7 +418,6 @@ def add_parser(sub) -> None:
     m = acts.add_parser("summarize", help="summary.csv and lds_table.md")
     m.add_argument("--inputs", nargs="+", required=True)
     m.add_argument("--parts", nargs="+", required=True)
-    m.add_argument("--runner", default=None, help="device runner.json to cite (optional)")
     m.add_argument("--out", required=True)
     m.add_argument("--table", required=True)
     for a in (t, c, m):
@@ -494,4 +437,4 @@ def run(args) -> None:
                      args.damping, args.options, args.device, args.threads, args.experiment, model=args.model,
                      recompute_batch_size=args.recompute_batch_size, curvature=args.curvature)
     else:
-        summarize(args.inputs, args.parts, args.out, args.table, args.experiment, args.runner)
+        summarize(args.inputs, args.parts, args.out, args.table, args.experiment)

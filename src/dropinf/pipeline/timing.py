@@ -21,12 +21,15 @@ from pathlib import Path
 from ..errors import DropinfError
 from .common import atomic_path, log
 from .methods import BASELINES, FULL_SPACE, METHODS
-from .report import TIMING as RECORDED, _fmt, _skipped, tables
+from .metrics import TIMING_METRICS
+from .report import _fmt, _skipped, timing_stats
 
 NEEDED = ("experiment", "method", "r", "seed", "metric", "value", "git_commit", "git_dirty", "torch_version", "device")
-TIMING = ("extract_seconds", "score_seconds")
+#: The table's two columns (of `metrics.TIMING_METRICS`); compress_seconds fills the first when a
+#: compressor was served from stored raw gradients, recompute_seconds is inside score_seconds.
+TABLED = ("extract_seconds", "score_seconds")
 CSV_COLUMNS = ("experiment", "method", "r", "device", "n_train",
-               *(f"{m}_{s}" for m in TIMING for s in ("mean", "std", "count")),
+               *(f"{m}_{s}" for m in TABLED for s in ("mean", "std", "count")),
                "git_commits", "git_dirty", "torch_versions", "extract_seconds_source", "extract_seconds_note",
                "score_seconds_note", "summary")
 TEXT = {c: str for c in NEEDED if c not in ("r", "seed", "value")}
@@ -53,7 +56,7 @@ def read_summary(path):
     if not len(df):
         raise DropinfError(f"{path}: header only, no rows")
     value = pd.to_numeric(df["value"], errors="coerce")
-    timed = df.metric.isin(RECORDED)
+    timed = df.metric.isin(TIMING_METRICS)
     bad = timed & ~(value.notna() & (value >= 0) & (value < float("inf")))
     bad |= timed & (df.method == "")
     if bad.any():
@@ -77,15 +80,6 @@ def _side_info(summary: Path, present: set[str]) -> tuple[dict[str, str], int | 
         _json(p)  # checked here: report._skipped would raise a JSONDecodeError that names no file
     pairs = [(p.parts[-3], p.parts[-2]) for p in manifests]
     skipped = {m: f"method skipped by the workflow: {why or 'no reason recorded'}" for m, why in _skipped(summary, pairs)}
-    runner = base / "device_runner.json"  # scripts/device/ runs: a score job that left no rows was a skip
-    if runner.exists():
-        for job in _json(runner).get("jobs", []):
-            parts = Path(str(job.get("output", ""))).parts
-            if job.get("rule") == "score" and "scores" in parts and parts.index("scores") + 1 < len(parts):
-                m = parts[parts.index("scores") + 1]
-                if m not in present and job.get("rc") == 0:
-                    skipped.setdefault(m, "method skipped by the workflow (its score job ran but left no rows "
-                                          "in summary.csv; see that experiment's report for the reason)")
     n_train = None
     for p in sorted(base.glob("grads/*/*/manifest.json")):
         n_train = (_json(p).get("n") or {}).get("train")
@@ -119,9 +113,9 @@ def _experiment(exp: str, df, summary: Path) -> tuple[list[dict], dict]:
     """timing.csv rows of one experiment and its provenance (commits, devices, torch versions)."""
     import pandas as pd
 
-    tim = df[df.metric.isin(TIMING)]
+    tim = df[df.metric.isin(TABLED)]
     stats = {}
-    for s in tables(df)[2].itertuples(index=False):  # report's own mean/std/count over seeds
+    for s in timing_stats(df).itertuples(index=False):  # report's own mean/std/count over seeds
         stats[(s.method, None if pd.isna(s.r) else int(s.r), s.metric)] = (s.mean, s.std, int(s.count))
     prov = defaultdict(lambda: defaultdict(set))
     for row in tim.itertuples(index=False):
@@ -183,7 +177,7 @@ def _markdown(exp: str, rows: list[dict], info: dict, summary: Path) -> str:
         out += ["| method | r | compression s | iHVP+scoring s | seeds | device |", "|---|---|---|---|---|---|"]
     for x in rows:
         cells = [_fmt(x[f"{k}_mean"], x[f"{k}_std"], x[f"{k}_count"]) if x[f"{k}_count"] else missing(x[f"{k}_note"])
-                 for k in TIMING]
+                 for k in TABLED]
         if x["extract_seconds_source"] == PROJECTION:
             cells[0] += missing(PROJECTION)[1:]  # the footnote's marker, after the value
         r = x["r"] if x["r"] is not None else ("full" if x["method"] in FULL_SPACE else "")
