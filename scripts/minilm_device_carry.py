@@ -32,6 +32,7 @@ def main(argv=None):
     from safetensors.torch import load_file, save_file
 
     from dropinf.data.cache import pypi_model_path
+    from dropinf.pipeline.prepare import load_prepared
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("datasets", nargs="+", type=Path, help="prepared dataset.pt files (their token ids are kept)")
@@ -46,7 +47,7 @@ def main(argv=None):
         shutil.copyfile(src / name, out / name)
     used = []
     for path in args.datasets:
-        blob = torch.load(path, weights_only=False)
+        blob = load_prepared(path)  # safetensors + JSON: nothing is unpickled
         used += [blob[s]["input_ids"].flatten() for s in ("train", "test")]
     ids = torch.cat(used).unique()
     state = load_file(src / "model.safetensors")

@@ -85,7 +85,7 @@ def _container():
     if any("apptainer" in m or "singularity" in m for m in methods):
         raise WorkflowError(f"the container image path {path!r} contains a space, which Snakemake cannot run; "
                             f"set DROPINF_CONTAINER to a path without spaces (e.g. a symlink to it)")
-    return None  # no container is used by this run: nothing to name
+    return None  # this invocation uses no container, so none is named
 
 
 CONTAINER = _container()
