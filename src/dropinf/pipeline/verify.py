@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .storage import (MANIFEST, array_problems, arrays_under, chunk_error, chunk_key, has_checksum,
-                      recover_command)
+                      producing_manifest, recover_command)
 
 
 def _rerun(path: Path) -> str:
@@ -47,14 +47,25 @@ def check_array(path: Path) -> tuple[list[str], int]:
         arr = zarr.open_array(store=str(path), mode="r")
     except Exception as e:
         return [f"{path}: unreadable array metadata ({type(e).__name__}: {e}); recover with: {fix}"], 0
-    problems = [f"{path}: {p}; recover with: {fix}" for p in array_problems(path, arr)]
+    files = [f"{path}: {p}; recover with: {fix}" for p in array_problems(path, arr)]
+    notes = []
+    if not producing_manifest(path).exists():
+        notes.append(f"{path}: its directory has no {MANIFEST} (the job writing it did not finish, or failed); "
+                     f"recover with: {fix}")
     if not arr.attrs.get("complete", False):
-        problems.append(f"{path}: not marked complete (a killed or running job wrote it); recover with: {fix}")
+        notes.append(f"{path}: not marked complete (a killed or running job wrote it); recover with: {fix}")
     if not has_checksum(arr):
-        problems.append(f"{path}: its chunks carry no checksum (written by an older dropinf), so damage cannot be "
-                        f"detected; recompute with: {fix}")
-    if problems:  # missing chunks would read as NaN below: already said
-        return problems, 0
+        notes.append(f"{path}: its chunks carry no checksum (written by an older dropinf), so damage cannot be "
+                     f"detected; recompute with: {fix}")
+    if files:  # missing chunks would read as NaN: already said
+        return files + notes, 0
+    found, decoded = check_array_chunks(path, arr, fix)
+    return notes + found, decoded
+
+
+def check_array_chunks(path: Path, arr, fix: str) -> tuple[list[str], int]:
+    """Decode every row chunk (checksum, decompression) and look for NaN/inf rows."""
+    problems: list[str] = []
     c = int(arr.chunks[0])
     n = int(arr.shape[0])
     decoded = 0
