@@ -30,5 +30,5 @@ rule evaluate:
         CONTAINER
     shell:
         "python -m dropinf evaluate --data {input.data:q} --model {input.model:q} --scores {input.scores:q}"
-        " --method {wildcards.method} --r {params.r} --fractions {params.fractions:q} {params.retrain}"
+        " --method {wildcards.method} --r {params.r} --fractions={params.fractions:q} {params.retrain}"
         " --device {params.device} --threads {threads} --experiment {params.exp:q} --out {output:q} > {log:q} 2>&1"
