@@ -133,8 +133,10 @@ def test_verify_reports_nan_rows_and_arrays_without_checksum(tmp_path):
     storage.save_array(tmp_path / "a" / "n.zarr", v, {}, chunk_rows=4)
     zarr.create_array(store=str(tmp_path / "a" / "old.zarr"), shape=(4,), chunks=(4,), dtype="float32",
                       attributes={"complete": True})[...] = 1.0
+    torch.save({"state_dict": {}}, tmp_path / "a" / "model.pt")  # a pickle from an older version
     problems, counts = verify(tmp_path)
-    assert counts["arrays"] == 2
+    assert counts["arrays"] == 2 and counts["files"] == 1
+    assert any("model.pt is a pickle" in p and "snakemake --forcerun" in p for p in problems)
     assert any("n.zarr: chunk c/1/0 holds NaN/inf at rows [4]" in p for p in problems)
     assert any("old.zarr: its chunks carry no checksum" in p for p in problems)
 

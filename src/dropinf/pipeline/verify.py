@@ -3,8 +3,9 @@
 For every `manifest.json` below RESULTS_DIR (an experiment's folder, or a results folder holding
 several): the manifest parses, and each array it records exists with that shape and chunk count.
 For every Zarr array: its metadata parses, it is marked complete, every chunk file is present,
-every chunk decodes and passes its crc32c checksum, and its values are finite. For every
-`.safetensors` file (prepared data, model weights): its header and tensors load. One line per
+every chunk decodes and passes its crc32c checksum, and its values are finite. For every `.pt`
+or `.safetensors` file (prepared data, model weights): it is a safetensors file (never a pickle)
+whose header and tensors load. One line per
 problem, each naming the file and the command that recomputes it; exit status 0 when there is
 none, 2 otherwise.
 """
@@ -85,15 +86,15 @@ def check_array_chunks(path: Path, arr, fix: str) -> tuple[list[str], int]:
     return problems, decoded
 
 
-def check_safetensors(path: Path) -> list[str]:
-    from safetensors import safe_open
+def check_tensor_file(path: Path) -> list[str]:
+    """Prepared data or weights (`dataset.pt`, `model.pt`: safetensors + JSON) load, or one line."""
+    from ..errors import DropinfError
+    from .prepare import load_tensors
 
     try:
-        with safe_open(str(path), framework="np") as f:
-            for key in f.keys():
-                f.get_tensor(key)
-    except Exception as e:
-        return [f"{path}: unreadable ({type(e).__name__}: {e}); recover with: {_rerun(path)}"]
+        load_tensors(path, "file")
+    except DropinfError as e:
+        return [str(e)]
     return []
 
 
@@ -114,11 +115,11 @@ def verify(results_dir) -> tuple[list[str], dict]:
         found, decoded = check_array(a)
         problems += found
         counts["chunks"] += decoded
-    for f in sorted(root.rglob("*.safetensors")):
+    for f in sorted([*root.rglob("*.pt"), *root.rglob("*.safetensors")]):
         if any(part.startswith(".") for part in f.relative_to(root).parts):
             continue
         counts["files"] += 1
-        problems += check_safetensors(f)
+        problems += check_tensor_file(f)
     return problems, counts
 
 
