@@ -146,6 +146,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("summaries", nargs="+", help="per-experiment summary.csv files")
     s.add_argument("--out", required=True, help="directory for timing.csv and TABLE.md")
 
+    s = sub.add_parser("verify", help="check every manifest, array and chunk of an experiment's results",
+                       description="check every manifest, array and chunk of an experiment's results; one line "
+                                   "per problem with the command that recomputes it; exit 0 (none) or 2")
+    s.add_argument("results_dir", help="an experiment's folder (results/<experiment>) or a results folder")
+
     from .pipeline.lds import add_parser as add_lds  # `lds {train,score,summarize}` (stdlib-only import)
     add_lds(sub)
     return p
@@ -203,6 +208,9 @@ def _run(args) -> int | None:
     elif st == "report":
         from .pipeline.report import report
         report(args.summary, args.out_dir, args.experiment, [tuple(s.split("/", 1)) for s in args.scored])
+    elif st == "verify":
+        from .pipeline.verify import main as verify
+        return verify(args.results_dir)
     elif st == "lds":
         from .pipeline.lds import run as run_lds
         run_lds(args)

@@ -5,6 +5,15 @@ class DropinfError(Exception):
     """Base class: a problem with the user's input or configuration, stated plainly."""
 
 
+class InvalidValueError(DropinfError, ValueError):
+    """An argument or configuration value of the wrong type or outside its range; names it."""
+
+
+class IntegrityError(DropinfError):
+    """A stored output that is damaged or incomplete (missing or corrupt chunk, bad manifest);
+    the message names the file and the command that recomputes it."""
+
+
 class ShapeError(DropinfError, ValueError):
     """Tensors whose shapes or dtypes do not fit together."""
 

@@ -12,6 +12,7 @@ zarr = pytest.importorskip("zarr", reason="the workflow tests need zarr: pip ins
 
 import dropinf
 from dropinf.pipeline.metrics import mislabel_auc
+from dropinf.pipeline.prepare import load_prepared
 from dropinf.pipeline.methods import COMPRESSED, FULL_SPACE, METHODS
 
 COLUMNS = ["experiment", "method", "r", "seed", "metric", "value", "git_commit", "git_dirty", "config_sha256",
@@ -52,7 +53,7 @@ def test_summary_schema(default_run, summary):
 
 def test_auc_sane_and_from_own_scores(default_run, summary):
     """Recompute every AUC from the method's own score array; orig and dropout well above chance."""
-    data = torch.load(default_run.results / "data" / "dataset.pt", weights_only=False)
+    data = load_prepared(default_run.results / "data" / "dataset.pt")
     flipped = data["train"]["flipped"].numpy()
     assert flipped.mean() == pytest.approx(default_run.config["label_noise"], abs=1e-3)
     auc = summary[summary.metric == "mislabel_auc"]

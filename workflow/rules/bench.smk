@@ -37,7 +37,7 @@ rule bench_one:
         CONTAINER
     shell:
         "python -m dropinf.bench --arch {wildcards.arch} --dtype {wildcards.dtype} {params.flags}"
-        " --out {output} > {log} 2>&1"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule bench:

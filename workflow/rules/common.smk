@@ -31,13 +31,28 @@ def _config_error_message(config):
     if err.validator == "required":
         where = f" '{path}'" if path else ""
         return f"config error{where}: {err.message}"
+    if err.validator == "pattern" and err.schema.get("x-allowed"):
+        return f"config error at '{path}': {err.instance!r} is not allowed ({err.schema['x-allowed']})"
     return f"config error at '{path or '<top level>'}': {err.message}"
 
 
+# Torch-free checks of the config files and of the option keys (dropinf/pipeline/options.py, by path).
+_spec = importlib.util.spec_from_file_location(
+    "dropinf_options", os.path.join(workflow.basedir, "src", "dropinf", "pipeline", "options.py")
+)
+OPTIONS = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(OPTIONS)
+
+for _file in workflow.configfiles:  # Snakemake's loader silently keeps the last of duplicate keys
+    _message = OPTIONS.duplicate_key_error(str(_file))
+    if _message:
+        raise WorkflowError(_message)
 _message = _config_error_message(config)
 if _message:
     raise WorkflowError(_message)
 validate(config, SCHEMA)  # fills the schema's defaults
+for _message in OPTIONS.option_errors(config)[:1]:
+    raise WorkflowError(_message)
 
 # The methods table (which extraction each method reads) is loaded by path: no torch at DAG time.
 _spec = importlib.util.spec_from_file_location(
@@ -54,9 +69,26 @@ METHODS = list(config["methods"])
 RS = sorted(config["r"])
 SEEDS = list(config["seeds"])
 ENV = "../../envs/dropinf.yaml"
-# The Apptainer image that all rules name (used with --software-deployment-method apptainer; see
-# docs/containers.md): containers/dropinf.sif built from containers/dropinf.def, or DROPINF_CONTAINER.
-CONTAINER = os.environ.get("DROPINF_CONTAINER") or os.path.join(workflow.basedir, "containers", "dropinf.sif")
+
+
+def _container():
+    """The Apptainer image that all rules name (used with --software-deployment-method apptainer;
+    see docs/containers.md): containers/dropinf.sif built from containers/dropinf.def, or
+    DROPINF_CONTAINER. Named relative to the working directory when that has no space (Snakemake
+    refuses an image path with whitespace); with a space in both forms, only a run that uses the
+    container stops, with a message saying how to name it."""
+    path = os.environ.get("DROPINF_CONTAINER") or os.path.join(workflow.basedir, "containers", "dropinf.sif")
+    for candidate in (os.path.relpath(path), path):
+        if not any(c.isspace() for c in candidate):
+            return candidate
+    methods = {str(m).lower() for m in getattr(workflow.deployment_settings, "deployment_method", ()) or ()}
+    if any("apptainer" in m or "singularity" in m for m in methods):
+        raise WorkflowError(f"the container image path {path!r} contains a space, which Snakemake cannot run; "
+                            f"set DROPINF_CONTAINER to a path without spaces (e.g. a symlink to it)")
+    return None  # this invocation uses no container, so none is named
+
+
+CONTAINER = _container()
 
 # Provenance handed to every job through the environment (not params: changing r must not
 # rerun other r's jobs). Rules run `python -m dropinf` from the interpreter running snakemake
@@ -71,6 +103,11 @@ _env.update(
     PATH=os.pathsep.join([os.path.dirname(sys.executable), _env.get("PATH", "")]),
 )
 _env.setdefault("OMP_NUM_THREADS", str(config["threads"]))
+# The compressed extractions this config plans, checked by `finetune` against the model's d before
+# it trains (environment, not params: changing r must not rerun fine-tuning).
+_env["DROPINF_PLANNED_EXTRACTIONS"] = json.dumps(
+    {c: {"r": sorted(config["r"]), "options": config["extract"]["compressor_options"].get(c, {})}
+     for c in sorted({M.extraction_of(m) for m in config["methods"]} - {None, "identity"})}, sort_keys=True)
 
 
 def tags(method):

@@ -20,6 +20,6 @@ rule prepare_data:
     container:
         CONTAINER
     shell:
-        "python -m dropinf prepare_data --dataset {params.dataset} --dataset-options {params.options:q}"
+        "python -m dropinf prepare_data --dataset {params.dataset:q} --dataset-options {params.options:q}"
         " --label-noise {params.noise} --noise-seed {params.seed} --threads {threads}"
-        " --out {output} > {log} 2>&1"
+        " --out {output:q} > {log:q} 2>&1"

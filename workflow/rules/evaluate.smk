@@ -10,7 +10,7 @@ rule evaluate:
     params:
         exp=EXP,
         r=r_of,
-        fractions=",".join(str(f) for f in config["evaluate"]["retrain_fractions"]) or "''",
+        fractions=",".join(str(f) for f in config["evaluate"]["retrain_fractions"]),
         retrain="" if config["evaluate"]["retrain"] else "--no-retrain",
         device=config["device"],
     log:
@@ -29,6 +29,6 @@ rule evaluate:
     container:
         CONTAINER
     shell:
-        "python -m dropinf evaluate --data {input.data} --model {input.model} --scores {input.scores}"
-        " --method {wildcards.method} --r {params.r} --fractions {params.fractions} {params.retrain}"
-        " --device {params.device} --threads {threads} --experiment {params.exp} --out {output} > {log} 2>&1"
+        "python -m dropinf evaluate --data {input.data:q} --model {input.model:q} --scores {input.scores:q}"
+        " --method {wildcards.method} --r {params.r} --fractions={params.fractions:q} {params.retrain}"
+        " --device {params.device} --threads {threads} --experiment {params.exp:q} --out {output:q} > {log:q} 2>&1"

@@ -10,7 +10,7 @@ rule finetune:
         model=config["model"]["name"],
         options=json.dumps(config["model"].get("options", {}), sort_keys=True),
         train=json.dumps(config["finetune"], sort_keys=True),
-        init=lambda wc, input: f"--init {input.init}" if "init" in input.keys() else "",
+        init=lambda wc, input: ["--init", input.init] if "init" in input.keys() else [],
         device=config["device"],
     log:
         f"{LOGS}/finetune.log",
@@ -28,6 +28,6 @@ rule finetune:
     container:
         CONTAINER
     shell:
-        "python -m dropinf finetune --data {input.data} --model {params.model} --model-options {params.options:q}"
-        " --train {params.train:q} {params.init} --device {params.device} --threads {threads}"
-        " --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+        "python -m dropinf finetune --data {input.data:q} --model {params.model:q} --model-options {params.options:q}"
+        " --train {params.train:q} {params.init:q} --device {params.device} --threads {threads}"
+        " --out {output.model:q} --metrics {output.metrics:q} > {log:q} 2>&1"

@@ -59,11 +59,11 @@ rule extract:
     container:
         CONTAINER
     shell:
-        "python -m dropinf extract --data {input.data} --model {input.model} --compressor {wildcards.compressor}"
+        "python -m dropinf extract --data {input.data:q} --model {input.model:q} --compressor {wildcards.compressor}"
         " --r {params.r} --seeds {params.seeds} --options {params.options:q} --budget-mb {params.budget}"
         " --batch-size {params.batch_size} {params.nest} {params.from_identity} {params.shard}"
-        " --device {params.device} --threads {threads} --experiment {params.exp}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        " --device {params.device} --threads {threads} --experiment {params.exp:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 localrules:
@@ -94,5 +94,5 @@ rule extract_finalize:
     container:
         CONTAINER
     shell:
-        "python -m dropinf extract --finalize --shards {params.shards} --experiment {params.exp}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m dropinf extract --finalize --shards {params.shards} --experiment {params.exp:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"

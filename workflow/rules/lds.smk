@@ -29,7 +29,7 @@ rule lds_train:
         seed=LDS["seed"],
         parts=LDS["parts"],
         vary="--vary-seed" if LDS["vary_seed"] else "",
-        init=lambda wc, input: f"--init {input.init}" if "init" in input.keys() else "",
+        init=lambda wc, input: ["--init", input.init] if "init" in input.keys() else [],
         device=config["device"],
     wildcard_constraints:
         part=r"[0-9]+",
@@ -49,11 +49,11 @@ rule lds_train:
     container:
         CONTAINER
     shell:
-        "python -m dropinf lds train --data {input.data} --model {params.model} --model-options {params.options:q}"
+        "python -m dropinf lds train --data {input.data:q} --model {params.model:q} --model-options {params.options:q}"
         " --train {params.train:q} --n-models {params.n_models} --fraction {params.fraction} --subset-seed {params.seed}"
-        " --part {wildcards.part} --parts {params.parts} {params.vary} {params.init} --device {params.device}"
+        " --part {wildcards.part} --parts {params.parts} {params.vary} {params.init:q} --device {params.device}"
         " --threads {threads}"
-        " --experiment {params.exp} --out {output} > {log} 2>&1"
+        " --experiment {params.exp:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule lds_score:
@@ -69,8 +69,8 @@ rule lds_score:
         exp=EXP,
         r=r_of,
         seeds=lambda wc: ",".join(str(s) for s in SEEDS) if M.uses_seed(wc.method) else "0",
-        grads=lambda wc, input: f"--grads {input.grads}" if "grads" in input.keys() else "",
-        model=lambda wc, input: f"--model {input.model}" if "model" in input.keys() else "",
+        grads=lambda wc, input: ["--grads", input.grads] if "grads" in input.keys() else [],
+        model=lambda wc, input: ["--model", input.model] if "model" in input.keys() else [],
         recompute_batch_size=config["score"]["recompute_batch_size"],
         damping=config["score"]["damping"],
         curvature=config["score"]["curvature"],
@@ -92,11 +92,11 @@ rule lds_score:
     container:
         CONTAINER
     shell:
-        "python -m dropinf lds score --data {input.data} --parts {input.parts} --method {wildcards.method}"
-        " --r {params.r} {params.grads} {params.model} --recompute-batch-size {params.recompute_batch_size}"
-        " --seeds {params.seeds} --damping {params.damping} --curvature {params.curvature}"
-        " --options {params.options:q} --device {params.device} --threads {threads} --experiment {params.exp}"
-        " --out {output.metrics} --per-test {output.per_test} > {log} 2>&1"
+        "python -m dropinf lds score --data {input.data:q} --parts {input.parts:q} --method {wildcards.method}"
+        " --r {params.r} {params.grads:q} {params.model:q} --recompute-batch-size {params.recompute_batch_size}"
+        " --seeds {params.seeds} --damping {params.damping} --curvature {params.curvature} --options {params.options:q}"
+        " --device {params.device} --threads {threads} --experiment {params.exp:q}"
+        " --out {output.metrics:q} --per-test {output.per_test:q} > {log:q} 2>&1"
 
 
 rule lds_summarize:
@@ -122,8 +122,8 @@ rule lds_summarize:
     container:
         CONTAINER
     shell:
-        "python -m dropinf lds summarize --inputs {input.metrics} --parts {input.parts} --experiment {params.exp}"
-        " --out {output.summary} --table {output.table} > {log} 2>&1"
+        "python -m dropinf lds summarize --inputs {input.metrics:q} --parts {input.parts:q} --experiment {params.exp:q}"
+        " --out {output.summary:q} --table {output.table:q} > {log:q} 2>&1"
 
 
 rule lds:

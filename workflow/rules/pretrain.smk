@@ -26,8 +26,8 @@ rule prepare_pretrain_data:
     container:
         CONTAINER
     shell:
-        "python -m dropinf prepare_data --dataset {params.dataset} --dataset-options {params.options:q}"
-        " --label-noise 0 --noise-seed 0 --threads {threads} --out {output} > {log} 2>&1"
+        "python -m dropinf prepare_data --dataset {params.dataset:q} --dataset-options {params.options:q}"
+        " --label-noise 0 --noise-seed 0 --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 rule pretrain:
     """Train the model (config `model`) from its seeded initialisation on the pretraining data."""
@@ -57,6 +57,6 @@ rule pretrain:
     container:
         CONTAINER
     shell:
-        "python -m dropinf finetune --data {input.data} --model {params.model} --model-options {params.options:q}"
+        "python -m dropinf finetune --data {input.data:q} --model {params.model:q} --model-options {params.options:q}"
         " --train {params.train:q} --device {params.device} --threads {threads}"
-        " --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+        " --out {output.model:q} --metrics {output.metrics:q} > {log:q} 2>&1"

@@ -31,8 +31,8 @@ rule summarize:
     container:
         CONTAINER
     shell:
-        "python -m dropinf summarize --inputs {input.metrics} --finetune-metrics {input.finetune}"
-        " --experiment {params.exp} --out {output} > {log} 2>&1"
+        "python -m dropinf summarize --inputs {input.metrics:q} --finetune-metrics {input.finetune:q}"
+        " --experiment {params.exp:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule report:
@@ -62,5 +62,5 @@ rule report:
     container:
         CONTAINER
     shell:
-        "python -m dropinf report --summary {input.summary} --scored {params.scored} --experiment {params.exp}"
-        " --out-dir $(dirname {output.tables}) > {log} 2>&1"
+        "python -m dropinf report --summary {input.summary:q} --scored {params.scored} --experiment {params.exp:q}"
+        " --out-dir \"$(dirname {output.tables:q})\" > {log:q} 2>&1"

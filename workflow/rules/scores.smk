@@ -8,8 +8,8 @@ rule score:
         exp=EXP,
         r=r_of,
         seeds=lambda wc: ",".join(str(s) for s in SEEDS) if M.uses_seed(wc.method) else "0",
-        grads=lambda wc, input: f"--grads {input.grads}" if "grads" in input.keys() else "",
-        model=lambda wc, input: f"--model {input.model}" if "model" in input.keys() else "",
+        grads=lambda wc, input: ["--grads", input.grads] if "grads" in input.keys() else [],
+        model=lambda wc, input: ["--model", input.model] if "model" in input.keys() else [],
         gradients=config["score"]["gradients"],
         recompute_batch_size=config["score"]["recompute_batch_size"],
         damping=config["score"]["damping"],
@@ -32,9 +32,8 @@ rule score:
     container:
         CONTAINER
     shell:
-        "python -m dropinf score --data {input.data} --method {wildcards.method} --r {params.r} {params.grads}"
-        " {params.model} --gradients {params.gradients} --recompute-batch-size {params.recompute_batch_size}"
-        " --seeds {params.seeds} --damping {params.damping} --curvature {params.curvature}"
-        " --options {params.options:q}"
-        " --device {params.device} --threads {threads} --experiment {params.exp}"
-        " --out-dir $(dirname {output}) > {log} 2>&1"
+        "python -m dropinf score --data {input.data:q} --method {wildcards.method} --r {params.r} {params.grads:q}"
+        " {params.model:q} --gradients {params.gradients} --recompute-batch-size {params.recompute_batch_size}"
+        " --seeds {params.seeds} --damping {params.damping} --curvature {params.curvature} --options {params.options:q}"
+        " --device {params.device} --threads {threads} --experiment {params.exp:q}"
+        " --out-dir \"$(dirname {output:q})\" > {log:q} 2>&1"

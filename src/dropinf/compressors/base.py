@@ -34,10 +34,32 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import DropinfError, ShapeError
+from ..errors import DropinfError, InvalidValueError, ShapeError
 from ..layout import Layout, Slot, check_curvature
 
 COMPRESSORS: dict[str, type["Compressor"]] = {}
+#: seeds feed torch/numpy generators: non-negative and below 2**63
+SEED_MAX = 2**63 - 1
+
+
+def strict_int(value, what: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """`value` as an int when it is an integer (an int, a numpy integer, or an integral float such
+    as 16.0); a bool, a fractional number or a non-number raises InvalidValueError naming `what`."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidValueError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    if isinstance(value, numbers.Integral):
+        out = int(value)
+    elif float(value).is_integer():
+        out = int(value)
+    else:
+        raise InvalidValueError(f"{what} must be an integer, got {value!r}")
+    if minimum is not None and out < minimum:
+        raise InvalidValueError(f"{what} must be >= {minimum}, got {out}")
+    if maximum is not None and out > maximum:
+        raise InvalidValueError(f"{what} must be <= {maximum}, got {out}")
+    return out
 
 
 @dataclass
@@ -225,17 +247,17 @@ class Compressor:
             COMPRESSORS[cls.name] = cls
 
     def __init__(self, dim: int, r: int, seed: int = 0, layout: Layout | None = None):
-        dim, r = int(dim), int(r)
-        if dim <= 0:
-            raise DropinfError(f"{self.name}: dim must be positive, got {dim}")
+        dim = strict_int(dim, f"{self.name}: dim", minimum=1)
+        r = strict_int(r, f"{self.name}: r")
+        seed = strict_int(seed, f"{self.name}: seed", minimum=0, maximum=SEED_MAX)
         if layout is not None and layout.dim != dim:
             raise ShapeError(f"{self.name}: layout covers {layout.dim} coordinates but dim={dim}")
-        self.dim, self.r, self.seed, self.layout = dim, r, int(seed), layout
+        self.dim, self.r, self.seed, self.layout = dim, r, seed, layout
         self._check_r()
 
     def _check_r(self) -> None:
         if self.r <= 0 or self.r > self.dim:
-            raise DropinfError(f"{self.name}: r must be in [1, dim={self.dim}], got r={self.r}")
+            raise InvalidValueError(f"{self.name}: r must be in [1, dim={self.dim}], got r={self.r}")
 
     # ---- description -------------------------------------------------------------------
     @property
@@ -294,5 +316,13 @@ def compressor(name: str, dim: int, r: int, seed: int = 0, **opts) -> Compressor
     try:
         cls = COMPRESSORS[name]
     except KeyError:
-        raise DropinfError(f"unknown compressor {name!r}; known: {sorted(COMPRESSORS)}") from None
-    return cls(dim=dim, r=r, seed=seed, **opts)
+        raise InvalidValueError(f"unknown compressor {name!r}; known: {sorted(COMPRESSORS)}") from None
+    import inspect
+
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "dim", "r", "seed")]
+    unknown = sorted(set(opts) - set(accepted))
+    if unknown:
+        raise InvalidValueError(f"compressor {name}: unknown option(s) {unknown}; allowed: {accepted}")
+    if r is not None:
+        r = strict_int(r, f"compressor {name}: r")
+    return cls(dim=dim, r=r, seed=strict_int(seed, f"compressor {name}: seed", minimum=0, maximum=SEED_MAX), **opts)

@@ -3,6 +3,9 @@
 
 Reads the standard "python version" layout directly: a folder `cifar-10-batches-py/` holding
 pickled `data_batch_1..5` and `test_batch` (dicts with b"data": uint8 (N, 3072), b"labels").
+Those pickles are read by a restricted unpickler (`SafeUnpickler`) that can only rebuild plain
+numpy arrays, dtypes and builtin containers: a file that names any other callable is refused
+(a tampered batch cannot run code), as is an object-dtype array.
 `root` may be that folder or its parent. With `download=True` and the folder missing, it is
 fetched through torchvision (imported only then; torchvision is an optional extra). Images are
 float32 (N, 3, 32, 32) in [0, 1], normalized with the usual per-channel CIFAR-10 mean/std.
@@ -55,14 +58,48 @@ def locate(root=None, download: bool = False) -> Path:
     return found
 
 
+#: the only globals a CIFAR-10 batch pickle needs: numpy's array reconstruction (numpy 1 and 2 names)
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, bytes, str, numbers, lists and dicts only. Every other global (the
+    way a pickle runs code: os.system, builtins.eval, ...) raises UnpicklingError."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
+
+
+def load_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            d = SafeUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise DropinfError(f"{path} is not a plain CIFAR-10 batch ({e}); it is refused rather than unpickled "
+                           f"freely (a pickle can run code). Use the official cifar-10-python.tar.gz, or convert "
+                           f"your copy to that layout (dicts of a uint8 'data' array and a 'labels' list)") from None
+    if not isinstance(d, dict):
+        raise DropinfError(f"{path} is not a CIFAR-10 batch (a {type(d).__name__}, not a dict)")
+    for v in d.values():
+        if isinstance(v, np.ndarray) and v.dtype.hasobject:
+            raise DropinfError(f"{path}: an object-dtype array is refused in a CIFAR-10 batch")
+    return d
+
+
 def read_batches(folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for name in files:
         path = folder / name
         if not path.exists():
             raise DropinfError(f"CIFAR-10 batch {path} is missing")
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+        d = load_batch(path)
         data = d.get(b"data", d.get("data"))
         labels = d.get(b"labels", d.get("labels"))
         if data is None or labels is None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InvalidValueError
 from .common import Stage, atomic_path, log
 from .metrics import COLUMNS, mislabel_auc, most_helpful_first
 from .prepare import load_prepared, model_inputs
@@ -61,6 +62,19 @@ def device_inputs(blob, device) -> dict:
     return {split: {k: v.to(device) for k, v in model_inputs(blob[split]).items()} for split in ("train", "test")}
 
 
+def removal_count(fraction: float, n: int) -> int:
+    """round(fraction * n) examples to remove; an error when that removes none or all of them (the
+    retraining result would then say nothing about the scores)."""
+    k = int(round(float(fraction) * n))
+    if k < 1:
+        raise InvalidValueError(f"evaluate.retrain_fractions: {fraction:g} of n = {n} training examples removes "
+                                f"none (round({fraction:g} * {n}) = 0); use a fraction of at least {0.5 / n:.3g}")
+    if k >= n:
+        raise InvalidValueError(f"evaluate.retrain_fractions: {fraction:g} of n = {n} training examples removes all "
+                                f"of them; use a smaller fraction")
+    return k
+
+
 def evaluate(data, model, scores, out, method: str, r: int | None = None, experiment: str = "",
              fractions=(), retrain: bool = True, device: str = "auto", threads: int | None = None) -> list[dict]:
     stage = Stage("evaluate", device=device, threads=threads)
@@ -75,8 +89,11 @@ def evaluate(data, model, scores, out, method: str, r: int | None = None, experi
     blob = load_prepared(data)
     flipped = blob["train"].get("flipped")
     flipped = None if flipped is None else flipped.numpy().astype(bool)
-    saved = torch.load(model, weights_only=False) if (retrain and fractions) else None
     n = next(iter(blob["train"].values())).shape[0]
+    removed = {float(f): removal_count(f, n) for f in fractions} if retrain else {}
+    from .train import load_saved
+
+    saved = load_saved(model) if (retrain and fractions) else None
     inputs = device_inputs(blob, stage.device) if saved is not None else None
     timing_rows = []
     for seed_key, rel in sm["scores"].items():
@@ -91,7 +108,7 @@ def evaluate(data, model, scores, out, method: str, r: int | None = None, experi
         if saved is not None:
             order = most_helpful_first(values)
             for f in fractions:
-                k = int(round(float(f) * n))
+                k = removed[float(f)]
                 kind, value = retrain_metric(blob, saved, order[k:], stage.device, inputs)
                 found.append((f"retrain_test_{kind}@{f:g}", value))
         for metric, value in found:

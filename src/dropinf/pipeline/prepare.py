@@ -4,16 +4,26 @@ Label noise: exactly round(noise * n_train) training examples, drawn uniformly w
 replacement, get a different label drawn uniformly from the other classes. The test split is
 never touched. The file keeps the clean labels and the flipped mask, which is the ground truth of
 the mislabel-detection AUC.
+
+File format (no pickle: loading it runs no code): safetensors, one tensor per (split, key) named
+`train/x`, `test/labels`, ...; everything else (name, task, classes, the loader's meta such as
+texts, label-noise settings, provenance) as JSON in the header's metadata under "dropinf".
+Feature tensors with NaN/inf values are refused here, naming the split, feature and rows.
 """
 from __future__ import annotations
+
+import json
+import shlex
 
 import numpy as np
 import torch
 
-from ..errors import DropinfError
-from .common import Stage, atomic_path, log
+from ..errors import DropinfError, IntegrityError, NonFiniteError
+from .common import Stage, atomic_path, jsonable, log
 
 SPLIT_EXTRAS = ("labels_clean", "flipped")
+SPLITS = ("train", "test")
+HEADER_KEY = "dropinf"
 
 
 def flip_labels(labels: torch.Tensor, num_classes: int, rate: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +60,8 @@ def prepare_data(out, dataset: str, dataset_options: dict | None = None, label_n
     elif "labels" in train:
         train["labels_clean"] = train["labels"].clone()
         train["flipped"] = torch.zeros(train["labels"].shape[0], dtype=torch.bool)
+    for split_name, split in (("train", train), ("test", data.test)):
+        check_features(split, split_name, dataset)
     n_train = next(iter(train.values())).shape[0]
     n_test = next(iter(data.test.values())).shape[0]
     n_flipped = int(train["flipped"].sum()) if "flipped" in train else 0
@@ -62,13 +74,71 @@ def prepare_data(out, dataset: str, dataset_options: dict | None = None, label_n
         "dataset_options": dict(dataset_options or {}),
         "provenance": stage.provenance(),
     }
-    with atomic_path(out) as tmp:
-        torch.save(blob, tmp)
+    save_tensors(out, {s: blob.pop(s) for s in SPLITS}, blob)
     return {"n_train": n_train, "n_test": n_test, "n_flipped": n_flipped}
 
 
+def check_features(split: dict, split_name: str, dataset: str) -> None:
+    """Refuse NaN/inf in a floating-point input tensor, naming the feature and the first rows
+    (else training would later fail as if it had diverged)."""
+    for key, t in split.items():
+        if not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t)
+        if not bad.any():
+            continue
+        rows_mask = bad.reshape(t.shape[0], -1).any(dim=1)
+        rows = torch.nonzero(rows_mask).flatten()[:10].tolist()
+        cols = torch.nonzero(bad.reshape(t.shape[0], -1)[rows[0]]).flatten()[:5].tolist()
+        raise NonFiniteError(f"dataset {dataset}: {split_name} feature {key!r} has NaN/inf values in "
+                             f"{int(rows_mask.sum())} row(s), first {rows} (row {rows[0]}: flat positions {cols}); "
+                             f"clean the data (drop or impute those rows) before running")
+
+
+def save_tensors(out, groups: dict[str, dict], header: dict) -> None:
+    """A safetensors file holding `groups` ({group: {key: tensor}}) as `group/key` and `header`
+    (JSON) in its metadata, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{g}/{k}": v.detach().cpu().contiguous().clone() for g, d in groups.items() for k, v in d.items()}
+    meta = {**jsonable(header), "groups": {g: list(d) for g, d in groups.items()}}
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def load_tensors(path, what: str) -> tuple[dict, dict[str, dict]]:
+    """(header, {group: {key: tensor}}) of a file written by `save_tensors`. A file in another
+    format (e.g. a pickle written by an older dropinf, which is never loaded: unpickling runs code)
+    or a damaged one raises IntegrityError naming the file and the command that rewrites it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    fix = f"snakemake --forcerun {shlex.quote(str(path))}"
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get(HEADER_KEY)
+        tensors = load_file(str(path))
+        header = json.loads(meta)
+    except FileNotFoundError:
+        raise DropinfError(f"{what} {path} does not exist") from None
+    except (SafetensorError, OSError, TypeError, ValueError) as e:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head == b"PK" or head[:1] == b"\x80":  # torch.save's zip archive, or a bare pickle
+            raise IntegrityError(f"{what} {path} is a pickle (torch.save) file from an older dropinf; pickles are "
+                                 f"not loaded (they can run code). Rewrite it with: {fix}") from None
+        raise IntegrityError(f"{what} {path} is damaged or not a dropinf file ({type(e).__name__}: {e}); "
+                             f"rewrite it with: {fix}") from None
+    groups = {g: {k: tensors[f"{g}/{k}"] for k in keys} for g, keys in header.pop("groups").items()}
+    return header, groups
+
+
 def load_prepared(path) -> dict:
-    return torch.load(path, weights_only=False)
+    """The prepared data written by `prepare_data`: {"name", "task", "num_classes", "meta", "train",
+    "test", "label_noise", "noise_seed", "dataset_options", "provenance"}."""
+    header, groups = load_tensors(path, "prepared data")
+    return {**header, **groups}
 
 
 def task_data(blob: dict):

@@ -75,9 +75,8 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
         raise DropinfError(f"score.gradients must be one of {', '.join(GRADIENT_SOURCES)}, got {gradients!r}")
     stage = Stage("score", device=device, threads=threads)
     out_dir = Path(out_dir)
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    clean_stale(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # nothing of an earlier run is touched until the new scores exist (`commit`)
+    pending: list[tuple[str, np.ndarray, dict]] = []
     options = dict(options or {})
     manifest = {"method": method, "r": r, "experiment": experiment, "damping": damping, "curvature": curvature,
                 "options": options, "n_blocks": {}, "scores": {}, "seconds": {}, "extract_seconds": {},
@@ -94,14 +93,13 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
             t0 = time.perf_counter()
             values = np.random.default_rng(int(seed)).standard_normal(n).astype(np.float32)
             secs = time.perf_counter() - t0
-            save_array(out_dir / score_relpath(seed), values,
-                       {**common_attrs, "seed": int(seed), "n": n, "solver": "random (seeded standard normal)",
-                        "score_seconds": secs, "provenance": stage.provenance()})
+            pending.append((score_relpath(seed), values,
+                            {**common_attrs, "seed": int(seed), "n": n, "solver": "random (seeded standard normal)",
+                             "score_seconds": secs, "provenance": stage.provenance()}))
             manifest["scores"][str(seed)] = score_relpath(seed)
             manifest["seconds"][str(seed)] = secs
         manifest.update(status="complete", seeds=[int(s) for s in seeds], provenance=stage.provenance())
-        write_manifest(out_dir, manifest)
-        return manifest
+        return commit(out_dir, pending, manifest)
 
     if method in FULL_SPACE and gradients == "recompute":
         return _score_recomputed(data, model, out_dir, method, damping, options, stage, manifest, common_attrs,
@@ -122,8 +120,7 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
         reason = f"{gm.get('compressor')} extraction was skipped: {gm.get('reason', 'unknown reason')}"
         log.warning("SKIPPED %s: %s", method, reason)
         manifest.update(status="skipped", reason=reason, provenance=stage.provenance())
-        write_manifest(out_dir, manifest)
-        return manifest
+        return commit(out_dir, [], manifest)
 
     solver = solver_of(method)
     seeds_here = [None] if method in FULL_SPACE else [int(s) for s in seeds]
@@ -141,7 +138,7 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
                  "grads": str(grads_dir / gm["arrays"][str(seed)]["train"]), "compressor": gm["compressor"],
                  "out_dim": gm["out_dim"], "dim": gm["dim"], "score_seconds": secs,
                  "compressor_seed": seed, "provenance": stage.provenance()}
-        save_array(out_dir / score_relpath(seed), values, attrs)
+        pending.append((score_relpath(seed), values, attrs))
         manifest["scores"][str(seed)] = score_relpath(seed)
         manifest["seconds"][str(seed)] = secs
         manifest["n_blocks"][str(seed)] = len(blocks)
@@ -153,7 +150,21 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
                  float(values.mean()), float(values.std()))
     manifest.update(status="complete", seeds=[s for s in seeds_here if s is not None],
                     provenance=stage.provenance(), sliced_from=gm.get("sliced_from"))
-    write_manifest(out_dir, jsonable(manifest))
+    return commit(out_dir, pending, jsonable(manifest))
+
+
+def commit(out_dir, arrays, manifest: dict) -> dict:
+    """Replace the directory's outputs by the new ones, once they all exist in memory: the old
+    manifest goes first (a kill from here on leaves nothing that looks finished), then each array
+    is written under a temporary name and renamed into place, leftovers of other runs are removed,
+    and the manifest is written last."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for rel, values, attrs in arrays:
+        save_array(out_dir / rel, values, attrs)
+    clean_stale(out_dir, keep={rel for rel, _, _ in arrays})
+    write_manifest(out_dir, manifest)
     return manifest
 
 
@@ -192,10 +203,8 @@ def _score_recomputed(data, model, out_dir, method, damping, options, stage, man
              **block_summary(curvature, blocks), "grads": "recomputed from the model (not stored)",
              "model": str(model), "model_sha256": file_sha256(model), "compressor": "identity", "out_dim": train.d, "dim": train.d,
              "score_seconds": secs, "recompute": cost, "provenance": stage.provenance()}
-    save_array(Path(out_dir) / score_relpath(None), values, attrs)
     manifest["scores"]["None"] = score_relpath(None)
     manifest["seconds"]["None"] = secs
     manifest["n_blocks"]["None"] = len(blocks)
     manifest.update(status="complete", seeds=[], recompute=cost, provenance=stage.provenance())
-    write_manifest(out_dir, jsonable(manifest))
-    return manifest
+    return commit(out_dir, [(score_relpath(None), values, attrs)], jsonable(manifest))

@@ -16,21 +16,34 @@ each chunk file atomically, so a killed shard leaves whole old chunks or whole n
 torn one. Shard boundaries are also multiples of the batch size, so a shard computes exactly the
 batches an unsharded run computes for those rows. The array becomes `"complete": true` only when
 a finalize step has checked every shard's done marker.
+
+Integrity: float arrays are created with fill value NaN, so a chunk missing on disk reads as NaN
+(never as zeros: the solvers' finite check names the rows), and every chunk is written (also an
+all-fill one) and carries a crc32c checksum. `write_manifest` records the shape, row count and
+chunk count of every array in its directory. `open_array(path)` (read mode) checks that every
+chunk file is present and that the array agrees with its manifest, and turns a checksum or
+decompression failure into an `IntegrityError` naming the array, the chunk and the command that
+recomputes it (`snakemake --forcerun <the producing manifest>`). `dropinf.pipeline.verify`
+checks a whole results directory.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import shlex
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import IntegrityError
 from .common import atomic_path, jsonable, read_json, write_json
 
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 4 << 20
+CHECKSUM = "crc32c"
 
 
 def chunk_rows_for(width: int, itemsize: int = 4, target_bytes: int = CHUNK_BYTES) -> int:
@@ -48,14 +61,156 @@ def create_array(path, n: int, width: int | None, attrs: dict, dtype="float32", 
         chunk_rows = chunk_rows_for(1 if width is None else width, np.dtype(dtype).itemsize)
     chunks = (min(int(chunk_rows), max(1, n)),) + (() if width is None else (max(1, int(width)),))
     attrs = {**jsonable(attrs), "chunk_rows": int(chunks[0]), "complete": False}
+    floating = np.issubdtype(np.dtype(dtype), np.floating)
     return zarr.create_array(store=str(path), shape=shape, chunks=chunks, dtype=dtype, attributes=attrs,
-                             overwrite=True)
+                             overwrite=True, fill_value=np.nan if floating else None,
+                             compressors=[zarr.codecs.ZstdCodec(), zarr.codecs.Crc32cCodec()],
+                             config={"write_empty_chunks": True})
 
 
 def open_array(path, mode: str = "r"):
+    """The array at `path`. Read mode (the readers): checked first (every chunk file present, shape
+    and chunk count as its manifest records) and wrapped so that a corrupt chunk raises
+    `IntegrityError` naming it; other modes (the writers): the plain zarr array."""
     import zarr
 
-    return zarr.open_array(store=str(path), mode=mode)
+    if mode != "r":
+        return zarr.open_array(store=str(path), mode=mode)
+    try:
+        arr = zarr.open_array(store=str(path), mode="r")
+    except Exception as e:  # missing or unreadable zarr.json
+        raise IntegrityError(f"array {path} cannot be opened ({type(e).__name__}: {e}); "
+                             f"recover with: {recover_command(path)}") from None
+    problems = array_problems(path, arr)
+    if problems:
+        raise IntegrityError(f"array {path}: {problems[0]}; recover with: {recover_command(path)}")
+    return CheckedArray(arr, path)
+
+
+# ---- integrity ------------------------------------------------------------------------------------
+
+def producing_manifest(path) -> Path:
+    """The manifest.json that the stage producing the array at `path` writes: that of the nearest
+    enclosing directory holding one (grads/<compressor>/<r>/ for seed<s>/train.zarr), else the
+    array's own directory's."""
+    path = Path(path)
+    for d in list(path.parents)[:2]:  # an array lies at most one folder (seed<s>/) below its manifest
+        if (d / MANIFEST).exists():
+            return d / MANIFEST
+    return path.parent / MANIFEST
+
+
+def recover_command(path) -> str:
+    return f"snakemake --forcerun {shlex.quote(str(producing_manifest(path)))}"
+
+
+def chunk_grid(arr) -> tuple[int, ...]:
+    return tuple(math.ceil(s / c) for s, c in zip(arr.shape, arr.chunks))
+
+
+def chunk_key(index: tuple[int, ...]) -> str:
+    """The file of chunk `index` inside the array directory (zarr v3 default key encoding)."""
+    return "/".join(("c",) + tuple(str(i) for i in index))
+
+
+def present_chunks(path) -> set[str]:
+    root = Path(path) / "c"
+    found = set()
+    for d, _, files in os.walk(root):
+        rel = Path(d).relative_to(Path(path))
+        found.update(str(rel / f) for f in files)
+    return found
+
+
+def has_checksum(arr) -> bool:
+    return any(getattr(c, "to_dict", lambda: {})().get("name") == CHECKSUM for c in arr.metadata.codecs)
+
+
+def integrity_record(arr, path) -> dict:
+    grid = chunk_grid(arr)
+    return {"shape": list(arr.shape), "rows": int(arr.shape[0]), "chunk_rows": int(arr.chunks[0]),
+            "chunks": int(np.prod(grid)), "checksum": CHECKSUM if has_checksum(arr) else None}
+
+
+def array_problems(path, arr) -> list[str]:
+    """What is wrong with the array's files without decoding data: chunk files missing, or shape and
+    chunking other than its manifest records. Empty when it looks whole."""
+    problems = []
+    grid = chunk_grid(arr)
+    have = present_chunks(path)
+    missing = [chunk_key(ix) for ix in np.ndindex(*grid) if chunk_key(ix) not in have]
+    if missing:
+        rows = [_chunk_rows(arr, key) for key in missing[:3]]
+        problems.append(f"{len(missing)} of {int(np.prod(grid))} chunk(s) missing on disk: "
+                        + ", ".join(f"{k} (rows {a}-{b - 1})" for k, (a, b) in zip(missing, rows))
+                        + (" ..." if len(missing) > 3 else ""))
+    rec = _manifest_record(path)
+    if rec is not None:
+        now = integrity_record(arr, path)
+        for key in ("shape", "chunk_rows", "chunks"):
+            if rec.get(key) is not None and rec[key] != now[key]:
+                problems.append(f"{key} is {now[key]} but its manifest recorded {rec[key]}")
+    return problems
+
+
+def _chunk_rows(arr, key: str) -> tuple[int, int]:
+    i = int(key.split("/")[1])
+    c = int(arr.chunks[0])
+    return i * c, min((i + 1) * c, int(arr.shape[0]))
+
+
+def _manifest_record(path) -> dict | None:
+    path = Path(path)
+    manifest = producing_manifest(path)
+    try:
+        rel = str(path.resolve().relative_to(manifest.parent.resolve()))
+        return (read_json(manifest).get("integrity") or {}).get(rel)
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+
+
+def chunk_error(arr, path, start: int = 0, stop: int | None = None) -> str | None:
+    """Decode the row chunks of rows [start, stop) one by one; a message naming the first that fails."""
+    c = int(arr.chunks[0])
+    stop = int(arr.shape[0]) if stop is None else int(stop)
+    for i in range(int(start) // c, math.ceil(stop / c)):
+        a, b = i * c, min((i + 1) * c, int(arr.shape[0]))
+        try:
+            arr[a:b]
+        except Exception as e:
+            key = chunk_key((i,) + (0,) * (len(arr.shape) - 1))
+            return f"chunk {key} (rows {a}-{b - 1}) is corrupt ({type(e).__name__}: {e})"
+    return None
+
+
+class CheckedArray:
+    """A read-only zarr array whose reads turn a failing chunk (checksum mismatch, truncated or
+    undecodable file) into an IntegrityError naming the array, the chunk and the recovering
+    command. Everything else (shape, dtype, chunks, attrs) is the zarr array's."""
+
+    def __init__(self, arr, path):
+        self._arr, self.path = arr, Path(path)
+
+    def __getattr__(self, name):
+        return getattr(self._arr, name)
+
+    def __len__(self):
+        return len(self._arr)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, key):
+        try:
+            return self._arr[key]
+        except (IndexError, TypeError):
+            raise
+        except Exception as e:
+            rows = key[0] if isinstance(key, tuple) and key else key
+            a, b = (rows.start or 0, rows.stop) if isinstance(rows, slice) else (0, None)
+            what = chunk_error(self._arr, self.path, a, b) or f"reading it failed ({type(e).__name__}: {e})"
+            raise IntegrityError(f"array {self.path}: {what}; recover with: {recover_command(self.path)}") from None
 
 
 def mark_complete(arr, **extra) -> None:
@@ -168,17 +323,44 @@ def save_array(path, data: np.ndarray, attrs: dict, chunk_rows=None) -> None:
 
 
 def is_complete(path) -> bool:
+    import zarr
+
     p = Path(path)
     if not (p / "zarr.json").exists():
         return False
     try:
-        return bool(open_array(p).attrs.get("complete", False))
+        return bool(zarr.open_array(store=str(p), mode="r").attrs.get("complete", False))
     except Exception:
         return False
 
 
+def arrays_under(directory) -> list[Path]:
+    """Every Zarr array below `directory` (not inside temporary `.NAME.tmp-PID` entries)."""
+    out = []
+    for meta in sorted(Path(directory).rglob("zarr.json")):
+        rel = meta.parent.relative_to(directory)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        try:
+            if read_json(meta).get("node_type") == "array":
+                out.append(meta.parent)
+        except (OSError, json.JSONDecodeError):
+            out.append(meta.parent)  # unreadable metadata: the reader and verify will say so
+    return out
+
+
 def write_manifest(directory, manifest: dict) -> None:
-    write_json(Path(directory) / MANIFEST, manifest)
+    """Write the directory's manifest (atomically, last), recording the shape, rows and chunk count
+    of every array in the directory under "integrity" (what readers and `verify` check against)."""
+    import zarr
+
+    directory = Path(directory)
+    manifest = dict(manifest)
+    if manifest.get("status", "complete") == "complete":
+        manifest["integrity"] = {str(p.relative_to(directory)): integrity_record(zarr.open_array(store=str(p),
+                                                                                                mode="r"), p)
+                                 for p in arrays_under(directory)}
+    write_json(directory / MANIFEST, manifest)
 
 
 def read_manifest(directory_or_file) -> dict:

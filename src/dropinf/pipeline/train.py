@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DropinfError
-from .common import Stage, atomic_path, file_sha256, log, write_json
-from .prepare import load_prepared, model_inputs, task_data
+from .common import Stage, file_sha256, log, write_json
+from .prepare import load_prepared, load_tensors, model_inputs, save_tensors, task_data
 
 
 class Batches:
@@ -77,7 +77,7 @@ def load_init(spec, init: dict | str) -> None:
     if rec.get("sha256") and file_sha256(path) != rec["sha256"]:
         raise DropinfError(f"initial weights {path} changed since the model was fine-tuned from them (sha256 "
                            f"differs); rerun finetune")
-    state = torch.load(path, weights_only=False, map_location="cpu")["state_dict"]
+    state = load_weights(path)[1]
     try:
         spec.module.load_state_dict(state)
     except RuntimeError as e:
@@ -248,6 +248,7 @@ def finetune(data, out, metrics_out, model: str, model_options: dict | None = No
     n_params = sum(p.numel() for p in spec.module.parameters() if p.requires_grad)
     log.info("model %s (%d trainable parameters) on %d examples: %s", model, n_params,
              train["labels"].shape[0] if "labels" in train else -1, settings)
+    check_planned_extractions(spec)
     # where training starts (the pretrained model's loss on this test split, when there is one)
     start = {} if init is None else {"initial_test_loss": mean_loss(spec, test, stage.device)}
     history = fit(spec, train, device=stage.device, log_every=max(1, settings["epochs"] // 5), **settings)
@@ -259,20 +260,70 @@ def finetune(data, out, metrics_out, model: str, model_options: dict | None = No
         if "labels_clean" in blob["train"]:
             metrics["train_accuracy_clean_labels"] = accuracy(spec, train, stage.device, blob["train"]["labels_clean"])
     log.info("finetune done: %s", {k: round(v, 4) for k, v in metrics.items()})
-    state = {k: v.detach().cpu() for k, v in spec.module.state_dict().items()}
     if init is not None:
         log.info("started from the weights in %s", init["path"])
     record = {"model": model, "model_options": dict(model_options or {}), "train": settings, "init": init,
               "n_params": n_params, "metrics": metrics, "history": history}
-    with atomic_path(out) as tmp:
-        torch.save({**record, "state_dict": state, "provenance": stage.provenance()}, tmp)
+    save_weights(out, spec.module, {**record, "provenance": stage.provenance()})
     write_json(metrics_out, {**record, "provenance": stage.provenance()})
     return metrics
 
 
+#: Set by the workflow for `finetune`: the compressed extractions the config plans, as JSON
+#: {compressor: {"r": [...], "options": {...}}}, checked against the model before training (not a
+#: rule parameter: changing r must not rerun fine-tuning).
+ENV_PLANNED = "DROPINF_PLANNED_EXTRACTIONS"
+
+
+def check_planned_extractions(spec, planned: dict | None = None) -> None:
+    """Build every planned compressor for the model's tracked parameters (cheap: index draws, no
+    projection matrices) so that an r the model cannot take (r > d, ...) fails now, not after
+    training."""
+    import json
+    import os
+
+    from ..compressors import compressor
+    from ..layout import Layout
+
+    if planned is None:
+        planned = json.loads(os.environ.get(ENV_PLANNED) or "{}")
+    if not planned:
+        return
+    layout = Layout.from_model(spec.module, spec.params)
+    for name, plan in planned.items():
+        for r in plan.get("r", []):
+            if int(r) > layout.dim:
+                raise DropinfError(f"config 'r' = {r} exceeds d = {layout.dim}, the number of tracked parameters of "
+                                   f"this model ({name} compresses d coordinates to r): choose r <= {layout.dim}")
+            try:
+                compressor(name, dim=layout.dim, r=r, seed=0, layout=layout, **plan.get("options", {}))
+            except (DropinfError, TypeError) as e:
+                raise DropinfError(f"config 'r' = {r} does not fit compressor {name} on this model (d = {layout.dim} "
+                                   f"tracked parameters): {e}") from None
+
+
+def save_weights(path, module: torch.nn.Module, record: dict) -> None:
+    """The module's state dict as safetensors (no pickle), with `record` (what built and trained it)
+    as JSON in the header. Tied parameters are stored once per name (safetensors refuses shared
+    storage); loading copies the same values into both."""
+    save_tensors(path, {"state_dict": module.state_dict()}, record)
+
+
+def load_weights(path) -> tuple[dict, dict]:
+    """(record, state dict) of weights written by `save_weights`."""
+    record, groups = load_tensors(path, "model weights")
+    return record, groups["state_dict"]
+
+
+def load_saved(path) -> dict:
+    """The record of a `finetune` run with its "state_dict"."""
+    record, state = load_weights(path)
+    return {**record, "state_dict": state}
+
+
 def load_trained(model_path, blob: dict, device=torch.device("cpu")):
     """Rebuild the fine-tuned model (ModelSpec) saved by `finetune`."""
-    saved = torch.load(model_path, weights_only=False)
+    saved = load_saved(model_path)
     spec = build(blob, saved["model"], saved["model_options"], saved["train"].get("seed", 0))
     spec.module.load_state_dict(saved["state_dict"])
     spec.module.to(device).eval()
