@@ -148,7 +148,8 @@ def _fake_identity(d: Path, n=12, k=5) -> Path:
     for split, rows in (("train", n), ("test", 4)):
         storage.save_array(d / f"{split}.zarr", rng.standard_normal((rows, k)).astype(np.float32), {}, chunk_rows=4)
     storage.write_manifest(d, {"status": "complete", "compressor": "identity", "arrays": {"None": {
-        "train": "train.zarr", "test": "test.zarr"}}, "blocks": [[0, k]], "out_dim": k, "dim": k})
+        "train": "train.zarr", "test": "test.zarr"}}, "blocks": [[0, k]], "out_dim": k, "dim": k,
+        "layout": [{"name": "weight", "shape": [k], "offset": 0}]})
     return d / "manifest.json"
 
 

@@ -50,6 +50,9 @@ def solve_blocks(method: str, gm: dict, array, curvature: str) -> dict:
     from ..compressors.base import column_blocks_from_attrs
 
     if method in FULL_SPACE:
+        if "layout" not in gm:
+            raise DropinfError(f"the extract manifest of {method!r} has no 'layout' (which coordinates belong to "
+                               f"which parameter), so its curvature blocks are unknown: re-run its extract stage")
         return Layout.from_json(gm["layout"]).coordinate_blocks(curvature)
     return column_blocks_from_attrs(dict(array.attrs), curvature)
 
