@@ -345,7 +345,7 @@ def test_option_errors_name_key_and_allowed():
         "n_test, seed, train_split, test_split, pad_to_max_length, path, dataset",
         "config error at 'model.options': unknown option(s) 'hiden'; allowed: hidden, activation, init_seed",
         "config error at 'extract.compressor_options.sjlt': unknown option(s) 'mask'; allowed: mask_factor, "
-        "chunk_elems",
+        "blocks, chunk_elems",
         "config error at 'score.method_options.lissa': unknown option(s) 'lissa_iter'; allowed: dtype, lissa_iters, "
         "lissa_scale, lissa_power_iters, woodbury",
     ]
