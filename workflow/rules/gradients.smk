@@ -30,13 +30,6 @@ EXTRACT_PARAMS = dict(
     device=config["device"],
     out_dir=lambda wc: f"{RES}/grads/{wc.compressor}/{wc.rtag}",
 )
-EXTRACT_RESOURCES = dict(
-    gpu=GPU,
-    gpu_model=GPU_MODEL,
-    cpus_per_gpu=CPUS_PER_GPU,
-    runtime=RUNTIME["extract"],
-    mem_mb=MEM_MB["extract"],
-)
 
 
 wildcard_constraints:
@@ -62,7 +55,11 @@ rule extract:
         f"{BENCH}/extract/{{compressor}}-{{rtag}}{PART_LOG}.tsv"
     threads: THREADS
     resources:
-        **EXTRACT_RESOURCES,
+        gpu=GPU,
+        gpu_model=GPU_MODEL,
+        cpus_per_gpu=CPUS_PER_GPU,
+        runtime=RUNTIME["extract"],
+        mem_mb=MEM_MB["extract"],
     conda:
         ENV
     container:
@@ -89,7 +86,11 @@ rule extract_nested:
         f"{BENCH}/extract/{{compressor}}-{{rtag}}-from-r{{big}}.tsv"
     threads: THREADS
     resources:
-        **EXTRACT_RESOURCES,
+        gpu=GPU,
+        gpu_model=GPU_MODEL,
+        cpus_per_gpu=CPUS_PER_GPU,
+        runtime=RUNTIME["extract"],
+        mem_mb=MEM_MB["extract"],
     conda:
         ENV
     container:
@@ -111,6 +112,7 @@ rule extract_from_identity:
     params:
         **EXTRACT_PARAMS,
         source=lambda wc, input: os.path.dirname(input.source),
+        shards=SHARDS,
         shard=lambda wc: wc.get("shard", 0),
     log:
         f"{LOGS}/extract/{{compressor}}-{{rtag}}-from-identity{PART_LOG}.log",
@@ -118,7 +120,11 @@ rule extract_from_identity:
         f"{BENCH}/extract/{{compressor}}-{{rtag}}-from-identity{PART_LOG}.tsv"
     threads: THREADS
     resources:
-        **EXTRACT_RESOURCES,
+        gpu=GPU,
+        gpu_model=GPU_MODEL,
+        cpus_per_gpu=CPUS_PER_GPU,
+        runtime=RUNTIME["extract"],
+        mem_mb=MEM_MB["extract"],
     conda:
         ENV
     container:

@@ -151,7 +151,7 @@ class _Job:
 class _Pass:
     """A gradient pass over the rows, one seed at a time."""
 
-    kind, source_dir = "pass", None
+    kind, part_kind, source_dir = "pass", "pass", None
 
     def log_line(self, job, what):
         pass  # each seed's pass is logged as it ends
@@ -204,6 +204,7 @@ class _Nested:
         # the sliced columns are the source's: so is the device type its projection was drawn on
         job.fingerprint = {**job.fingerprint, "device_type": m["fingerprint"]["device_type"]}
         self.manifest, self.r_big = m, int(m["r"])
+        self.part_kind = f"from-r{self.r_big}"  # the record's name says what it was sliced from
 
     def log_line(self, job, what):
         log.info("NESTED: serving %s r=%d%s by slicing the complete r=%d arrays in %s (no extraction pass)",
@@ -234,7 +235,7 @@ class _Nested:
 class _FromIdentity:
     """The compressor's matrix path on the stored raw gradients, each block read once for all seeds."""
 
-    kind = "identity"
+    kind, part_kind = "identity", "from-identity"
 
     def __init__(self, job, source_dir):
         self.source_dir = str(source_dir)
@@ -334,15 +335,8 @@ def compress_rows(comps, src, sinks, device, *, start: int = 0, stop: int | None
 
 # ---- one part: the same steps for every kind and any number of parts ---------------------------------------
 
-def _part_kind_name(source) -> str:
-    """The part-record name of a kind of part: pass, from-identity, from-r64."""
-    if source.kind == "pass":
-        return "pass"
-    return "from-identity" if source.kind == "identity" else f"from-r{source.r_big}"
-
-
 def _run_part(job: _Job, source, *, shard: int, shards: int) -> dict:
-    record_path = sharding.part_path(job.out_dir, kind=_part_kind_name(source), shard=shard, shards=shards)
+    record_path = sharding.part_path(job.out_dir, kind=source.part_kind, shard=shard, shards=shards)
     sharding.begin_part(job.out_dir, record_path, shards=shards)
     rec = {"kind": source.kind, "shard": shard, "shards": shards, "compressor": job.compressor, "r": job.r,
            "seeds": [s for s in job.seeds if s is not None], "fingerprint": job.fingerprint,
@@ -396,7 +390,7 @@ def _extract(spec: ExtractJob, *, name: str, make_source, shard: int | None, sha
     source = make_source(job)
     for k in range(shards):
         _run_part(job, source, shard=k, shards=shards)
-    parts = [sharding.part_path(job.out_dir, kind=_part_kind_name(source), shard=k, shards=shards)
+    parts = [sharding.part_path(job.out_dir, kind=source.part_kind, shard=k, shards=shards)
              for k in range(shards)]
     return finalize(out_dir=job.out_dir, parts=parts, experiment=spec.experiment)
 
