@@ -71,8 +71,9 @@ def test_finished_extractions_keep_their_route(tmp_path):
     stored = _Identity({"status": "complete", "fingerprint": {"device_type": "cpu"}})
     assert _route(tmp_path, "sjlt", 16, rs=rs, identity=stored) == Route(PASS) and stored.calls == 0
     assert _route(tmp_path, "dropout", 32, rs=rs) == Route(NESTED, f"{tmp_path}/dropout/r128")
-    # a switch turned off, or the source gone: decided afresh
-    assert _route(tmp_path, "dropout", 16, rs=rs, nest=False) == Route(PASS)
+    # a switch turned off applies to what is made afresh; a source gone: decided afresh
+    assert _route(tmp_path, "dropout", 16, rs=rs, nest=False) == Route(NESTED, str(tmp_path / "dropout" / "r64"))
+    assert _route(tmp_path, "dropout", 32, rs=rs, nest=False, from_identity=False) == Route(PASS)
     (tmp_path / "dropout" / "r64" / "manifest.json").unlink()
     assert _route(tmp_path, "dropout", 16, rs=rs) == Route(NESTED, f"{tmp_path}/dropout/r128")
 

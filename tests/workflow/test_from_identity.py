@@ -194,7 +194,7 @@ def test_plan_after_a_run_serves_new_r_from_the_arrays_it_reads(default_run, wf)
         assert comp in ("logra", "sjlt") and f"{grads}/identity/full/manifest.json" in j["input"].split(", ")
     assert len(kinds["extract_nested"]) == len(kinds["extract_from_identity"]) == 2
 
-    # switched off: gradient passes, and nothing else changes
+    # switched off: gradient passes for the new r; what exists keeps how it was made (no rerun)
     cfg["extract"] = {**cfg["extract"], "nest": False, "from_identity": False}
     out, jobs = _plan(wf, default_run.workdir, cfg, "plan-r8-passes")
     assert {j["rule"] for j in jobs if j["rule"].startswith("extract")} == {"extract", "extract_finalize"}

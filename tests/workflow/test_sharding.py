@@ -187,8 +187,7 @@ def test_killed_shard_reruns_alone_and_result_is_identical(trained, tmp_path):
 def _sharded_config(wf, r):
     cfg = wf.reduced_config()
     cfg.update(methods=["orig", "dropout"], r=r, seeds=[0, 1])
-    # gradient passes only (dropout r16 of the default run was sliced from r64, served from identity)
-    cfg["extract"].update(shards=2, nest=False, from_identity=False)
+    cfg["extract"].update(shards=2, nest=False, from_identity=False)  # gradient passes only
     cfg["evaluate"]["retrain"] = False
     return cfg
 
@@ -196,12 +195,14 @@ def _sharded_config(wf, r):
 @pytest.fixture(scope="module")
 def sharded_run(wf, default_run, tmp_path_factory):
     """A copy of the default run, rerun with two shards: prepare_data and finetune are reused (so
-    the model is the unsharded run's, byte for byte), every extraction runs again as two part jobs
-    (a pass each), then extract_finalize."""
+    the model is the unsharded run's, byte for byte), the identity extraction runs again as two
+    part jobs (the record names carry the part count) and dropout r16, removed, as two passes."""
     import shutil
 
     work = tmp_path_factory.mktemp("sharded_run") / "w"
     shutil.copytree(default_run.workdir, work, symlinks=True)
+    # made afresh by passes (a finished extraction keeps the kind of job that made it)
+    shutil.rmtree(work / default_run.results.relative_to(default_run.workdir) / "grads" / "dropout")
     cfg = _sharded_config(wf, [16])
     path = wf.write_config(work / "sharded.yaml", cfg)
     wf.snakemake(work, config=path)

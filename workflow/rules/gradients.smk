@@ -14,12 +14,6 @@ GRADS = f"{RES}/grads/{{compressor}}/{{rtag}}"
 PART = "0" if SHARDS == 1 else "{shard}"
 PART_LOG = "" if SHARDS == 1 else f"-shard{{shard}}of{SHARDS}"
 # what every kind of part job is told (params: only what changes a compressor's arrays)
-EXTRACT_ARGS = (
-    "--data {input.data:q} --model {input.model:q} --compressor {wildcards.compressor} --r {params.r}"
-    " --seeds {params.seeds} --options {params.options:q} --budget-mb {params.budget}"
-    " --batch-size {params.batch_size} --device {params.device} --experiment {params.exp:q}"
-    " --threads {threads} --out-dir {params.out_dir:q}"
-)
 EXTRACT_PARAMS = dict(
     exp=EXP,
     r=lambda wc: extract_params(wc)["r"],
@@ -65,7 +59,11 @@ rule extract:
     container:
         CONTAINER
     shell:
-        "python -m dropinf extract " + EXTRACT_ARGS + " --shards {params.shards} --shard {params.shard} > {log:q} 2>&1"
+        "python -m dropinf extract "
+        "--data {input.data:q} --model {input.model:q} --compressor {wildcards.compressor} --r {params.r}"
+        " --seeds {params.seeds} --options {params.options:q} --budget-mb {params.budget}"
+        " --batch-size {params.batch_size} --device {params.device} --experiment {params.exp:q}"
+        " --threads {threads} --out-dir {params.out_dir:q} --shards {params.shards} --shard {params.shard} > {log:q} 2>&1"
 
 
 rule extract_nested:
@@ -96,8 +94,11 @@ rule extract_nested:
     container:
         CONTAINER
     shell:
-        "python -m dropinf extract_nested " + EXTRACT_ARGS + " --source {params.source:q} --shards 1 --shard 0"
-        " > {log:q} 2>&1"
+        "python -m dropinf extract_nested "
+        "--data {input.data:q} --model {input.model:q} --compressor {wildcards.compressor} --r {params.r}"
+        " --seeds {params.seeds} --options {params.options:q} --budget-mb {params.budget}"
+        " --batch-size {params.batch_size} --device {params.device} --experiment {params.exp:q}"
+        " --threads {threads} --out-dir {params.out_dir:q} --source {params.source:q} --shards 1 --shard 0 > {log:q} 2>&1"
 
 
 rule extract_from_identity:
@@ -130,7 +131,11 @@ rule extract_from_identity:
     container:
         CONTAINER
     shell:
-        "python -m dropinf extract_from_identity " + EXTRACT_ARGS + " --source {params.source:q}"
+        "python -m dropinf extract_from_identity "
+        "--data {input.data:q} --model {input.model:q} --compressor {wildcards.compressor} --r {params.r}"
+        " --seeds {params.seeds} --options {params.options:q} --budget-mb {params.budget}"
+        " --batch-size {params.batch_size} --device {params.device} --experiment {params.exp:q}"
+        " --threads {threads} --out-dir {params.out_dir:q} --source {params.source:q}"
         " --shards {params.shards} --shard {params.shard} > {log:q} 2>&1"
 
 

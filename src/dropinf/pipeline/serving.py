@@ -4,8 +4,8 @@ Stdlib only: the Snakefile loads this module by path (no torch at DAG time). The
 `route(...)` once per extraction and makes the answer's input the job's declared input:
 
 * an existing, finished extraction keeps the kind it was made by (its manifest records it:
-  `sliced_from`, `served_from`), as long as that source is still there and the switch allowing it is
-  on - so adding an r reruns nothing that exists;
+  `sliced_from`, `served_from`) as long as that source is still there - so adding an r, or turning
+  a switch off, reruns nothing that exists (the switches say how missing arrays are made);
 * otherwise a smaller r of a compressor that nests in r is sliced from the largest configured r
   (`extract.nest`), so a sweep needs one pass (or one compression) per seed;
 * otherwise a compressor is served from the stored raw gradients (`extract.from_identity`) when
@@ -61,16 +61,14 @@ def device_fits(manifest: dict, device: str) -> bool:
     return kind == "auto" or (manifest.get("fingerprint") or {}).get("device_type") == kind
 
 
-def recorded(manifest: dict | None, *, nest: bool, from_identity: bool) -> Route | None:
-    """The route an existing finished extraction was made by, if it may and can be kept."""
+def recorded(manifest: dict | None) -> Route | None:
+    """The route an existing finished extraction was made by, if its source is still there."""
     if manifest is None:
         return None
-    if manifest.get("sliced_from"):
-        src = manifest["sliced_from"]
-        return Route(NESTED, src) if nest and read_manifest(src) is not None else None
-    if manifest.get("served_from"):
-        src = manifest["served_from"]
-        return Route(IDENTITY, src) if from_identity and read_manifest(src) is not None else None
+    for field, kind in (("sliced_from", NESTED), ("served_from", IDENTITY)):
+        if manifest.get(field):
+            src = manifest[field]
+            return Route(kind, src) if read_manifest(src) is not None else None
     return Route(PASS)
 
 
@@ -80,7 +78,7 @@ def route(*, compressor: str, r: int | None, grads: str, rs, nest: bool, from_id
     `rs`: the configured r values; `identity()`: the identity manifest when it serves this run
     (None when it is not part of it); called only when needed, since it may wait for that job."""
     here = f"{grads}/{compressor}/{'full' if r is None else f'r{int(r)}'}"
-    kept = recorded(read_manifest(here), nest=nest, from_identity=from_identity)
+    kept = recorded(read_manifest(here))
     if kept is not None:
         return kept
     if compressor == "identity" or r is None:
