@@ -135,7 +135,8 @@ KILLER = textwrap.dedent("""
 
 def _cli(d, out, comp, r, shard, shards, script=None):
     args = ["extract", "--data", str(d / "data.pt"), "--model", str(d / "model.pt"), "--compressor", comp,
-            "--r", str(r), "--seeds", "0,1", "--batch-size", "16", "--device", "cpu", "--threads", "1", "--out-dir", str(out), "--shards", str(shards), "--shard", str(shard)]
+            "--r", str(r), "--seeds", "0,1", "--batch-size", "16", "--device", "cpu", "--threads", "1",
+            "--out-dir", str(out), "--shards", str(shards), "--shard", str(shard)]
     cmd = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "dropinf", *args]
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -195,8 +195,8 @@ class _Nested:
             raise DropinfError(f"extract_nested: {job.compressor} does not nest in r (its output at a smaller r is "
                                "not a slice of a larger r's)")
         if m.get("compressor") != job.compressor or m.get("r") is None or job.r is None or int(m["r"]) <= int(job.r):
-            raise DropinfError(f"extract_nested: {src} holds {m.get('compressor')} r={m.get('r')}, not {job.compressor} "
-                               f"at an r larger than {job.r}")
+            raise DropinfError(f"extract_nested: {src} holds {m.get('compressor')} r={m.get('r')}, "
+                               f"not {job.compressor} at an r larger than {job.r}")
         _check_fingerprint(m, job.fingerprint, NEST_KEYS, src)
         missing = sorted(set(job.seeds) - {int(s) for s in m.get("seeds", [])})
         if missing:
