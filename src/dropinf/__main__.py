@@ -177,8 +177,11 @@ def _run(args) -> int | None:
                                r=args.r, seeds=tuple(args.seeds), batch_size=args.batch_size, device=args.device,
                                threads=args.threads, budget_mb=args.budget_mb, options=args.options,
                                experiment=args.experiment)
-        source = {} if st == "extract" else {"source": args.source}
-        getattr(stage, st)(job=job, shard=args.shard, shards=args.shards, **source)
+        if st == "extract":
+            stage.extract(job=job, shard=args.shard, shards=args.shards)
+        else:
+            run = stage.extract_nested if st == "extract_nested" else stage.extract_from_identity
+            run(job=job, source=args.source, shard=args.shard, shards=args.shards)
     elif st == "extract_finalize":
         from .pipeline.extract import finalize
         finalize(out_dir=args.out_dir, parts=args.parts, experiment=args.experiment)
