@@ -51,6 +51,7 @@ def trained(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shards", [1, 2])
 def test_prepared_once_per_job_from_the_training_split(trained, tmp_path, registered, shards):
     job = extract_mod.ExtractJob(data=trained / "data.pt", model=trained / "model.pt", out_dir=tmp_path / "x",

@@ -154,6 +154,7 @@ def _jobs_with_inputs(out: str) -> list[dict]:
     return jobs
 
 
+@pytest.mark.slow
 def test_fresh_plan_slices_from_the_largest_r_and_waits_for_the_identity_checkpoint(wf, tmp_path):
     """A fresh run: one gradient pass (identity), the smaller r of dropout/gaussian sliced from
     r64 (its manifest an input), every other extraction's parts to be known once the identity
@@ -201,6 +202,7 @@ def test_plan_after_a_run_serves_new_r_from_the_arrays_it_reads(default_run, wf)
     assert all("/r8/" in j["output"] for j in jobs if j["rule"].startswith("extract")), out[-3000:]
 
 
+@pytest.mark.slow
 def test_over_budget_identity_means_gradient_passes(wf, tmp_path):
     """The identity job (the checkpoint) stores nothing over its budget: the compressor is then
     extracted by its own pass, decided after the identity job ran, and nothing waited."""

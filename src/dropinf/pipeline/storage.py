@@ -10,7 +10,7 @@ Completion: an array is written under a temporary name and renamed into place wh
 (`write_array`), and its attributes carry `"complete": true`. A directory of arrays is complete
 only when its `manifest.json` exists (written last, atomically).
 
-Sharded arrays (`ensure_array`; the row plan: `sharding.shard_plan`) are written in place instead: every shard (re)writes
+Sharded arrays (`ensure_array`, `sharding.shard_plan`) are written in place: every shard (re)writes
 the same metadata document and then only its own chunk-aligned rows; zarr's local store writes
 each chunk file atomically, so a killed shard leaves whole old chunks or whole new ones, never a
 torn one. Shard boundaries are also multiples of the batch size, so a shard computes exactly the
@@ -20,6 +20,7 @@ a finalize step has checked every shard's done marker.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 from pathlib import Path
