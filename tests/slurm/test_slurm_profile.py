@@ -344,7 +344,7 @@ def test_embedded_default_through_slurm_equals_local(slurm, tmp_path):
     assert local_rc == 0, (local / "run.log").read_text()[-6000:]
     out = proc.stdout + proc.stderr
     gpu_rules = _gpu_rules(out)
-    # the config's resources ask for one GPU in these rules (DESIGN.md: GPU rules declare gpu=1)
+    # the config's resources ask for one GPU in these rules (GPU rules declare gpu=1)
     assert gpu_rules and gpu_rules <= {"finetune", "extract", "extract_nested", "extract_from_identity", "score",
                                        "evaluate"}, gpu_rules
     done = check_slurm_run(proc, env, expect_gpu_rules=gpu_rules)
