@@ -152,6 +152,8 @@ def finalize(*, out_dir, parts, provenance: dict, array_relpath) -> dict:
     first = recs[0]
     shards, kind = int(first["shards"]), first["kind"]
     manifest = dict(first["manifest"])
+    # the jobs that wrote the arrays (what `snakemake --forcerun` must name to recompute them)
+    manifest["parts"] = [f"{PARTS_DIR}/{Path(p).name}" for p in parts]
     if shards > 1:
         manifest["shards"] = shards
     records = [{k: rec.get(k) for k in ("shard", "rows", "kind", "source_dir", "seconds", "provenance", "status")}
