@@ -83,7 +83,8 @@ def test_sharded_equals_unsharded_bitwise(trained, comp, r):
     whole = _extract(trained, root / "whole", comp, r)
     sharded = _extract(trained, root / "sharded", comp, r, shards=3)
     assert sharded["status"] == "complete" and sharded["shards"] == 3
-    assert sharded["parts"] == [f"parts/pass-{k}of3.json" for k in range(3)] and whole["parts"] == ["parts/pass-0of1.json"]
+    assert sharded["parts"] == [f"parts/pass-{k}of3.json" for k in range(3)]
+    assert whole["parts"] == ["parts/pass-0of1.json"]
     for key in ("compressor", "r", "seeds", "splits", "n", "fingerprint", "arrays", "dim", "out_dim", "layout",
                 "blocks"):
         assert json.loads(json.dumps(sharded[key])) == json.loads(json.dumps(whole[key])), key
