@@ -75,28 +75,32 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--metrics", required=True)
 
-    s = add("extract", "compressed per-example gradients (train and test splits, every seed) to Zarr")
-    s.add_argument("--data", required=False, help="prepared data (not for --finalize)")
-    s.add_argument("--model", required=False, help="fine-tuned model (not for --finalize)")
-    s.add_argument("--compressor", required=False, help="compressor name (not for --finalize)")
-    s.add_argument("--r", type=_r, default=None, help="compressed size (omit or 'full' for identity)")
-    s.add_argument("--seeds", type=_ints, default=[0])
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--budget-mb", type=_optfloat, default=None, help="identity: skip when n*d*4 bytes exceeds this")
-    s.add_argument("--options", type=_json, default={}, help="JSON compressor options")
-    s.add_argument("--no-nest", action="store_true", help="never serve r by slicing a larger-r array")
-    s.add_argument("--no-from-identity", action="store_true",
-                   help="never serve a compressor from the stored raw gradients (grads/identity/full)")
-    s.add_argument("--identity-dir", default=None,
-                   help="raw-gradient extraction to serve from (default: OUT_DIR/../../identity/full)")
-    s.add_argument("--identity-wait", type=float, default=1800.0,
-                   help="seconds to wait for an identity extraction in progress before running a pass")
-    s.add_argument("--shards", type=int, default=1, help="split the rows into this many shards (separate jobs)")
-    s.add_argument("--shard", type=int, default=None,
-                   help="with --shards N: run only shard K (0..N-1): its rows of every array, then its done marker")
-    s.add_argument("--finalize", action="store_true",
-                   help="with --shards N: check the N shard markers, mark the arrays complete, write the manifest")
-    s.add_argument("--device", default="auto")
+    def add_extract(name, help_, source_help=None):
+        s = add(name, help_)
+        s.add_argument("--data", required=True, help="prepared data")
+        s.add_argument("--model", required=True, help="fine-tuned model")
+        s.add_argument("--compressor", required=True, help="compressor name")
+        s.add_argument("--r", type=_r, default=None, help="compressed size (omit or 'full' for identity)")
+        s.add_argument("--seeds", type=_ints, default=[0])
+        s.add_argument("--batch-size", type=int, default=256)
+        s.add_argument("--budget-mb", type=_optfloat, default=None, help="identity: skip when n*d*4 bytes exceeds this")
+        s.add_argument("--options", type=_json, default={}, help="JSON compressor options")
+        if source_help:
+            s.add_argument("--source", required=True, help=source_help)
+        s.add_argument("--shards", type=int, default=1, help="the extraction's rows are split into this many parts")
+        s.add_argument("--shard", type=int, default=None,
+                       help="run only part K (0..N-1) and write its record; omitted: every part, then the manifest")
+        s.add_argument("--device", default="auto")
+        s.add_argument("--experiment", default="")
+        s.add_argument("--out-dir", required=True)
+
+    add_extract("extract", "per-example gradients (train and test splits, every seed) to Zarr, by a gradient pass")
+    add_extract("extract_nested", "a smaller r of a nesting compressor, sliced from a complete larger-r extraction",
+                "directory of the complete larger-r extraction of the same compressor")
+    add_extract("extract_from_identity", "a compressor served by compressing stored raw gradients (matrix path)",
+                "directory of the complete identity (raw-gradient) extraction")
+    s = add("extract_finalize", "check an extraction's part records, mark its arrays complete, write its manifest")
+    s.add_argument("--parts", nargs="+", required=True, help="the part records (parts/*.json)")
     s.add_argument("--experiment", default="")
     s.add_argument("--out-dir", required=True)
 
@@ -179,17 +183,20 @@ def _run(args) -> int | None:
         from .pipeline.train import finetune
         finetune(args.data, args.out, args.metrics, args.model, args.model_options, device=args.device,
                  threads=args.threads, init=args.init, **args.train)
-    elif st == "extract" and not args.finalize and not (args.data and args.model and args.compressor):
-        parser().error("extract: --data, --model and --compressor are required (except with --finalize)")
-    elif st == "extract" and args.finalize:
+    elif st in ("extract", "extract_nested", "extract_from_identity"):
+        from .pipeline import extract as stage
+        job = stage.ExtractJob(data=args.data, model=args.model, out_dir=args.out_dir, compressor=args.compressor,
+                               r=args.r, seeds=tuple(args.seeds), batch_size=args.batch_size, device=args.device,
+                               threads=args.threads, budget_mb=args.budget_mb, options=args.options,
+                               experiment=args.experiment)
+        if st == "extract":
+            stage.extract(job=job, shard=args.shard, shards=args.shards)
+        else:
+            run = stage.extract_nested if st == "extract_nested" else stage.extract_from_identity
+            run(job=job, source=args.source, shard=args.shard, shards=args.shards)
+    elif st == "extract_finalize":
         from .pipeline.extract import finalize
-        finalize(args.out_dir, args.shards, args.experiment)
-    elif st == "extract":
-        from .pipeline.extract import extract
-        extract(args.data, args.model, args.out_dir, args.compressor, args.r, args.seeds, args.batch_size,
-                args.device, args.threads, args.budget_mb, args.options, not args.no_nest, args.experiment,
-                from_identity=not args.no_from_identity, identity_dir=args.identity_dir, shard=args.shard,
-                shards=args.shards, identity_wait=args.identity_wait)
+        finalize(out_dir=args.out_dir, parts=args.parts, experiment=args.experiment)
     elif st == "score":
         from .pipeline.score import score
         score(args.data, args.out_dir, args.method, args.r, args.grads, args.seeds, args.damping, args.device,

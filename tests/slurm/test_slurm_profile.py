@@ -345,7 +345,8 @@ def test_embedded_default_through_slurm_equals_local(slurm, tmp_path):
     out = proc.stdout + proc.stderr
     gpu_rules = _gpu_rules(out)
     # the config's resources ask for one GPU in these rules (GPU rules declare gpu=1)
-    assert gpu_rules and gpu_rules <= {"finetune", "extract", "score", "evaluate"}, gpu_rules
+    assert gpu_rules and gpu_rules <= {"finetune", "extract", "extract_nested", "extract_from_identity", "score",
+                                       "evaluate"}, gpu_rules
     done = check_slurm_run(proc, env, expect_gpu_rules=gpu_rules)
     for j in done:
         assert (wf / ".snakemake/slurm_logs" / f"rule_{j['rule']}").is_dir(), j

@@ -83,7 +83,7 @@ def planned_jobs(stdout: str) -> list[tuple[str, str]]:
     """(rule, output) of every job in a `snakemake -n` listing."""
     jobs, rule = [], None
     for line in stdout.splitlines():
-        m = re.match(r"^(?:local)?rule (\w+):", line)
+        m = re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):", line)
         if m:
             rule = m.group(1)
         m = re.match(r"^\s+output: (.+)$", line)

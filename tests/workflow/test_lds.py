@@ -194,8 +194,9 @@ def test_lds_stage_end_to_end(wf, tmp_path):
 
     res = tmp_path / "results" / "lds-tiny"
     skipped = tmp_path / "identity-skipped"
-    extract_mod.extract(res / "data" / "dataset.pt", res / "model" / "model.pt", skipped, "identity", None,
-                        budget_mb=0.01, device="cpu", threads=1)
+    extract_mod.extract(job=extract_mod.ExtractJob(data=res / "data" / "dataset.pt", model=res / "model" / "model.pt",
+                                                   out_dir=skipped, compressor="identity", budget_mb=0.01,
+                                                   device="cpu", threads=1))
     got = score_method(res / "data" / "dataset.pt", parts, tmp_path / "m.csv", tmp_path / "p.npz", "tracin",
                        grads=skipped / "manifest.json", model=res / "model" / "model.pt", device="cpu",
                        recompute_batch_size=64)

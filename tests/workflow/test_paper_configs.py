@@ -150,7 +150,9 @@ def test_dry_run_plans_every_stage_without_data(wf, tmp_path, name, monkeypatch)
     extractions = len({m for m in cfg["methods"] if m in COMPRESSED}) * len(cfg["r"]) + \
         (1 if set(cfg["methods"]) & {"orig", "lissa", "datainf", "tracin"} else 0)
     assert jobs.get("prepare_data") == 1 and jobs.get("finetune") == 1, jobs
-    assert jobs.get("extract") == extractions and jobs.get("score") == scored and jobs.get("evaluate") == scored, jobs
+    # one manifest per extraction (its parts: a pass, a slice or a compression of raw gradients)
+    assert jobs.get("extract_finalize") == extractions and jobs.get("score") == scored, jobs
+    assert jobs.get("evaluate") == scored, jobs
     assert f"results/{cfg['experiment']}/summary.csv" in out
     assert not (tmp_path / "results").exists() and not (tmp_path / "no-data").exists()
 

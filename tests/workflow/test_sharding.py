@@ -1,6 +1,6 @@
-"""Sharded extraction (`extract.shards`): shards fill disjoint chunk-aligned rows of one array each,
-commit with a done marker, a killed shard reruns alone, and the finished arrays equal an unsharded
-run's bit for bit (same device)."""
+"""Sharded extraction (`extract.shards`): parts fill disjoint chunk-aligned rows of one array each,
+commit with a record, a killed part reruns alone, and the finished arrays equal an unsharded run's
+bit for bit (same device)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,8 @@ zarr = pytest.importorskip("zarr", reason="the workflow tests need zarr: pip ins
 from dropinf.errors import DropinfError
 from dropinf.pipeline import extract as extract_mod
 from dropinf.pipeline.prepare import prepare_data
-from dropinf.pipeline.storage import is_complete, shard_plan
+from dropinf.pipeline.sharding import part_path, shard_plan
+from dropinf.pipeline.storage import is_complete
 from dropinf.pipeline.train import finetune
 
 SPLITS = ("train", "test")
@@ -50,12 +51,17 @@ def trained(tmp_path_factory):
     return d
 
 
-KW = dict(seeds=[0, 1], device="cpu", threads=1, batch_size=16, nest=False, from_identity=False)
 IGNORED_ATTRS = {"provenance", "extract_seconds", "chunk_rows", "shards", "shard_records"}
 
 
-def _extract(d, out, comp, r, **kw):
-    return extract_mod.extract(d / "data.pt", d / "model.pt", out, comp, r, **{**KW, **kw})
+def _extract(d, out, comp, r, *, shards=1, shard=None, seeds=(0, 1), **kw):
+    job = extract_mod.ExtractJob(data=d / "data.pt", model=d / "model.pt", out_dir=out, compressor=comp, r=r,
+                                 seeds=seeds, device="cpu", threads=1, batch_size=16, **kw)
+    return extract_mod.extract(job=job, shards=shards, shard=shard)
+
+
+def _parts(out, shards):
+    return [part_path(out, kind="pass", shard=k, shards=shards) for k in range(shards)]
 
 
 def _assert_same_arrays(a_dir, b_dir, manifest):
@@ -77,6 +83,8 @@ def test_sharded_equals_unsharded_bitwise(trained, comp, r):
     whole = _extract(trained, root / "whole", comp, r)
     sharded = _extract(trained, root / "sharded", comp, r, shards=3)
     assert sharded["status"] == "complete" and sharded["shards"] == 3
+    assert sharded["parts"] == [f"parts/pass-{k}of3.json" for k in range(3)]
+    assert whole["parts"] == ["parts/pass-0of1.json"]
     for key in ("compressor", "r", "seeds", "splits", "n", "fingerprint", "arrays", "dim", "out_dim", "layout",
                 "blocks"):
         assert json.loads(json.dumps(sharded[key])) == json.loads(json.dumps(whole[key])), key
@@ -84,19 +92,21 @@ def test_sharded_equals_unsharded_bitwise(trained, comp, r):
     _assert_same_arrays(root / "sharded", root / "whole", whole)
     rows = [rec["rows"]["train"] for rec in sharded["shard_records"]]
     assert rows[0][0] == 0 and rows[-1][1] == 300 and all(b - a > 0 for a, b in rows)  # three real shards
-    assert not list((root / "sharded").rglob(".*"))  # no heartbeats or scratch left behind
+    assert not list((root / "sharded").rglob(".*"))  # no scratch left behind
 
 
 def test_finalize_refuses_missing_or_disagreeing_shards(trained, tmp_path):
     out = tmp_path / "dropout" / "r8"
     for k in (0, 2):
         _extract(trained, out, "dropout", 8, shards=3, shard=k)
-    with pytest.raises(DropinfError, match=r"1 of 3 shard\(s\) not done: .*1of3.json"):
-        extract_mod.finalize(out, 3)
+    with pytest.raises(DropinfError, match=r"1 of 3 part\(s\) not done: .*pass-1of3.json"):
+        extract_mod.finalize(out_dir=out, parts=_parts(out, 3))
     assert not (out / "manifest.json").exists()
-    _extract(trained, out, "dropout", 8, shards=3, shard=1, seeds=[0])  # another configuration's shard
-    with pytest.raises(DropinfError, match="differs from shard 0 in 'seeds'"):
-        extract_mod.finalize(out, 3)
+    with pytest.raises(DropinfError, match=r"parts \[0, 2\] given, expected 0..2 of 3"):
+        extract_mod.finalize(out_dir=out, parts=_parts(out, 3)[::2])
+    _extract(trained, out, "dropout", 8, shards=3, shard=1, seeds=[0])  # another configuration's part
+    with pytest.raises(DropinfError, match="differs from part 0 in 'seeds'"):
+        extract_mod.finalize(out_dir=out, parts=_parts(out, 3))
     assert not (out / "manifest.json").exists() and not is_complete(out / "seed0" / "train.zarr")
 
 
@@ -104,7 +114,7 @@ def test_sharded_identity_over_budget_is_skipped_with_reason(trained, tmp_path):
     out = tmp_path / "identity" / "full"
     m = _extract(trained, out, "identity", None, shards=2, budget_mb=0.01)
     assert m["status"] == "skipped" and "budget" in m["reason"] and m["shards"] == 2
-    assert not list(out.glob("*.zarr")) and not list(out.glob(".extracting.*"))
+    assert not list(out.glob("*.zarr"))
 
 
 KILLER = textwrap.dedent("""
@@ -127,8 +137,8 @@ KILLER = textwrap.dedent("""
 
 def _cli(d, out, comp, r, shard, shards, script=None):
     args = ["extract", "--data", str(d / "data.pt"), "--model", str(d / "model.pt"), "--compressor", comp,
-            "--r", str(r), "--seeds", "0,1", "--batch-size", "16", "--no-nest", "--no-from-identity",
-            "--device", "cpu", "--threads", "1", "--out-dir", str(out), "--shards", str(shards), "--shard", str(shard)]
+            "--r", str(r), "--seeds", "0,1", "--batch-size", "16", "--device", "cpu", "--threads", "1",
+            "--out-dir", str(out), "--shards", str(shards), "--shard", str(shard)]
     cmd = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "dropinf", *args]
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -147,43 +157,41 @@ def test_killed_shard_reruns_alone_and_result_is_identical(trained, tmp_path):
         assert _cli(trained, out, "gaussian", 8, k, 3).returncode == 0
     killed = _cli(trained, out, "gaussian", 8, 1, 3, script=KILLER)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    # nothing looks finished: no marker for the killed shard, no manifest, arrays not complete
-    assert not extract_mod.shard_marker(out, 1, 3).exists()
-    assert extract_mod.shard_marker(out, 0, 3).exists() and extract_mod.shard_marker(out, 2, 3).exists()
+    # nothing looks finished: no record for the killed part, no manifest, arrays not complete
+    parts = _parts(out, 3)
+    assert not parts[1].exists() and parts[0].exists() and parts[2].exists()
     assert not (out / "manifest.json").exists()
     assert not any(is_complete(out / f"seed{s}" / f"{sp}.zarr") for s in (0, 1) for sp in SPLITS)
     with pytest.raises(DropinfError, match="1of3"):
-        extract_mod.finalize(out, 3)
-    # the killed shard wrote part of its rows of seed 1 (the array is filled in place)
+        extract_mod.finalize(out_dir=out, parts=parts)
+    # the killed part wrote some of its rows of seed 1 (the array is filled in place)
     chunk_rows = zarr.open_array(str(out / "seed1" / "train.zarr"), mode="r").chunks[0]
-    rows = json.loads(extract_mod.shard_marker(out, 0, 3).read_text())["rows"]["train"]
+    rows = json.loads(parts[0].read_text())["rows"]["train"]
     assert rows[1] % chunk_rows == 0
     before = _mtimes(out)
     rerun = _cli(trained, out, "gaussian", 8, 1, 3)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     after = _mtimes(out)
-    # shards 0 and 2 were not touched: their markers and their chunks keep their mtimes
+    # parts 0 and 2 were not touched: their records and their chunks keep their mtimes
     for k in (0, 2):
-        marker = extract_mod.shard_marker(out, k, 3)
-        assert before[marker] == after[marker]
-    own = json.loads(extract_mod.shard_marker(out, 1, 3).read_text())["rows"]
+        assert before[parts[k]] == after[parts[k]]
+    own = json.loads(parts[1].read_text())["rows"]
     train_chunks = [p for p in before if p.parent.parent.name == "c" and p.parent.parent.parent.name == "train.zarr"]
     others = [p for p in train_chunks if not own["train"][0] <= int(p.parent.name) * chunk_rows < own["train"][1]]
     assert others and all(before[p] == after[p] for p in others)
-    m = extract_mod.finalize(out, 3)
+    m = extract_mod.finalize(out_dir=out, parts=parts)
     assert m["status"] == "complete"
     _assert_same_arrays(out, whole_dir, whole)
 
 
 
-# ---- through Snakemake: shards are separate jobs, extract_finalize writes the manifest -----------------------
-
+# ---- through Snakemake: parts are separate jobs, extract_finalize writes the manifest -------------------------
 
 
 def _sharded_config(wf, r):
     cfg = wf.reduced_config()
     cfg.update(methods=["orig", "dropout"], r=r, seeds=[0, 1])
-    cfg["extract"]["shards"] = 2
+    cfg["extract"].update(shards=2, nest=False, from_identity=False)  # gradient passes only
     cfg["evaluate"]["retrain"] = False
     return cfg
 
@@ -191,12 +199,14 @@ def _sharded_config(wf, r):
 @pytest.fixture(scope="module")
 def sharded_run(wf, default_run, tmp_path_factory):
     """A copy of the default run, rerun with two shards: prepare_data and finetune are reused (so
-    the model is the unsharded run's, byte for byte), every extraction runs again as two shard
-    jobs over the unsharded arrays left in place, then extract_finalize."""
+    the model is the unsharded run's, byte for byte), the identity extraction runs again as two
+    part jobs (the record names carry the part count) and dropout r16, removed, as two passes."""
     import shutil
 
     work = tmp_path_factory.mktemp("sharded_run") / "w"
     shutil.copytree(default_run.workdir, work, symlinks=True)
+    # made afresh by passes (a finished extraction keeps the kind of job that made it)
+    shutil.rmtree(work / default_run.results.relative_to(default_run.workdir) / "grads" / "dropout")
     cfg = _sharded_config(wf, [16])
     path = wf.write_config(work / "sharded.yaml", cfg)
     wf.snakemake(work, config=path)
@@ -244,13 +254,13 @@ def test_sharded_plan_after_changing_r_reruns_only_that_r(sharded_run, wf, tmp_p
         if rule.startswith("extract") or rule in ("score", "evaluate"):
             assert "/r8/" in output, (rule, output)
     assert sorted(o for r, o in jobs if r == "extract") == sorted(
-        f"{cfg['results_dir']}/{cfg['experiment']}/grads/dropout/r8/shards/{k}of2.json" for k in (0, 1))
+        f"{cfg['results_dir']}/{cfg['experiment']}/grads/dropout/r8/parts/pass-{k}of2.json" for k in (0, 1))
     assert sum(r == "extract_finalize" for r, _ in jobs) == 1
 
 
 def test_failed_shard_job_reruns_alone(sharded_run, wf, tmp_path):
-    """What a failed or killed shard job leaves: no marker (Snakemake removes a failed job's output)
-    and no manifest (the shard removed it when it started). The next run reruns that shard and
+    """What a failed or killed part job leaves: no record (Snakemake removes a failed job's output)
+    and no manifest (the part removed it when it started). The next run reruns that part and
     extract_finalize only, and the arrays come out identical."""
     import shutil
 
@@ -260,15 +270,15 @@ def test_failed_shard_job_reruns_alone(sharded_run, wf, tmp_path):
     grads = _res(work, cfg) / "grads" / "dropout" / "r16"
     before = {p: np.asarray(zarr.open_array(str(grads / f"seed{s}" / f"{sp}.zarr"), mode="r")[...])
               for s in (0, 1) for sp in SPLITS for p in [f"seed{s}/{sp}"]}
-    extract_mod.shard_marker(grads, 1, 2).unlink()
+    part_path(grads, kind="pass", shard=1, shards=2).unlink()
     (grads / "manifest.json").unlink()
-    other = extract_mod.shard_marker(grads, 0, 2)
+    other = part_path(grads, kind="pass", shard=0, shards=2)
     other_mtime = other.stat().st_mtime_ns
     path = wf.write_config(work / "sharded.yaml", cfg)
     target = str((grads / "manifest.json").relative_to(work))  # as if the downstream jobs never ran
     plan = wf.snakemake(work, "-n", target, config=path).stdout
     jobs = [(r, o) for r, o in wf.planned_jobs(plan) if r.startswith("extract")]
-    assert sorted(jobs) == [("extract", str(extract_mod.shard_marker(grads.relative_to(work), 1, 2))),
+    assert sorted(jobs) == [("extract", str(part_path(grads.relative_to(work), kind="pass", shard=1, shards=2))),
                             ("extract_finalize", str((grads / "manifest.json").relative_to(work)))], plan[-3000:]
     wf.snakemake(work, target, config=path)
     assert other.stat().st_mtime_ns == other_mtime

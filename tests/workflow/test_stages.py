@@ -99,27 +99,32 @@ def test_prepared_data(trained):
     assert rec["n_params"] == 64 * 16 + 16 + 16 * 10 + 10 and 0 < rec["metrics"]["test_accuracy"] <= 1
 
 
+def _job(d, out, comp, r, **kw):
+    return extract_mod.ExtractJob(data=d / "data.pt", model=d / "model.pt", out_dir=out, compressor=comp, r=r,
+                                  device="cpu", threads=1, **kw)
+
+
 def test_killed_extract_leaves_nothing_complete_then_reruns(trained, monkeypatch):
+    from dropinf.extraction import Extractor
+
     out = trained / "grads" / "dropout" / "r8"
-    real = extract_mod.extract_rows
+    real = Extractor.run
     calls = {"n": 0}
 
-    def dying(extractor, split, arr, batch_size, start=0, stop=None):
+    def dying(self, loader, sink=None):
         calls["n"] += 1
         if calls["n"] == 3:  # second seed, train split
             raise KeyboardInterrupt("killed")
-        return real(extractor, split, arr, batch_size, start, stop)
+        return real(self, loader, sink=sink)
 
-    monkeypatch.setattr(extract_mod, "extract_rows", dying)
+    monkeypatch.setattr(Extractor, "run", dying)
     with pytest.raises(KeyboardInterrupt):
-        extract_mod.extract(trained / "data.pt", trained / "model.pt", out, "dropout", 8, seeds=[0, 1],
-                            device="cpu", threads=1)
+        extract_mod.extract(job=_job(trained, out, "dropout", 8, seeds=(0, 1)))
     assert not (out / "manifest.json").exists()
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert not (out / "seed1" / "train.zarr").exists()
-    monkeypatch.setattr(extract_mod, "extract_rows", real)
-    m = extract_mod.extract(trained / "data.pt", trained / "model.pt", out, "dropout", 8, seeds=[0, 1],
-                            device="cpu", threads=1)
+    monkeypatch.setattr(Extractor, "run", real)
+    m = extract_mod.extract(job=_job(trained, out, "dropout", 8, seeds=(0, 1)))
     assert m["status"] == "complete" and (out / "manifest.json").exists()
     assert all(is_complete(out / f"seed{s}" / f"{sp}.zarr") for s in (0, 1) for sp in ("train", "test"))
 
@@ -127,12 +132,10 @@ def test_killed_extract_leaves_nothing_complete_then_reruns(trained, monkeypatch
 @pytest.mark.parametrize("comp", ["dropout", "gaussian"])
 def test_nested_extraction_equals_a_direct_pass(trained, comp):
     root = trained / "nest" / comp
-    kw = dict(seeds=[0, 1], device="cpu", threads=1)
-    extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "r24", comp, 24, **kw)
-    m = extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "r8", comp, 8, **kw)
+    extract_mod.extract(job=_job(trained, root / "r24", comp, 24, seeds=(0, 1)))
+    m = extract_mod.extract_nested(job=_job(trained, root / "r8", comp, 8, seeds=(0, 1)), source=root / "r24")
     assert m["sliced_from"] == str(root / "r24")
-    direct = extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "direct" / "r8", comp, 8,
-                                 nest=False, **kw)
+    direct = extract_mod.extract(job=_job(trained, root / "direct" / "r8", comp, 8, seeds=(0, 1)))
     assert direct["sliced_from"] is None
     for seed in (0, 1):
         for split in ("train", "test"):
@@ -144,26 +147,37 @@ def test_nested_extraction_equals_a_direct_pass(trained, comp):
             b_ = b[...]
             np.testing.assert_allclose(a[...], b_, rtol=1e-5, atol=1e-5 * float(np.abs(b_).max()))
             assert a.attrs["compressor_attrs"] == b.attrs["compressor_attrs"]
+            if comp == "dropout":  # a slice: exactly the larger r's first columns
+                big = zarr.open_array(str(root / "r24" / f"seed{seed}" / f"{split}.zarr"), mode="r")
+                np.testing.assert_array_equal(a[...], big[:, :8])
+    assert m["fingerprint"] == direct["fingerprint"]
 
 
-def test_nesting_refuses_another_model(trained, tmp_path):
-    """A larger-r array of a different model (or options) is never sliced."""
-    root = tmp_path / "grads" / "dropout"
-    kw = dict(seeds=[0], device="cpu", threads=1)
-    extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "r24", "dropout", 24, **kw)
-    m = json.loads((root / "r24" / "manifest.json").read_text())
-    m["fingerprint"]["model_sha256"] = "0" * 64
-    (root / "r24" / "manifest.json").write_text(json.dumps(m))
-    out = extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "r8", "dropout", 8, **kw)
-    assert out["sliced_from"] is None
+@pytest.mark.parametrize("case,match", [("other-model", "another model_sha256"), ("sjlt", "does not nest"),
+                                        ("smaller", "not dropout at an r larger than 8"),
+                                        ("missing-seed", r"no seed\(s\) \[1\]")])
+def test_nesting_refuses_what_cannot_be_sliced(trained, tmp_path, case, match):
+    """A larger-r array of a different model, a compressor that does not nest, a source that is
+    not larger or lacks a seed: an error naming it, and nothing looks finished."""
+    root = tmp_path / "grads" / ("sjlt" if case == "sjlt" else "dropout")
+    comp = "sjlt" if case == "sjlt" else "dropout"
+    r_src = 4 if case == "smaller" else 24
+    extract_mod.extract(job=_job(trained, root / f"r{r_src}", comp, r_src, seeds=(0,)))
+    if case == "other-model":
+        m = json.loads((root / "r24" / "manifest.json").read_text())
+        m["fingerprint"]["model_sha256"] = "0" * 64
+        (root / "r24" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DropinfError, match=match):
+        extract_mod.extract_nested(job=_job(trained, root / "r8", comp, 8, seeds=(0, 1) if case == "missing-seed"
+                                            else (0,)), source=root / f"r{r_src}")
+    assert not (root / "r8" / "manifest.json").exists()
 
 
 def test_identity_over_budget_is_skipped_with_reason(trained, tmp_path):
     from dropinf.pipeline.score import score
 
     g = tmp_path / "grads" / "identity" / "full"
-    m = extract_mod.extract(trained / "data.pt", trained / "model.pt", g, "identity", None, budget_mb=0.01,
-                            device="cpu", threads=1)
+    m = extract_mod.extract(job=_job(trained, g, "identity", None, budget_mb=0.01))
     assert m["status"] == "skipped" and "budget" in m["reason"]
     s = score(trained / "data.pt", tmp_path / "scores" / "orig" / "full", "orig", None, g / "manifest.json",
               device="cpu", threads=1, gradients="stored")
@@ -182,8 +196,8 @@ def test_full_space_methods_on_recomputed_gradients_equal_stored(trained, tmp_pa
 
     kw = dict(device="cpu", threads=1)
     stored, skipped = tmp_path / "identity-stored", tmp_path / "identity-skipped"
-    extract_mod.extract(trained / "data.pt", trained / "model.pt", stored, "identity", None, **kw)
-    extract_mod.extract(trained / "data.pt", trained / "model.pt", skipped, "identity", None, budget_mb=0.01, **kw)
+    extract_mod.extract(job=_job(trained, stored, "identity", None))
+    extract_mod.extract(job=_job(trained, skipped, "identity", None, budget_mb=0.01))
     ref = score(trained / "data.pt", tmp_path / "ref", method, None, stored / "manifest.json", **kw)
     # chunks of 48 rows: the recomputed batches differ from the stored extraction's (256 rows)
     got = score(trained / "data.pt", tmp_path / "got", method, None, skipped / "manifest.json",
@@ -226,20 +240,6 @@ def test_recomputed_rows_equal_the_identity_extraction(trained):
     torch.testing.assert_close(lazy.mean(), full.double().mean(0, keepdim=True), rtol=1e-6, atol=1e-9)
     with pytest.raises(DropinfError, match="contiguous row slices"):
         lazy[0:10:2]
-
-
-def test_failed_nesting_falls_back_to_a_pass(trained, tmp_path, monkeypatch):
-    root = tmp_path / "grads" / "dropout"
-    kw = dict(seeds=[0], device="cpu", threads=1)
-    extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "r24", "dropout", 24, **kw)
-
-    def broken(*a, **k):
-        raise OSError("source vanished")
-
-    monkeypatch.setattr(extract_mod, "_nest_array", broken)
-    out = extract_mod.extract(trained / "data.pt", trained / "model.pt", root / "r8", "dropout", 8, **kw)
-    assert out["status"] == "complete" and out["sliced_from"] is None
-    assert is_complete(root / "r8" / "seed0" / "train.zarr")
 
 
 def test_finetune_from_pretrained_weights_and_retraining_starts_there(trained, tmp_path):

@@ -12,7 +12,8 @@ import yaml
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
-GPU_RULES = ("finetune", "extract", "score", "evaluate", "bench_one", "lds_train", "lds_score", "pretrain")
+GPU_RULES = ("finetune", "extract", "score", "evaluate", "bench_one", "lds_train", "lds_score", "pretrain",
+             "extract_nested", "extract_from_identity")
 CPU_RULES = ("prepare_data", "extract_finalize", "summarize", "report", "lds_summarize", "prepare_pretrain_data")
 TARGET_RULES = ("bench", "lds")  # input-only aggregation targets: nothing runs, so no log/resources
 
@@ -25,7 +26,7 @@ def test_lint_clean(wf):
 
 def _rule_blocks():
     text = "\n".join(p.read_text() for p in sorted((REPO / "workflow" / "rules").glob("*.smk")))
-    return dict(re.findall(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, flags=re.S | re.M))
+    return dict(re.findall(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^rule |^checkpoint |\Z)", text, flags=re.S | re.M))
 
 
 def test_every_rule_declares_log_benchmark_env_and_resources():

@@ -159,6 +159,40 @@ def extract_params(wildcards):
     }
 
 
+# Which kind of job fills each extraction directory (src/dropinf/pipeline/serving.py, loaded by path).
+_spec = importlib.util.spec_from_file_location(
+    "dropinf_serving", os.path.join(workflow.basedir, "src", "dropinf", "pipeline", "serving.py")
+)
+SERVING = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = SERVING  # dataclasses look their module up by name
+_spec.loader.exec_module(SERVING)
+IDENTITY_DIR = f"{RES}/grads/identity/full"
+# the identity extraction is part of the run when a full-space method reads its stored raw gradients
+IDENTITY_IN_RUN = any(M.extraction_of(m) == "identity" for m in METHODS) and config["score"]["gradients"] != "recompute"
+
+
+def identity_manifest():
+    """The identity manifest once its job has run (a checkpoint), when it can serve this run; None
+    when the identity extraction is neither part of the run nor finished."""
+    if not IDENTITY_IN_RUN and SERVING.read_manifest(IDENTITY_DIR) is None:
+        return None
+    out = checkpoints.extract_finalize.get(compressor="identity", rtag="full").output[0]
+    return SERVING.read_manifest(os.path.dirname(out))
+
+
+def extraction_route(wildcards):
+    r = None if wildcards.rtag == "full" else int(wildcards.rtag[1:])
+    ex = config["extract"]
+    return SERVING.route(compressor=wildcards.compressor, r=r, grads=f"{RES}/grads", rs=RS, nest=ex["nest"],
+                         from_identity=ex["from_identity"], identity=identity_manifest, device=config["device"])
+
+
+def extraction_parts(wildcards):
+    """The part records extract_finalize combines: of a pass, slicing or compressing raw gradients."""
+    grads_dir = f"{RES}/grads/{wildcards.compressor}/{wildcards.rtag}"
+    return extraction_route(wildcards).parts(grads_dir, SHARDS)
+
+
 def stored_gradients(wildcards):
     """The data and the extraction a method reads (none for random)."""
     inputs = {"data": f"{RES}/data/dataset.pt"}

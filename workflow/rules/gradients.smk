@@ -1,53 +1,53 @@
+# Extraction: every directory grads/{compressor}/{rtag}/ is written by part jobs of one kind, then
+# extract_finalize writes its manifest.json (the file the score rules read). Which kind fills a
+# directory is decided at DAG time by `extraction_parts` (common.smk, src/dropinf/pipeline/serving.py):
+#   extract                a gradient pass, in extract.shards parts (rows split on chunk boundaries)
+#   extract_nested         a smaller r sliced from the complete larger-r directory (its manifest is an input)
+#   extract_from_identity  compressed from the stored raw gradients (the identity manifest is an input)
+# extract_finalize is a checkpoint: a compressor is served from raw gradients only when the identity
+# manifest says they were stored (not over identity_budget_mb), which is known once that job ran.
+
 SHARDS = config["extract"]["shards"]
 GRADS = f"{RES}/grads/{{compressor}}/{{rtag}}"
-# A sharded extraction's per-shard done marker (the shard count is part of the name, so changing it
-# reruns the extraction instead of mixing row ranges of two plans).
-SHARD_MARKER = f"{GRADS}/shards/{{shard}}of{SHARDS}.json"
+# The part count is part of a record's name, so changing extract.shards reruns the extractions
+# instead of mixing the row ranges of two plans. One part: no shard wildcard (logs as before).
+PART = "0" if SHARDS == 1 else "{shard}"
+PART_LOG = "" if SHARDS == 1 else f"-shard{{shard}}of{SHARDS}"
+# what every kind of part job is told (params: only what changes a compressor's arrays)
+EXTRACT_PARAMS = dict(
+    exp=EXP,
+    r=lambda wc: extract_params(wc)["r"],
+    seeds=lambda wc: extract_params(wc)["seeds"],
+    options=lambda wc: extract_params(wc)["options"],
+    budget=lambda wc: extract_params(wc)["budget"],
+    batch_size=config["extract"]["batch_size"],
+    device=config["device"],
+    out_dir=lambda wc: f"{RES}/grads/{wc.compressor}/{wc.rtag}",
+)
 
 
-# Identity first, then larger r, so that the raw gradients (and a larger r of a nested compressor)
-# can serve the other extract jobs at run time. Ordering only, never a dependency.
-EXTRACT_PRIORITY = lambda wc: (1000 if wc.compressor == "identity" else 0 if wc.rtag == "full"
-                               else min(999, int(wc.rtag[1:])))
-_EXTRACT_JOB = "{compressor}-{rtag}" + ("" if SHARDS == 1 else f"-shard{{shard}}of{SHARDS}")
-
-
-ruleorder: extract > extract_finalize
+wildcard_constraints:
+    shard=r"[0-9]+",
+    big=r"[1-9][0-9]*",
 
 
 rule extract:
-    """Compressed per-example gradients of both splits, every seed, one fused pass per batch.
-
-    With extract.shards = 1 one job per (compressor, r) writes the arrays and the manifest. With
-    shards = N > 1 there are N jobs per (compressor, r): shard k fills only its own chunk-aligned rows
-    of the same arrays, in place, and writes its done marker; extract_finalize then writes the
-    manifest. A dropout/gaussian r smaller than a complete extracted r of the same model is served by
-    slicing that array, and any compressor by compressing the complete raw (identity) gradients of
-    the same model (both checked and logged by the stage), not by a new pass. Neither is a DAG
-    input (so changing r reruns only that r); `priority` runs identity, then larger r, first."""
+    """A gradient pass (one fused forward+backward per batch) over part {shard} of the rows: both
+    splits, every seed. Writes its rows of the arrays, then its record."""
     input:
         data=rules.prepare_data.output[0],
         model=rules.finetune.output.model,
     output:
-        f"{GRADS}/manifest.json" if SHARDS == 1 else SHARD_MARKER,
+        f"{GRADS}/parts/pass-{PART}of{SHARDS}.json",
     params:
-        exp=EXP,
-        r=lambda wc: extract_params(wc)["r"],
-        seeds=lambda wc: extract_params(wc)["seeds"],
-        options=lambda wc: extract_params(wc)["options"],
-        budget=lambda wc: extract_params(wc)["budget"],
-        batch_size=config["extract"]["batch_size"],
-        nest="" if config["extract"]["nest"] else "--no-nest",
-        from_identity="" if config["extract"]["from_identity"] else "--no-from-identity",
-        shard=lambda wc: "" if SHARDS == 1 else f"--shards {SHARDS} --shard {wc.shard}",
-        out_dir=lambda wc: f"{RES}/grads/{wc.compressor}/{wc.rtag}",
-        device=config["device"],
+        **EXTRACT_PARAMS,
+        shards=SHARDS,
+        shard=lambda wc: wc.get("shard", 0),
     log:
-        f"{LOGS}/extract/{_EXTRACT_JOB}.log",
+        f"{LOGS}/extract/{{compressor}}-{{rtag}}{PART_LOG}.log",
     benchmark:
-        f"{BENCH}/extract/{_EXTRACT_JOB}.tsv"
+        f"{BENCH}/extract/{{compressor}}-{{rtag}}{PART_LOG}.tsv"
     threads: THREADS
-    priority: EXTRACT_PRIORITY
     resources:
         gpu=GPU,
         gpu_model=GPU_MODEL,
@@ -59,33 +59,104 @@ rule extract:
     container:
         CONTAINER
     shell:
-        "python -m dropinf extract --data {input.data:q} --model {input.model:q} --compressor {wildcards.compressor}"
-        " --r {params.r} --seeds {params.seeds} --options {params.options:q} --budget-mb {params.budget}"
-        " --batch-size {params.batch_size} {params.nest} {params.from_identity} {params.shard}"
-        " --device {params.device} --threads {threads} --experiment {params.exp:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "python -m dropinf extract "
+        "--data {input.data:q} --model {input.model:q} --compressor {wildcards.compressor} --r {params.r}"
+        " --seeds {params.seeds} --options {params.options:q} --budget-mb {params.budget}"
+        " --batch-size {params.batch_size} --device {params.device} --experiment {params.exp:q}"
+        " --threads {threads} --out-dir {params.out_dir:q} --shards {params.shards} --shard {params.shard} > {log:q} 2>&1"
+
+
+rule extract_nested:
+    """A smaller r of a compressor that nests in r (dropout, gaussian): the first r columns of the
+    complete r={big} arrays (Compressor.nest), every seed; no gradient pass."""
+    input:
+        data=rules.prepare_data.output[0],
+        model=rules.finetune.output.model,
+        source=f"{RES}/grads/{{compressor}}/r{{big}}/manifest.json",
+    output:
+        f"{GRADS}/parts/from-r{{big}}-0of1.json",
+    params:
+        **EXTRACT_PARAMS,
+        source=lambda wc, input: os.path.dirname(input.source),
+    log:
+        f"{LOGS}/extract/{{compressor}}-{{rtag}}-from-r{{big}}.log",
+    benchmark:
+        f"{BENCH}/extract/{{compressor}}-{{rtag}}-from-r{{big}}.tsv"
+    threads: THREADS
+    resources:
+        gpu=GPU,
+        gpu_model=GPU_MODEL,
+        cpus_per_gpu=CPUS_PER_GPU,
+        runtime=RUNTIME["extract"],
+        mem_mb=MEM_MB["extract"],
+    conda:
+        ENV
+    container:
+        CONTAINER
+    shell:
+        "python -m dropinf extract_nested "
+        "--data {input.data:q} --model {input.model:q} --compressor {wildcards.compressor} --r {params.r}"
+        " --seeds {params.seeds} --options {params.options:q} --budget-mb {params.budget}"
+        " --batch-size {params.batch_size} --device {params.device} --experiment {params.exp:q}"
+        " --threads {threads} --out-dir {params.out_dir:q} --source {params.source:q} --shards 1 --shard 0 > {log:q} 2>&1"
+
+
+rule extract_from_identity:
+    """A compressor's arrays for part {shard} of the rows, by its matrix path on the stored raw
+    gradients (each block read once for every seed); no gradient pass."""
+    input:
+        data=rules.prepare_data.output[0],
+        model=rules.finetune.output.model,
+        source=f"{RES}/grads/identity/full/manifest.json",
+    output:
+        f"{GRADS}/parts/from-identity-{PART}of{SHARDS}.json",
+    params:
+        **EXTRACT_PARAMS,
+        source=lambda wc, input: os.path.dirname(input.source),
+        shards=SHARDS,
+        shard=lambda wc: wc.get("shard", 0),
+    log:
+        f"{LOGS}/extract/{{compressor}}-{{rtag}}-from-identity{PART_LOG}.log",
+    benchmark:
+        f"{BENCH}/extract/{{compressor}}-{{rtag}}-from-identity{PART_LOG}.tsv"
+    threads: THREADS
+    resources:
+        gpu=GPU,
+        gpu_model=GPU_MODEL,
+        cpus_per_gpu=CPUS_PER_GPU,
+        runtime=RUNTIME["extract"],
+        mem_mb=MEM_MB["extract"],
+    conda:
+        ENV
+    container:
+        CONTAINER
+    shell:
+        "python -m dropinf extract_from_identity "
+        "--data {input.data:q} --model {input.model:q} --compressor {wildcards.compressor} --r {params.r}"
+        " --seeds {params.seeds} --options {params.options:q} --budget-mb {params.budget}"
+        " --batch-size {params.batch_size} --device {params.device} --experiment {params.exp:q}"
+        " --threads {threads} --out-dir {params.out_dir:q} --source {params.source:q}"
+        " --shards {params.shards} --shard {params.shard} > {log:q} 2>&1"
 
 
 localrules:
     extract_finalize,
 
 
-rule extract_finalize:
-    """Sharded extraction only: checks that every shard's done marker exists, agrees and that the
-    shards tile the rows, marks the arrays complete and writes the manifest. Copies no data."""
+checkpoint extract_finalize:
+    """Checks that the part records agree and tile the rows, marks the arrays complete and writes
+    the manifest. Copies no data."""
     input:
-        lambda wc: expand(SHARD_MARKER, shard=range(SHARDS), allow_missing=True),
+        parts=extraction_parts,
     output:
         f"{GRADS}/manifest.json",
     params:
         exp=EXP,
-        shards=SHARDS,
         out_dir=lambda wc: f"{RES}/grads/{wc.compressor}/{wc.rtag}",
     log:
         f"{LOGS}/extract/{{compressor}}-{{rtag}}-finalize.log",
     benchmark:
         f"{BENCH}/extract/{{compressor}}-{{rtag}}-finalize.tsv"
-    priority: EXTRACT_PRIORITY
     resources:
         runtime=RUNTIME.get("extract_finalize", 10),
         mem_mb=MEM_MB.get("extract_finalize", 2000),
@@ -94,5 +165,5 @@ rule extract_finalize:
     container:
         CONTAINER
     shell:
-        "python -m dropinf extract --finalize --shards {params.shards} --experiment {params.exp:q}"
+        "python -m dropinf extract_finalize --parts {input.parts:q} --experiment {params.exp:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -10,7 +10,7 @@ Completion: an array is written under a temporary name and renamed into place wh
 (`write_array`), and its attributes carry `"complete": true`. A directory of arrays is complete
 only when its `manifest.json` exists (written last, atomically).
 
-Sharded arrays (`ensure_array`, `shard_plan`) are written in place instead: every shard (re)writes
+Sharded arrays (`ensure_array`, `sharding.shard_plan`) are written in place: every shard (re)writes
 the same metadata document and then only its own chunk-aligned rows; zarr's local store writes
 each chunk file atomically, so a killed shard leaves whole old chunks or whole new ones, never a
 torn one. Shard boundaries are also multiples of the batch size, so a shard computes exactly the
@@ -273,29 +273,6 @@ def write_array(path, n: int, width: int | None, attrs: dict, dtype="float32", c
         arr = create_array(tmp, n, width, attrs, dtype=dtype, chunk_rows=chunk_rows)
         yield arr
         mark_complete(arr)
-
-
-def shard_plan(n: int, shards: int, batch_size: int, width: int | None, itemsize: int = 4):
-    """(chunk_rows, [(start, stop)] * shards) splitting n rows into `shards` contiguous ranges whose
-    boundaries are multiples of both the chunk size and the batch size (trailing shards may be
-    empty when n is small). Deterministic in its arguments: every shard computes the same plan."""
-    n, shards, batch_size = int(n), max(1, int(shards)), max(1, int(batch_size))
-    target = chunk_rows_for(1 if width is None else width, itemsize)
-    if shards == 1:
-        return target, [(0, n)]
-    if target >= batch_size:
-        # chunks of whole batches, as large as the target size allows while leaving about 4 chunks
-        # per shard (so shards get nearly equal row counts)
-        chunk = batch_size * max(1, min(target // batch_size, n // (4 * shards * batch_size)))
-    else:  # rows are wide: the largest divisor of the batch size within the target
-        chunk = next(c for c in range(target, 0, -1) if batch_size % c == 0)
-    unit = max(chunk, batch_size)
-    units = math.ceil(n / unit) if n else 0
-    ranges = []
-    for k in range(shards):
-        a, b = (k * units) // shards * unit, ((k + 1) * units) // shards * unit
-        ranges.append((min(a, n), min(b, n)))
-    return chunk, ranges
 
 
 def ensure_array(path, n: int, width: int | None, attrs: dict, dtype="float32", chunk_rows=None):
