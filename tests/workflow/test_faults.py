@@ -4,6 +4,7 @@ stage killed with SIGKILL rerun to bit-identical arrays, and a deleted or trunca
 by `verify` and by the stage reading it, then recovered by the command they print."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -117,7 +118,11 @@ def test_damaged_chunk_is_detected_and_recovered(wf, spaced, fault):
     lines = [line for line in proc.stdout.splitlines() if "recover with" in line]
     assert len(lines) == 1, proc.stdout
     expect = "missing on disk: c/0/0" if fault == "delete" else "chunk c/0/0 (rows 0-"
-    assert expect in lines[0] and lines[0].endswith(f"snakemake --forcerun {shlex.quote(str(spaced.results / producer))}")
+    # an extraction is recomputed by forcing the part jobs that wrote its arrays (its manifest lists them)
+    parts = json.loads((res / producer).read_text()).get("parts") or []
+    targets = [spaced.results / Path(producer).parent / p for p in parts] or [spaced.results / producer]
+    assert expect in lines[0]
+    assert lines[0].endswith("snakemake --forcerun " + " ".join(shlex.quote(str(t)) for t in targets)), lines[0]
 
     # the stage that reads it stops with the same diagnosis instead of scoring zeros
     failed = run_snakemake(wf, spaced.snakefile, spaced.workdir, spaced.config, "--forcerun",
@@ -151,7 +156,7 @@ def test_extract_killed_by_sigkill_reruns_bit_identical(spaced, tmp_path):
     def command(out):
         return [sys.executable, "-m", "dropinf", "extract", "--data", str(res / "data/dataset.pt"), "--model",
                 str(res / "model/model.pt"), "--compressor", "dropout", "--r", "8", "--seeds", "0,1",
-                "--batch-size", "1", "--no-nest", "--no-from-identity", "--device", "cpu", "--threads", "1",
+                "--batch-size", "1", "--device", "cpu", "--threads", "1",
                 "--out-dir", str(out)]
 
     ref, out = tmp_path / "ref", tmp_path / "killed"

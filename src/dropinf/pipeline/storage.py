@@ -101,7 +101,18 @@ def producing_manifest(path) -> Path:
 
 
 def recover_command(path) -> str:
-    return f"snakemake --forcerun {shlex.quote(str(producing_manifest(path)))}"
+    """The command that recomputes the array at `path`: force the jobs that wrote it. An extraction
+    directory's manifest is written by a finalize job from part records (`parts`), so those are forced
+    (forcing the manifest alone would rerun only the finalize job); other stages write their own."""
+    manifest = producing_manifest(path)
+    targets = [manifest]
+    try:
+        parts = json.loads(manifest.read_text()).get("parts") or []
+    except (OSError, ValueError):
+        parts = []
+    if parts:
+        targets = [manifest.parent / p for p in parts]
+    return "snakemake --forcerun " + " ".join(shlex.quote(str(t)) for t in targets)
 
 
 def chunk_grid(arr) -> tuple[int, ...]:
