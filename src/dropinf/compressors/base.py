@@ -84,6 +84,13 @@ class Compressor:
             self.layout = Layout.from_shapes([("flat", (self.dim,))])
         return self.layout
 
+    @classmethod
+    def prepare_options(cls, options: dict, *, model, loss_fn, train_loader, params=None, device=None) -> dict:
+        """Options completed from the model and the training split, once per extraction job, before
+        the per-seed compressors are built (default: unchanged). Every seed and both splits of a job
+        are then built from the same returned options (e.g. data-dependent sampling weights)."""
+        return dict(options)
+
 
 def compressor(name: str, dim: int, r: int, seed: int = 0, **opts) -> Compressor:
     """Build a registered compressor by name (see `COMPRESSORS`)."""

@@ -303,6 +303,14 @@ class _Job:
         comp_opts = dict(self.options)
         if compressor == "identity" and budget_mb is not None:
             comp_opts["budget_bytes"] = int(float(budget_mb) * 2**20)
+        from ..compressors import COMPRESSORS
+        from .train import Batches
+
+        if compressor in COMPRESSORS:  # once per job: data-dependent options (importance weights) for every seed
+            comp_opts = COMPRESSORS[compressor].prepare_options(
+                comp_opts, model=spec.module, loss_fn=spec.loss_fn, params=spec.params, device=self.stage.device,
+                train_loader=Batches(self.splits["train"], self.batch_size))
+        self.comp_options = comp_opts
 
         def extractor_for(seed):
             return Extractor(spec.module, spec.loss_fn, compressor, r, 0 if seed is None else seed,
@@ -337,7 +345,7 @@ class _Job:
         from ..compressors import compressor as make_compressor
 
         return make_compressor(self.compressor, dim=self.layout.dim, r=r, seed=seed, layout=self.layout,
-                               **self.options)
+                               **self.comp_options)
 
     def find_source(self, nest: bool, from_identity: bool, identity_dir, identity_wait: float):
         """('nest', dir, manifest), ('identity', dir, manifest) or None (a pass)."""
