@@ -99,7 +99,7 @@ class ImportanceDropout(Dropout):
     OPTIONS = ("probe", "probe_seed", "weighting", "rescale", "chunk_elems")
 
     def __init__(self, dim, r, seed=0, layout=None, weights=None, probe: int = 256, probe_seed: int = 0,
-                 weighting: str = "block", rescale: bool = False, probe_seconds: float | None = None,
+                 weighting: str = "global", rescale: bool = False, probe_seconds: float | None = None,
                  chunk_elems: int = 1 << 26):
         self._check_options(probe=probe, probe_seed=probe_seed, weighting=weighting, rescale=rescale)
         if weights is None:
@@ -125,7 +125,7 @@ class ImportanceDropout(Dropout):
         super().__init__(dim, r, seed, layout, chunk_elems)
 
     @classmethod
-    def _check_options(cls, probe=256, probe_seed=0, weighting="block", rescale=False, **_):
+    def _check_options(cls, probe=256, probe_seed=0, weighting="global", rescale=False, **_):
         if isinstance(probe, bool) or not isinstance(probe, int) or probe < 1:
             raise OptionError(f"importance_dropout: probe must be a positive number of training examples, got {probe!r}")
         if isinstance(probe_seed, bool) or not isinstance(probe_seed, int) or probe_seed < 0:
