@@ -24,6 +24,13 @@ from .layout import Layout
 
 __all__ = ["second_moments", "ProbeSizeError", "probe_rows"]
 
+#: memory for the per-example gradients of shared (tied) parameters held during one probe batch
+HELD_BYTES = 1 << 30
+
+
+def layout_dtype(extractor) -> torch.dtype:
+    return extractor.named[0][1].dtype
+
 
 class ProbeSizeError(DropinfError, ValueError):
     """A probe that asks for more examples than the training set has (or none)."""
@@ -175,8 +182,8 @@ def probe_rows(n_total: int, n: int, seed: int) -> torch.Tensor:
 
 
 class _ProbeLoader:
-    """The probe's rows of `loader` (by position in its iteration order), re-batched to about the
-    loader's batch size where consecutive batches have the same structure."""
+    """The probe's rows of `loader` (by position in its iteration order), re-batched into batches of
+    at most `batch_rows` rows (consecutive rows of the same structure are concatenated)."""
 
     def __init__(self, loader, rows: torch.Tensor, batch_rows: int):
         self.loader, self.rows, self.batch_rows = loader, rows, max(1, int(batch_rows))
@@ -191,14 +198,17 @@ class _ProbeLoader:
             start += B
             if hi == lo:
                 continue
-            part = _select(batch, rows[lo:hi] - (start - B))
-            s = _signature(part)
-            if parts and (s != sig or have >= self.batch_rows):
-                yield _concat(parts)
-                parts, have = [], 0
-            parts.append(part)
-            sig = s
-            have += hi - lo
+            keep = rows[lo:hi] - (start - B)
+            for a in range(0, keep.numel(), self.batch_rows):  # no probe batch above batch_rows
+                part = _select(batch, keep[a:a + self.batch_rows])
+                size = min(keep.numel(), a + self.batch_rows) - a
+                s = _signature(part)
+                if parts and (s != sig or have + size > self.batch_rows):
+                    yield _concat(parts)
+                    parts, have = [], 0
+                parts.append(part)
+                sig = s
+                have += size
         if parts:
             yield _concat(parts)
 
@@ -225,6 +235,9 @@ def second_moments(model, loss_fn, loader, n: int = 256, seed: int = 0, params=N
     fallback = set(counter_ex.fallback)  # torch.func gradients come whole, once per parameter
     shared = {name for name, c in counter.calls.items() if c > 1 and name not in fallback}
     acc_comp = SquareAccumulator(layout.dim, layout, shared)
+    held = sum(layout[name].numel for name in shared) * (8 if layout_dtype(counter_ex) == torch.float64 else 4)
+    if held:  # shared parameters hold a (rows, numel) gradient per batch: keep that within HELD_BYTES
+        batch_rows = max(1, min(batch_rows, HELD_BYTES // held))
     ex = Extractor(model, loss_fn, acc_comp, params=params, device=device)
     ex.run(_ProbeLoader(loader, rows, batch_rows), sink=acc_comp.end_batch)
     if acc_comp.n != n:

@@ -163,6 +163,29 @@ def test_probe_equals_per_example_autograd(case):
         torch.testing.assert_close(w, G[rows].square().mean(0), rtol=1e-10, atol=1e-14)
 
 
+def test_probe_rebatches_under_the_held_memory_cap(monkeypatch):
+    """Tied weights hold a per-example gradient per batch; a tiny cap forces one-row probe batches."""
+    from dropinf import probe
+
+    make, loss, data = CASES["tied"]
+    torch.manual_seed(3)
+    model, batches = make(), _double(data())
+    G = reference_grads(model, loss, batches, [n for n, _ in model.named_parameters()])
+    sizes = []
+    real = probe.SquareAccumulator.end_batch
+
+    def spy(self, start, out):
+        sizes.append(out.shape[0])
+        real(self, start, out)
+    monkeypatch.setattr(probe, "HELD_BYTES", 1)
+    monkeypatch.setattr(probe.SquareAccumulator, "end_batch", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w = second_moments(model, loss, batches, 5, 4)
+    assert sizes == [1] * 5
+    torch.testing.assert_close(w, G[probe_rows(7, 5, 4)].square().mean(0), rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("case", ["text", "conv"])
 @pytest.mark.parametrize("rescale", [False, True])
 def test_fused_path_equals_matrix_path(case, rescale):
@@ -224,3 +247,18 @@ def test_bad_probe_and_options_are_refused():
         dropinf.compressor("importance_dropout", 10, 3, weights=torch.tensor([1.0, 1, -1, 1, 1, 1, 1, 1, 1, 1]))
     with pytest.raises(dropinf.DropinfError, match="r must"):
         dropinf.compressor("importance_dropout", 10, 11, weights=torch.ones(10))
+
+
+def test_bench_probe_subcommand_cpu(tmp_path):
+    import csv
+
+    from dropinf import bench
+
+    out = tmp_path / "probe.csv"
+    bench.probe_timing(["--arch", "gpt2-tiny", "--batch", "4", "--probe", "6", "--examples", "12", "--r", "8",
+                        "--out", str(out)])
+    rows = {r["path"]: r for r in csv.DictReader(open(out))}
+    assert float(rows["check_probe"]["rel_err_vs_autograd"]) < 1e-5
+    assert rows["probe_second_moments"]["n_examples"] == "6" and rows["extract_dropout"]["n_examples"] == "12"
+    assert all(float(rows[p]["seconds"]) > 0 for p in ("probe_second_moments", "importance_draw", "extract_dropout"))
+    assert rows["extract_dropout"]["device"] and rows["extract_dropout"]["git_commit"]
