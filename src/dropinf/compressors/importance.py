@@ -61,9 +61,12 @@ def smallest_keys(weights: torch.Tensor, lo: int, hi: int, k: int, seed: int, ze
         return best_i
     for c in range(lo // KEY_CHUNK, (hi - 1) // KEY_CHUNK + 1):
         a, b = max(lo, c * KEY_CHUNK), min(hi, (c + 1) * KEY_CHUNK)
-        E = exponential_keys(seed, a, b, c)
-        w = weights[a:b].to(torch.float64)
-        keys = torch.where(w == 0, E, torch.inf) if zero else torch.where(w > 0, E / w, torch.inf)
+        keys = exponential_keys(seed, a, b, c)
+        w = weights[a:b]
+        if zero:
+            keys.masked_fill_(w != 0, torch.inf)
+        else:
+            keys.div_(w).masked_fill_(w == 0, torch.inf)  # float64 keys (w promoted)
         take = min(k, keys.numel())
         kk, ii = torch.topk(keys, take, largest=False, sorted=False)
         ok = torch.isfinite(kk)
@@ -209,6 +212,11 @@ class ImportanceDropout(Dropout):
     def weights_summary(self) -> dict:
         """Sum, max, number of positive weights, effective number of coordinates (sum w)^2 / sum w^2,
         and each parameter tensor's share of the mass."""
+        if getattr(self, "_summary", None) is None:
+            self._summary = self._summarize()
+        return dict(self._summary)
+
+    def _summarize(self) -> dict:
         slots = self.layout.slots if self.layout is not None else None
         blocks = [(s.offset, s.stop) for s in slots] if slots else [(0, self.dim)]
         mass, count = self._stats(blocks)
