@@ -12,8 +12,8 @@ only when r exceeds the number of positive weights.
 weighting="block": r is apportioned across the layout's blocks (parameter tensors) in proportion
 to their widths, as uniform dropout does in expectation (the k-th pick of block b is placed at
 (k + 1/2) / width_b and blocks are merged in that order: nested in r), and sampled by weight inside
-each block; blocks without any positive weight get no share. weighting="global": by weight across
-all coordinates.
+each block; blocks without any positive weight get no share (without a layout there is one block).
+weighting="global" (the default): by weight across all coordinates.
 
 rescale=True divides kept column j by sqrt(r q_j), q_j its per-draw selection probability
 (global: w_j / sum w; block: the block's share times w_j / its mass; weight 0: 1/dim), so that the
