@@ -158,8 +158,9 @@ def _concat(parts: list):
     sizes = [_batch_size(p) for p in parts]
     leaves = []
     for i, leaf in enumerate(flat[0][0]):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == sizes[0]:
-            leaves.append(torch.cat([f[0][i] for f in flat]))
+        column = [f[0][i] for f in flat]
+        if all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b for t, b in zip(column, sizes)):
+            leaves.append(torch.cat(column))
         else:
             leaves.append(leaf)
     return tree_unflatten(leaves, spec)

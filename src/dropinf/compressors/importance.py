@@ -106,7 +106,7 @@ class ImportanceDropout(Dropout):
                  chunk_elems: int = 1 << 26):
         self._check_options(probe=probe, probe_seed=probe_seed, weighting=weighting, rescale=rescale)
         if weights is None:
-            raise DropinfError(
+            raise OptionError(
                 "importance_dropout needs per-coordinate weights: build its options with "
                 "ImportanceDropout.prepare_options(options, model=, loss_fn=, train_loader=) (it runs the "
                 "second-moment probe) or pass weights= (a (dim,) tensor, e.g. dropinf.probe.second_moments(...))")
