@@ -482,6 +482,70 @@ def ihvp_timing(argv) -> None:
     print(f"wrote {a.out}", file=sys.stderr)
 
 
+def probe_timing(argv) -> None:
+    """Cost of importance_dropout's second-moment probe against a dropout extraction of many examples
+    (the probe runs once per extraction job), on one random-init architecture; the probe is first
+    checked against per-example autograd on two examples.
+
+        python -m dropinf.bench probe --arch gpt2 --probe 256 --examples 2000 --out probe.csv
+    """
+    from .compressors.importance import ImportanceDropout
+    from .layout import Layout
+    from .probe import second_moments
+
+    ap = argparse.ArgumentParser(prog="python -m dropinf.bench probe")
+    ap.add_argument("--arch", default="gpt2", help="gpt2 | gpt2-tiny | pythia-1.4b | llama-3.2-1b | resnet9")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--probe", type=int, default=256, help="examples in the probe")
+    ap.add_argument("--examples", type=int, default=2000, help="examples in the extraction it is compared with")
+    ap.add_argument("--r", type=int, default=512, help="kept coordinates")
+    ap.add_argument("--no-check", dest="check", action="store_false")
+    ap.add_argument("--out", default=None, help="CSV path (default results/bench/probe_<arch>_<dtype>.csv)")
+    a = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = device.type
+    torch.manual_seed(0)
+    model, loss_fn, make = build_arch(a.arch, getattr(torch, a.dtype), device)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [make(a.batch, g) for _ in range(-(-a.examples // a.batch))]
+    n = len(batches) * a.batch
+    names = [name for name, _ in select_parameters(model, None)]
+    layout = Layout.from_model(model)
+    base = {"arch": a.arch, "dtype": a.dtype, "batch": a.batch, "dim": layout.dim, **provenance(device)}
+    rows = []
+    if a.check:  # probe of two examples == squares of their per-example autograd gradients
+        params = dict(model.named_parameters())
+        two = {k: v[:2] for k, v in batches[0].items()}
+        ref = []
+        for i in range(2):
+            gs = torch.autograd.grad(loss_fn(model, {k: v[i:i + 1] for k, v in two.items()}).sum(),
+                                     [params[name] for name in names])
+            ref.append(torch.cat([x.float().reshape(-1) for x in gs]))
+        want = torch.stack(ref).square().mean(0).cpu()
+        got = second_moments(model, loss_fn, [two], 2, 0)
+        err = ((got - want).norm() / want.norm()).item()
+        rows.append({**base, "path": "check_probe", "rel_err_vs_autograd": err})
+        print(f"check probe: relative error vs per-example autograd {err:.2e}", flush=True)
+    extractor = Extractor(model, loss_fn, "dropout", r=a.r, seed=0, params=names)
+    extractor.run(batches[:1], sink=lambda s, x: None)  # warm-up (plans, kernels)
+    second_moments(model, loss_fn, batches[:1], min(a.batch, 4), 0)
+    probe_s = _timed_call(lambda: rows.append(second_moments(model, loss_fn, batches, a.probe, 0)), dev)
+    weights = rows.pop()
+    draw_s = _timed_call(lambda: ImportanceDropout(layout.dim, a.r, 0, layout, weights=weights), dev)
+    extract_s = _timed_call(lambda: extractor.run(batches, sink=lambda s, x: None), dev)
+    for path, secs, count in (("probe_second_moments", probe_s, a.probe), ("importance_draw", draw_s, None),
+                              ("extract_dropout", extract_s, n)):
+        rows.append({**base, "path": path, "r": a.r, "n_examples": count, "seconds": secs,
+                     "ratio_to_extract": secs / extract_s})
+        print(f"{a.arch} {path:22s} {'' if count is None else count:>6} examples {secs:9.3f} s "
+              f"({100 * secs / extract_s:6.2f}% of the {n}-example dropout extraction)", flush=True)
+    out = a.out or f"results/bench/probe_{a.arch}_{a.dtype}.csv"
+    write_csv(rows, out)
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def _timed_call(fn, dev) -> float:
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -498,6 +562,9 @@ def main(argv=None):
         return
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "ihvp":
         ihvp_timing(sys.argv[2:])
+        return
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "probe":
+        probe_timing(sys.argv[2:])
         return
     ap = argparse.ArgumentParser(prog="python -m dropinf.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="gpt2", help="gpt2 | gpt2-tiny | pythia-1.4b | llama-3.2-1b | resnet9")

@@ -42,12 +42,16 @@ class Dropout(Compressor):
 
     def __init__(self, dim, r, seed=0, layout=None, chunk_elems: int = 1 << 26):
         super().__init__(dim, r, seed, layout)
-        self.indices = permutation_prefix(self.dim, self.r, self.seed)
+        self.indices = self._draw()
         self.chunk_elems = int(chunk_elems)
         self._plans: dict = {}
 
+    def _draw(self) -> torch.Tensor:
+        """The kept coordinates, in output-column order (importance dropout overrides this)."""
+        return permutation_prefix(self.dim, self.r, self.seed)
+
     # Sampled coordinate j lands in output column targets[j] with weight weights[j];
-    # dropout: column j, weight 1. SJLT overrides these two.
+    # dropout: column j, weight 1. SJLT (buckets, signs) and importance dropout (rescale) override.
     def _targets(self) -> torch.Tensor:
         return torch.arange(self.indices.numel())
 

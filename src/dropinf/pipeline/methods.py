@@ -12,7 +12,7 @@ FULL_SPACE = ("orig", "lissa", "datainf", "tracin")
 
 #: Compressed methods: the compressor of the same name, then the `exact` solver in r-space with
 #: the blocks of its columns under `score.curvature`.
-COMPRESSED = ("dropout", "gaussian", "logra", "sjlt")
+COMPRESSED = ("dropout", "importance_dropout", "gaussian", "logra", "sjlt")
 
 #: Baselines that need no gradients.
 BASELINES = ("random",)

@@ -23,7 +23,7 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 #: compressors whose output at r' < r is the first r' columns of their output at r (`nests_in_r` in
 #: `dropinf.compressors`; a test keeps the two in agreement)
-NESTS_IN_R = ("dropout", "gaussian")
+NESTS_IN_R = ("dropout", "importance_dropout", "gaussian")
 
 PASS, NESTED, IDENTITY = "pass", "nested", "identity"
 
