@@ -90,6 +90,8 @@ class Extractor:
                 raise DropinfError("extract: r is required")
             self.compressor = make_compressor(compressor, dim=self.layout.dim, r=r, seed=seed,
                                               layout=self.layout, **compressor_opts)
+        if not self.compressor.linear:
+            self.check_every = -1  # nothing linear to compare with autograd (e.g. a probe's squared entries)
         self.forced = self._forced_modules(fallback)
         self.plan: selfcheck.Plan | None = None
         self._batches = 0  # batches extracted so far, over every run

@@ -39,6 +39,8 @@ class ProbeSizeError(DropinfError, ValueError):
 class _CallCounter(Compressor):
     """Counts fused contributions per tracked parameter (no arithmetic, no output)."""
 
+    linear = False
+
     def __init__(self, dim, layout):
         super().__init__(dim, 1, 0, layout)
         self.calls: Counter = Counter()
@@ -59,6 +61,8 @@ class SquareAccumulator(Compressor):
 
     `shared`: names of parameters that get several contributions per example; their per-example
     gradient of the current batch is summed in `pending` and squared by `end_batch`."""
+
+    linear = False
 
     def __init__(self, dim, layout, shared=(), chunk_elems: int = 1 << 26):
         super().__init__(dim, 1, 0, layout)

@@ -240,6 +240,9 @@ class Compressor:
     name: ClassVar[str] = ""
     #: True when the first r' columns at r are exactly the output at r' < r (same seed).
     nests_in_r: ClassVar[bool] = False
+    #: True when the output is a linear map of the gradient (`compress(G)` exists): the extraction's
+    #: self-check compares it against autograd. Accumulators that are not (a probe's squares) say False.
+    linear: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
