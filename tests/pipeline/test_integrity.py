@@ -300,6 +300,10 @@ def test_planned_r_is_checked_against_d_before_training():
         check_planned_extractions(spec, {"logra": {"r": [16, 100000]}})
     with pytest.raises(DropinfError, match="unknown option"):
         check_planned_extractions(spec, {"sjlt": {"r": [4], "options": {"mask": 2}}})
+    # a compressor whose options come from the data (importance_dropout's probe) is checked for r <= d only
+    check_planned_extractions(spec, {"importance_dropout": {"r": [16, d], "options": {"probe": 8}}})
+    with pytest.raises(DropinfError, match=rf"'r' = {d + 1} exceeds d = {d}"):
+        check_planned_extractions(spec, {"importance_dropout": {"r": [d + 1]}})
 
 
 # ---- DAG-time tables match the registries -----------------------------------------------------------------
