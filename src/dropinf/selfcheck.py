@@ -471,7 +471,10 @@ def tolerance(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
         return 1e-8, 1e-10
     if dtype == torch.float32:
         tf32 = device.type == "cuda" and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
-        return (1e-2, 1e-3) if tf32 else (1e-3, 1e-4)
+        # TF32 (10-bit mantissa; cuDNN's default for convolutions) picks other kernels at batch size 1
+        # than for the batch, so the two sides round differently through every layer: a ResNet-9 conv
+        # coordinate differed by 2.3% on an H200. The errors this check exists for are O(1).
+        return (5e-2, 1e-2) if tf32 else (1e-3, 1e-4)
     return 5e-2, 1e-2
 
 
