@@ -14,6 +14,8 @@ from dropinf.errors import DropinfError
 from dropinf.pipeline import extract as extract_mod
 from dropinf.pipeline.prepare import prepare_data
 from dropinf.pipeline.train import finetune
+from dropinf.pipeline.methods import COMPRESSED
+from dropinf.pipeline.serving import NESTS_IN_R
 
 SPLITS = ("train", "test")
 
@@ -156,7 +158,7 @@ def _jobs_with_inputs(out: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_fresh_plan_slices_from_the_largest_r_and_waits_for_the_identity_checkpoint(wf, tmp_path):
-    """A fresh run: one gradient pass (identity), the smaller r of dropout/gaussian sliced from
+    """A fresh run: one gradient pass (identity), the smaller r of dropout/importance_dropout/gaussian sliced from
     r64 (its manifest an input), every other extraction's parts to be known once the identity
     manifest says whether raw gradients were stored (input <TBD>)."""
     out, jobs = _plan(wf, tmp_path, wf.default_config(), "fresh")
@@ -164,13 +166,14 @@ def test_fresh_plan_slices_from_the_largest_r_and_waits_for_the_identity_checkpo
     passes = [j for j in jobs if j["rule"] == "extract"]
     assert [j["output"] for j in passes] == [f"{exp}/identity/full/parts/pass-0of1.json"], out[-3000:]
     nested = {j["output"]: j["input"] for j in jobs if j["rule"] == "extract_nested"}
-    assert set(nested) == {f"{exp}/{c}/r16/parts/from-r64-0of1.json" for c in ("dropout", "gaussian")}
+    assert set(nested) == {f"{exp}/{c}/r16/parts/from-r64-0of1.json" for c in NESTS_IN_R}
     for output, inputs in nested.items():
         assert output.replace("r16/parts/from-r64-0of1.json", "r64/manifest.json") in inputs.split(", ")
     finals = {j["output"]: j["input"] for j in jobs if j["rule"] == "extract_finalize"}
-    assert len(finals) == 9  # identity + 4 compressors x 2 r
+    compressed = [m for m in wf.default_config()["methods"] if m in COMPRESSED]
+    assert len(finals) == 1 + 2 * len(compressed)  # identity + each compressor x 2 r
     assert finals[f"{exp}/identity/full/manifest.json"] == f"{exp}/identity/full/parts/pass-0of1.json"
-    for c in ("dropout", "gaussian", "logra", "sjlt"):
+    for c in compressed:
         assert finals[f"{exp}/{c}/r64/manifest.json"] == "<TBD>"
     assert "DAG of jobs will be updated after completion" in out
 
@@ -189,11 +192,13 @@ def test_plan_after_a_run_serves_new_r_from_the_arrays_it_reads(default_run, wf)
     assert set(kinds) == {"extract_nested", "extract_from_identity", "extract_finalize"}, out[-3000:]
     for j in kinds["extract_nested"]:
         comp = j["output"].split("/grads/")[1].split("/")[0]
-        assert comp in ("dropout", "gaussian") and f"{grads}/{comp}/r64/manifest.json" in j["input"].split(", ")
+        assert comp in NESTS_IN_R and f"{grads}/{comp}/r64/manifest.json" in j["input"].split(", ")
     for j in kinds["extract_from_identity"]:
         comp = j["output"].split("/grads/")[1].split("/")[0]
         assert comp in ("logra", "sjlt") and f"{grads}/identity/full/manifest.json" in j["input"].split(", ")
-    assert len(kinds["extract_nested"]) == len(kinds["extract_from_identity"]) == 2
+    compressed = [m for m in cfg["methods"] if m in COMPRESSED]
+    assert len(kinds["extract_nested"]) == sum(c in NESTS_IN_R for c in compressed)
+    assert len(kinds["extract_from_identity"]) == sum(c not in NESTS_IN_R for c in compressed)
 
     # switched off: gradient passes for the new r; what exists keeps how it was made (no rerun)
     cfg["extract"] = {**cfg["extract"], "nest": False, "from_identity": False}

@@ -23,8 +23,11 @@ def test_dry_run_plans_importance_dropout_beside_dropout(wf, tmp_path):
     jobs = wf.planned_jobs(wf.snakemake(tmp_path, "-n", config=path).stdout)
     res = "results/tiny-importance"
     for comp in ("dropout", "importance_dropout"):
+        # one gradient pass at the largest r; the smaller r is sliced from it (both nest in r)
+        assert ("extract", f"{res}/grads/{comp}/r8/parts/pass-0of1.json") in jobs, jobs
+        assert ("extract_nested", f"{res}/grads/{comp}/r4/parts/from-r8-0of1.json") in jobs, jobs
         for r in (4, 8):
-            assert ("extract", f"{res}/grads/{comp}/r{r}/manifest.json") in jobs, jobs
+            assert ("extract_finalize", f"{res}/grads/{comp}/r{r}/manifest.json") in jobs, jobs
             assert ("score", f"{res}/scores/{comp}/r{r}/manifest.json") in jobs, jobs
 
 
