@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -222,10 +223,13 @@ def _paper(sumsq: Sequence[float], n: int, blocks: _Blocks, which: Sequence[int]
     out = []
     for s, b in zip(sumsq, which):
         lam = PAPER_FACTOR * float(s) / (n * blocks.widths[b])
-        if lam == 0:
-            raise NotPositiveDefiniteError(
-                f"{blocks.labels[b]} has all-zero gradients over train, so its 'paper' damping is 0 and "
-                f"(H + lambda I) is singular; pass a positive float damping or drop these columns")
+        if float(s) == 0.0:
+            # Every training gradient is 0 on this block (e.g. dropout kept one coordinate of an
+            # embedding row no training example uses): its term -v_b^T (H_b + lambda I)^-1 g_{k,b} is
+            # exactly 0 for ANY lambda > 0, whereas the formula gives lambda = 0 (singular). Use 1.
+            warnings.warn(f"{blocks.labels[b]}: all-zero gradients over train; this block adds exactly 0 to "
+                          "every score (its 'paper' damping would be 0, so 1 is used)", stacklevel=3)
+            lam = 1.0
         out.append(lam)
     return check_damping(out, [blocks.labels[b] for b in which], dtype, n, "'paper' damping")
 

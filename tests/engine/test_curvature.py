@@ -371,3 +371,24 @@ def test_blocks_of_dropinf_extract_output_from_a_rebuilt_compressor():
     groups = [v.tolist() for v in comp.column_blocks().values()]
     assert len(groups) == 3
     assert rel(influence(C, C[:5], "exact", layout=comp), dense_ref(C, C[:5], groups, paper(C, groups))) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["exact", "datainf", "lissa"])
+def test_a_block_with_all_zero_train_gradients_adds_exactly_nothing(method):
+    """Dropout can keep a coordinate no training example touches (an unused embedding row): the
+    paper's damping of that block is 0, yet its term is 0 for any damping, so scores equal those
+    without the block (instead of a singular solve)."""
+    g = torch.Generator().manual_seed(7)
+    G = torch.randn(30, 9, generator=g, dtype=torch.float64)
+    T = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    G[:, 3:5] = 0.0  # block 1: zero over train, not over test
+    blocks = [(0, 3), (3, 5), (5, 9)]
+    keep = torch.tensor([0, 1, 2, 5, 6, 7, 8])
+    with pytest.warns(UserWarning, match="all-zero gradients over train"):
+        got = dropinf.influence(G, T, method, blocks=blocks)
+    if method != "lissa":
+        want = dropinf.influence(G[:, keep], T[:, keep], method, blocks=[(0, 3), (3, 7)])
+    else:  # LiSSA's power-iteration start depends on the column layout: same columns, any damping there
+        lam = [0.1 * float(G[:, lo:hi].square().sum()) / (30 * (hi - lo)) for lo, hi in blocks]
+        want = dropinf.influence(G, T, method, blocks=blocks, damping=[lam[0], 123.0, lam[2]])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

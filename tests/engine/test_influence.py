@@ -339,10 +339,12 @@ def test_bad_arguments_fail_before_reading_train(kw, fragments):
 
 @pytest.mark.parametrize("method", ["orig", "lissa", "datainf"])
 def test_zero_block_with_paper_damping_names_block(method):
+    # its term is exactly 0 for any damping (test_curvature checks the scores); it is named, not fatal
     G, T = data(12, 6, seed=18)
     G[:, 2:4] = 0
-    with pytest.raises(NotPositiveDefiniteError, match=r"block 1 \(columns 2:4\).*all-zero"):
-        influence(G, T, method, blocks=[(0, 2), (2, 4), (4, 6)])
+    with pytest.warns(UserWarning, match=r"block 1 \(columns 2:4\).*all-zero"):
+        scores = influence(G, T, method, blocks=[(0, 2), (2, 4), (4, 6)])
+    assert torch.isfinite(scores).all()
 
 
 @pytest.mark.parametrize("woodbury", [False, True])
