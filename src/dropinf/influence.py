@@ -129,7 +129,11 @@ def resolve_blocks(train, blocks="layer", layout=None):
         from .compressors.base import column_blocks_from_attrs
 
         return column_blocks_from_attrs(dict(attrs), blocks)
-    return None  # columns with no recorded layout: one parameter, one block
+    # columns with no recorded layout: nothing says which parameter a column belongs to
+    warnings.warn(f"influence: blocks={blocks!r} asked for, but train carries no layout (a plain tensor): "
+                  "solving with ONE block over all columns; pass layout= (the Compressor that made the columns, "
+                  "or a dropinf.layout.Layout) for per-layer curvature, or blocks='global' to say so", stacklevel=3)
+    return None
 
 
 def _parse_blocks(blocks, k: int) -> _Blocks:
