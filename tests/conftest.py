@@ -13,3 +13,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(name in getattr(item, "fixturenames", ()) for name in WORKFLOW_RUNS):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def train_digits_mlp():
+    """Prepare digits (20% flipped labels) and fine-tune a small tanh MLP on the CPU into folder `d`
+    (`data.pt`, `model.pt`, `model.json`): the stage tests' common starting point."""
+    def make(d, *, max_train: int = 300, max_test: int = 100, hidden=(16,), epochs: int = 3):
+        from dropinf.pipeline.prepare import prepare_data
+        from dropinf.pipeline.train import finetune
+
+        prepare_data(d / "data.pt", "digits", {"max_train": max_train, "max_test": max_test}, 0.2, 0, threads=1)
+        finetune(d / "data.pt", d / "model.pt", d / "model.json", "mlp", {"hidden": list(hidden)}, device="cpu",
+                 threads=1, epochs=epochs)
+        return d
+
+    return make

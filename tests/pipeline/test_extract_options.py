@@ -9,8 +9,6 @@ import zarr
 from dropinf.compressors import COMPRESSORS
 from dropinf.compressors.dropout import Dropout, permutation_prefix
 from dropinf.pipeline import extract as extract_mod
-from dropinf.pipeline.prepare import prepare_data
-from dropinf.pipeline.train import finetune
 
 
 class DataSeeded(Dropout):
@@ -43,11 +41,8 @@ def registered():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    d = tmp_path_factory.mktemp("options")
-    prepare_data(d / "data.pt", "digits", {"max_train": 120, "max_test": 40}, 0.2, 0, threads=1)
-    finetune(d / "data.pt", d / "model.pt", d / "model.json", "mlp", {"hidden": [8]}, device="cpu", threads=1,
-             epochs=1)
+def trained(tmp_path_factory, train_digits_mlp):
+    d = train_digits_mlp(tmp_path_factory.mktemp("options"), max_train=120, max_test=40, hidden=(8,), epochs=1)
     return d
 
 

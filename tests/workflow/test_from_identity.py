@@ -12,8 +12,6 @@ zarr = pytest.importorskip("zarr", reason="the workflow tests need zarr: pip ins
 
 from dropinf.errors import DropinfError
 from dropinf.pipeline import extract as extract_mod
-from dropinf.pipeline.prepare import prepare_data
-from dropinf.pipeline.train import finetune
 from dropinf.pipeline.methods import COMPRESSED
 from dropinf.pipeline.serving import NESTS_IN_R
 
@@ -21,11 +19,8 @@ SPLITS = ("train", "test")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    d = tmp_path_factory.mktemp("from_identity")
-    prepare_data(d / "data.pt", "digits", {"max_train": 300, "max_test": 100}, 0.2, 0, threads=1)
-    finetune(d / "data.pt", d / "model.pt", d / "model.json", "mlp", {"hidden": [16]}, device="cpu", threads=1,
-             epochs=3)
+def trained(tmp_path_factory, train_digits_mlp):
+    d = train_digits_mlp(tmp_path_factory.mktemp("from_identity"))
     extract_mod.extract(job=_job(d, d / "grads" / "identity" / "full", "identity", None))
     return d
 

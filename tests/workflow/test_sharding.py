@@ -16,10 +16,8 @@ zarr = pytest.importorskip("zarr", reason="the workflow tests need zarr: pip ins
 
 from dropinf.errors import DropinfError
 from dropinf.pipeline import extract as extract_mod
-from dropinf.pipeline.prepare import prepare_data
 from dropinf.pipeline.sharding import part_path, shard_plan
 from dropinf.pipeline.storage import is_complete
-from dropinf.pipeline.train import finetune
 
 SPLITS = ("train", "test")
 SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
@@ -43,11 +41,8 @@ def test_shard_plan_tiles_rows_on_chunk_and_batch_boundaries(n, shards, batch, w
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sharding")
-    prepare_data(d / "data.pt", "digits", {"max_train": 300, "max_test": 100}, 0.2, 0, threads=1)
-    finetune(d / "data.pt", d / "model.pt", d / "model.json", "mlp", {"hidden": [16]}, device="cpu", threads=1,
-             epochs=3)
+def trained(tmp_path_factory, train_digits_mlp):
+    d = train_digits_mlp(tmp_path_factory.mktemp("sharding"))
     return d
 
 

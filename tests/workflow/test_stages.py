@@ -11,7 +11,7 @@ zarr = pytest.importorskip("zarr", reason="the workflow tests need zarr: pip ins
 
 from dropinf.errors import DropinfError
 from dropinf.pipeline import extract as extract_mod
-from dropinf.pipeline.prepare import flip_labels, load_prepared, prepare_data
+from dropinf.pipeline.prepare import flip_labels, load_prepared
 from dropinf.pipeline.storage import RowWriter, create_array, is_complete, write_array
 from dropinf.pipeline.train import _Optimizer, finetune
 
@@ -83,11 +83,8 @@ def test_write_array_is_complete_or_absent(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stage")
-    prepare_data(d / "data.pt", "digits", {"max_train": 300, "max_test": 100}, 0.2, 0, threads=1)
-    finetune(d / "data.pt", d / "model.pt", d / "model.json", "mlp", {"hidden": [16]}, device="cpu", threads=1,
-             epochs=3)
+def trained(tmp_path_factory, train_digits_mlp):
+    d = train_digits_mlp(tmp_path_factory.mktemp("stage"))
     return d
 
 
