@@ -219,3 +219,26 @@ def test_over_budget_identity_means_gradient_passes(wf, tmp_path):
     assert sorted(p.name for p in (grads / "sjlt" / "r16" / "parts").iterdir()) == ["pass-0of1.json"]
     again = wf.snakemake(tmp_path, "-n", config=path)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_a_failing_extraction_keeps_the_previous_complete_arrays(trained, tmp_path, monkeypatch):
+    """The job's manifest goes first (nothing looks finished), but the earlier arrays stay until new
+    ones replace them; a later success then removes what it did not write (a dropped seed)."""
+    from dropinf.extraction import Extractor
+
+    out = tmp_path / "grads" / "dropout" / "r8"
+    extract_mod.extract(job=_job(trained, out, "dropout", 8, seeds=(0, 1)))
+    before = {k: np.asarray(a[...]) for k, a in _arrays(out).items()}
+
+    def broken(self, *a, **k):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(Extractor, "run", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        extract_mod.extract(job=_job(trained, out, "dropout", 8, seeds=(0, 1)))
+    monkeypatch.undo()
+    assert not (out / "manifest.json").exists()
+    for k, a in _arrays(out).items():
+        assert np.array_equal(np.asarray(a[...]), before[k]), k
+    extract_mod.extract(job=_job(trained, out, "dropout", 8, seeds=(0,)))
+    assert (out / "seed0").is_dir() and not (out / "seed1").exists()

@@ -344,6 +344,7 @@ def _run_part(job: _Job, source, *, shard: int, shards: int) -> dict:
     if job.skip_reason:
         log.warning("SKIPPED %s extraction (part %d of %d): %s", job.compressor, shard, shards, job.skip_reason)
         rec.update(status="skipped", reason=job.skip_reason, provenance=job.stage.provenance())
+        sharding.end_part(job.out_dir, [], shards=shards)  # nothing stored: no earlier arrays either
         sharding.write_record(record_path, rec)
         return rec
     plans = {sp: sharding.shard_plan(job.n[sp], shards, job.batch_size, job.out_dim) for sp in SPLITS}
@@ -363,6 +364,8 @@ def _run_part(job: _Job, source, *, shard: int, shards: int) -> dict:
                     job.out_dir / array_relpath(job.compressor, seed, split), n=job.n[split], width=comp.out_dim,
                     attrs=attrs, chunk_rows=plans[split][0], shards=shards))
         seconds = source.fill(job, arrays, rows)
+    sharding.end_part(job.out_dir, [array_relpath(job.compressor, seed, split) for seed in job.seeds
+                                    for split in SPLITS], shards=shards)
     rec.update(status="complete", rows={sp: list(rows[sp]) for sp in SPLITS}, seconds=jsonable(seconds),
                provenance=job.stage.provenance())
     sharding.write_record(record_path, rec)  # the part's commit

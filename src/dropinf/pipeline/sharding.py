@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 
 from ..errors import DropinfError
-from .common import read_json, remove, write_json
+from .common import clean_stale, read_json, remove, write_json
 from .storage import MANIFEST, chunk_rows_for, ensure_array, open_array, write_array, write_manifest
 
 PARTS_DIR = "parts"
@@ -79,17 +79,28 @@ def part_array(path, *, n: int, width: int, attrs: dict, chunk_rows: int, shards
 
 def begin_part(out_dir, record: Path, *, shards: int) -> None:
     """What a part clears before it writes: the manifest (the directory is unfinished while any part
-    works), its own record and scratch; a single part owns the whole directory."""
+    works), its own record and scratch (temporary entries of killed runs). The arrays of an earlier
+    complete run stay until the new ones replace them (`end_part`): a failing job loses nothing."""
     out_dir = Path(out_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     if shards == 1 and out_dir.is_dir():
-        for p in out_dir.iterdir():
-            remove(p)
+        for p in [out_dir, *(d for d in out_dir.iterdir() if d.is_dir())]:
+            for leftover in p.glob(".*.tmp-*"):
+                remove(leftover)
     record.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     record.parent.mkdir(parents=True, exist_ok=True)
     for p in record.parent.glob(f".{record.name}.tmp-*"):
         remove(p)
+
+
+def end_part(out_dir, written, *, shards: int) -> None:
+    """After a single part has renamed its arrays into place: remove what an earlier run left that
+    this one did not write (e.g. the arrays of a seed no longer configured). Parts of a sharded
+    extraction share the directory and remove nothing."""
+    if shards == 1:
+        keep = {PARTS_DIR} | {Path(rel).parts[0] for rel in written}
+        clean_stale(out_dir, keep=keep)
 
 
 def write_record(path: Path, record: dict) -> None:
