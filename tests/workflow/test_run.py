@@ -76,7 +76,8 @@ def test_auc_sane_and_from_own_scores(default_run, summary):
 
     mean = {(m, None if pd.isna(r) else int(r)): v
             for (m, r), v in auc.groupby(["method", "r"], dropna=False)["value"].mean().items()}
-    # bars below measured values (per-layer curvature; docs/experiments.md): orig 0.935; dropout 0.64 +- 0.08 at r=16, 0.82 +- 0.03 at r=64
+    # bars below measured values (per-layer curvature, docs/experiments.md): orig 0.935;
+    # dropout 0.64 +- 0.08 at r=16, 0.82 +- 0.03 at r=64
     assert mean[("orig", None)] > 0.85
     assert mean[("dropout", 64)] > 0.75
     assert mean[("dropout", 16)] > 0.6
