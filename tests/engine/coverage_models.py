@@ -7,20 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import FunctionalTiedLM
+
 D, T, V, C = 6, 4, 11, 3
 
 
-class FunctionalTied(nn.Module):
-    """Output layer written F.linear(h, self.emb.weight): the embedding weight is used twice,
-    once outside any module of its own."""
+class FunctionalTied(FunctionalTiedLM):
+    """The architecture suite's F.linear-tied LM at this module's sizes: the embedding weight is used
+    twice, once outside any module of its own."""
 
     def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(V, D)
-        self.mix = nn.Linear(D, D)
-
-    def forward(self, ids):
-        return F.linear(torch.tanh(self.mix(self.emb(ids))), self.emb.weight)
+        super().__init__(vocab=V, dim=D)
 
 
 class MHA(nn.Module):
