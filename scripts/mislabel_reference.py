@@ -11,7 +11,7 @@ manifests, `benchmarks/<exp>/`) and writes `DEST/<exp>/`:
 * `rsweep_table.md`: AUC against r for every compressed method (mean, std, min, max over seeds);
 * `stage_seconds.md`: wall seconds of every workflow job (Snakemake's `benchmark:` files);
 * `auc_by_method.png`, `auc_vs_r.png` (the report stage's plots), and `figure1_dropout_gaussian.png`:
-  AUC against r for dropout and gaussian with min-max bands over seeds, orig as a line (the
+  AUC against r for dropout, importance_dropout and gaussian with min-max bands over seeds, orig as a line (the
   layout of the paper's Figure 1), drawn from `summary.csv`.
 No per-example arrays and no model weights are copied.
 """
@@ -123,7 +123,7 @@ def main(argv=None):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     pts = df[df.metric == "mislabel_auc"]
-    for method, color in (("dropout", "tab:red"), ("gaussian", "tab:blue")):
+    for method, color in (("dropout", "tab:red"), ("importance_dropout", "tab:orange"), ("gaussian", "tab:blue")):
         s = pts[pts.method == method].groupby("r")["value"].agg(["mean", "min", "max"]).sort_index()
         if not len(s):
             continue
@@ -141,7 +141,7 @@ def main(argv=None):
     ax.set_xlabel("r (compressed dimension)")
     ax.set_ylabel("mislabel-detection AUC")
     n_seeds = int(pts[pts.method == "dropout"].groupby("r").size().max()) if len(pts[pts.method == "dropout"]) else 0
-    ax.set_title(f"{exp}\ndropout vs gaussian vs orig ({n_seeds} seeds)", fontsize=9)
+    ax.set_title(f"{exp}\ndropout, importance dropout, gaussian, orig ({n_seeds} seeds)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(dest / "figure1_dropout_gaussian.png", dpi=110, bbox_inches="tight")
