@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import types
 from pathlib import Path
 
@@ -34,6 +36,7 @@ def locks(tmp_path, monkeypatch):
         monkeypatch.delenv(key, raising=False)
     d = tmp_path / "locks"
     monkeypatch.setenv(devices.ENV_LOCK_DIR, str(d))
+    monkeypatch.setenv(devices.ENV_BINDING, "on")
     devices.release()
     yield d
     devices.release()
@@ -86,9 +89,9 @@ def test_settings_default_to_a_node_local_directory_per_user(monkeypatch, tmp_pa
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(devices.tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
     s = Settings.from_env({})
-    assert s.enabled and s.jobs_per_gpu == 1 and s.wait_minutes == devices.DEFAULT_WAIT_MINUTES
+    assert not s.enabled and s.jobs_per_gpu == 1 and s.wait_minutes == devices.DEFAULT_WAIT_MINUTES
     assert s.directory() == tmp_path / f"dropinf-devices-{os.getuid()}"
-    assert not Settings.from_env({devices.ENV_BINDING: "off"}).enabled
+    assert Settings.from_env({devices.ENV_BINDING: "on"}).enabled  # as the Snakefile sets it
 
 
 @pytest.fixture
@@ -113,10 +116,14 @@ def test_resolve_device_binds_a_free_cuda_device_named_by_uuid(locks, fake_cuda)
     other_job.release()
 
 
-def test_explicit_index_cpu_and_binding_off_take_no_device(locks, fake_cuda, monkeypatch):
+@pytest.mark.parametrize("off", ["off", None])
+def test_explicit_index_cpu_and_binding_off_take_no_device(locks, fake_cuda, monkeypatch, off):
     assert common.resolve_device("cuda:0") == torch.device("cuda:0")
     assert common.resolve_device("cpu") == torch.device("cpu")
-    monkeypatch.setenv(devices.ENV_BINDING, "off")
+    if off is None:  # off by default outside the workflow's jobs
+        monkeypatch.delenv(devices.ENV_BINDING)
+    else:
+        monkeypatch.setenv(devices.ENV_BINDING, off)
     assert common.resolve_device("auto") == torch.device("cuda")
     assert devices.bound() is None and not list(locks.glob("*")) and fake_cuda == []
 
@@ -155,6 +162,41 @@ WORKER = textwrap.dedent("""
 """)
 
 
+class Worker:
+    """A started worker process; its output lines are read by threads, so a test never hangs on them."""
+
+    def __init__(self, cmd, env):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.pid = self.proc.pid
+        self.lines = {"out": queue.Queue(), "err": queue.Queue()}
+        self.err_text = []
+        for name, stream in (("out", self.proc.stdout), ("err", self.proc.stderr)):
+            threading.Thread(target=self._pump, args=(name, stream), daemon=True).start()
+
+    def _pump(self, name, stream):
+        for line in stream:
+            if name == "err":
+                self.err_text.append(line)
+            self.lines[name].put(line)
+        self.lines[name].put("")  # end of output
+
+    def readline(self, name="out", timeout=120.0) -> str:
+        try:
+            return self.lines[name].get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"worker {self.pid}: no output within {timeout} s") from None
+
+    def stderr(self, timeout=120.0) -> str:
+        """All of stderr, once the worker has exited."""
+        self.proc.wait(timeout=timeout)
+        while self.readline("err", timeout):
+            pass
+        return "".join(self.err_text)
+
+    def wait(self, timeout=120.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+
 class Workers:
     def __init__(self, tmp_path, env):
         self.go = tmp_path / "go"
@@ -162,26 +204,25 @@ class Workers:
         self.procs = []
 
     def start(self, name, **env):
-        p = subprocess.Popen([sys.executable, "-c", WORKER, name, str(self.go)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**self.env, **env})
-        self.procs.append(p)
-        return p
+        w = Worker([sys.executable, "-c", WORKER, name, str(self.go)], {**self.env, **env})
+        self.procs.append(w)
+        return w
 
     @staticmethod
-    def bound(p):
-        """The binding a started worker reports (blocks until it has one)."""
-        line = p.stdout.readline()
-        assert line, f"worker exited {p.wait()}: {p.stderr.read()[-3000:]}"
+    def bound(w):
+        """The binding a started worker reports."""
+        line = w.readline()
+        assert line, f"worker exited {w.wait()}: {w.stderr()[-3000:]}"
         return json.loads(line)
 
     def finish(self):
         self.go.touch()
-        for p in self.procs:
+        for w in self.procs:
             try:
-                p.wait(timeout=120)
+                w.wait(timeout=120)
             finally:
-                if p.poll() is None:
-                    p.kill()
+                if w.proc.poll() is None:
+                    w.proc.kill()
 
 
 @pytest.fixture
@@ -200,12 +241,12 @@ def test_concurrent_processes_get_distinct_devices_and_a_killed_one_frees_its_ow
     # a fifth job finds all four held and, with no wait allowed, stops naming the holders and the setting
     fifth = workers.start("job4")
     assert fifth.wait(timeout=120) != 0
-    err = fifth.stderr.read()
+    err = fifth.stderr()
     assert "DeviceBusyError" in err or "all 4 slot(s)" in err, err[-3000:]
     assert "device_binding.wait_minutes" in err and f"pid {procs[2].pid}" in err, err[-3000:]
     # SIGKILL the holder of one device: the kernel drops its lock, the next job gets exactly that device
     victim = next(p for p, b in zip(procs, got) if b["id"] == "fake2")
-    victim.send_signal(signal.SIGKILL)
+    victim.proc.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=60) == -signal.SIGKILL
     assert workers.bound(workers.start("job5"))["binding"]["id"] == "fake2"
 
@@ -216,8 +257,8 @@ def test_a_job_waits_for_a_free_device_with_a_log_line(workers, locks):
     p = workers.start("waiter", **{devices.ENV_FAKE: "2", devices.ENV_WAIT_MINUTES: "2"})
     line = ""
     while "waiting up to" not in line:  # it says so, and who holds what
-        line = p.stderr.readline()
-        assert line, f"worker exited {p.poll()} before waiting"
+        line = p.readline("err")
+        assert line, f"worker exited {p.proc.poll()} before waiting: {''.join(p.err_text)[-3000:]}"
     assert "fake1 slot 0: pid" in line and "(holder)" in line and "device_binding.wait_minutes" in line
     held[1].release()
     b = workers.bound(p)["binding"]
@@ -235,7 +276,7 @@ def test_cuda_visible_devices_restricts_the_choice_and_devices_are_shared_by_nam
     assert (b["index"], b["id"]) == (1, "fake3")
     # a job that may see only fake2 cannot have it
     c = workers.start("c", CUDA_VISIBLE_DEVICES="2")
-    assert c.wait(timeout=120) != 0 and "all 1 slot(s)" in c.stderr.read()
+    assert c.wait(timeout=120) != 0 and "all 1 slot(s)" in c.stderr()
     # a job that sees everything takes what is left, lowest first
     assert workers.bound(workers.start("d"))["binding"]["id"] == "fake0"
 
@@ -256,6 +297,6 @@ def test_processes_share_one_real_gpu(tmp_path, locks):
         if n_dev == 1:
             assert sorted(g["binding"]["slot"] for g in got) == list(range(k))
         extra = w.start("one-too-many")
-        assert extra.wait(timeout=300) != 0 and "device_binding.wait_minutes" in extra.stderr.read()
+        assert extra.wait(timeout=300) != 0 and "device_binding.wait_minutes" in extra.stderr()
     finally:
         w.finish()

@@ -161,9 +161,10 @@ def device_name(device) -> str:
 
 
 def resolve_device(spec: str | None, job: str = ""):
-    """`auto`, `cuda`, `cpu` or `cuda:N` as a torch device. `auto`/`cuda` on a machine with CUDA
-    bind this process to a free device of the node (`devices.bind`; an explicit `cuda:N` is taken
-    as given), so that concurrent jobs do not all land on `cuda:0`."""
+    """`auto`, `cuda`, `cpu` or `cuda:N` as a torch device. With device binding on (the workflow's
+    jobs), `auto`/`cuda` on a machine with CUDA bind this process to a free device of the node
+    (`devices.bind`; an explicit `cuda:N` is taken as given), so that concurrent jobs do not all
+    land on `cuda:0`."""
     import torch
 
     spec = spec or "auto"
@@ -172,7 +173,7 @@ def resolve_device(spec: str | None, job: str = ""):
         raise DropinfError(f"device {spec!r} requested but CUDA is not available (use device: auto or cpu)")
     if spec not in BINDABLE:
         return torch.device(spec)
-    binding = devices.bind(job)  # None without CUDA (and without DROPINF_FAKE_DEVICES) or when off
+    binding = devices.bind(job)  # None when off, or without CUDA (and without DROPINF_FAKE_DEVICES)
     if not torch.cuda.is_available():
         return torch.device("cpu")
     if binding is None or binding.fake:

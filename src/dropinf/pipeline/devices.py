@@ -12,17 +12,23 @@ every job would take `cuda:0`. A GPU stage therefore binds its process to a devi
   job frees its device at once and no stale lock is ever left to clean up.
 * Slots are filled device by device (every device's first slot before any second one), lowest
   index first.
-* When every slot is held the job waits, logging who holds them, up to `wait_minutes`, then stops
-  with `DeviceBusyError`. With `--resources gpu=N` and N <= devices x jobs_per_gpu no job of one
-  run ever waits (Snakemake starts at most N GPU jobs), so a wait means another run on the node
-  holds devices; it usually ends when that job does, which failing at once would not survive.
+* When every slot is held the job waits, logging every minute who holds them, up to
+  `wait_minutes` (default a day), then stops with `DeviceBusyError`. With `--resources gpu=N` and
+  N <= devices x jobs_per_gpu no job of a run waits (Snakemake starts at most N GPU jobs at once);
+  a wait means more GPU jobs were started than there are slots (no `--resources gpu`, or another
+  run on the node), and queueing for a device is then what the job should do: failing would lose
+  work that succeeds a little later. The bound catches a holder that never ends (the log line
+  names its pid).
+* It is on in the workflow's jobs (the Snakefile sets it from the config's `device_binding`,
+  default on) and off elsewhere unless `DROPINF_DEVICE_BINDING=on`: a Python session that ran a
+  stage would otherwise hold its device until it exits.
 
 The lock directory must be local to the node (a lock on a network file system may not be released
 with its holder, or may not be a lock at all): by default `$TMPDIR/dropinf-devices-<uid>` (or
 `/tmp/...`), the same for every job a Snakemake process starts, since jobs inherit its environment.
 
 Settings come from the environment (the Snakefile sets them from the config's `device_binding`):
-`DROPINF_DEVICE_BINDING` (`on`/`off`), `DROPINF_DEVICE_LOCK_DIR`, `DROPINF_JOBS_PER_GPU`,
+`DROPINF_DEVICE_BINDING` (`on`/`off`, default off), `DROPINF_DEVICE_LOCK_DIR`, `DROPINF_JOBS_PER_GPU`,
 `DROPINF_DEVICE_WAIT_MINUTES`. `DROPINF_FAKE_DEVICES=N` makes a machine without GPUs pretend to
 have N devices named `fake0..` (the binding is taken and recorded; computation stays on the CPU),
 with `CUDA_VISIBLE_DEVICES` applied to them as CUDA applies it: that is how the binding is tested
@@ -53,7 +59,7 @@ ENV_LOCK_DIR = "DROPINF_DEVICE_LOCK_DIR"
 ENV_JOBS_PER_GPU = "DROPINF_JOBS_PER_GPU"
 ENV_WAIT_MINUTES = "DROPINF_DEVICE_WAIT_MINUTES"
 ENV_FAKE = "DROPINF_FAKE_DEVICES"
-DEFAULT_WAIT_MINUTES = 60.0
+DEFAULT_WAIT_MINUTES = 1440.0
 #: seconds between attempts while every slot is held, and between the log lines of a wait
 POLL_SECONDS = 0.5
 LOG_EVERY_SECONDS = 60.0
@@ -73,7 +79,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Settings:
-    enabled: bool = True
+    enabled: bool = False
     lock_dir: Path | None = None
     jobs_per_gpu: int = 1
     wait_minutes: float = DEFAULT_WAIT_MINUTES
@@ -81,7 +87,7 @@ class Settings:
     @classmethod
     def from_env(cls, env=None) -> "Settings":
         env = os.environ if env is None else env
-        flag = env.get(ENV_BINDING, "on").strip().lower()
+        flag = env.get(ENV_BINDING, "off").strip().lower()
         if flag not in ("on", "off", "1", "0", "true", "false"):
             raise InvalidValueError(f"{ENV_BINDING}={flag!r}: expected on or off (config: device_binding.enabled)")
         lock_dir = env.get(ENV_LOCK_DIR) or None
