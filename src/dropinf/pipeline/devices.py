@@ -180,7 +180,8 @@ def cuda_candidates() -> list[Candidate]:
     out = []
     for i in range(torch.cuda.device_count()):
         uuid = getattr(torch.cuda.get_device_properties(i), "uuid", None)
-        out.append(Candidate(i, f"GPU-{uuid}" if uuid else f"cuda{i}"))
+        uuid = "" if uuid is None else str(uuid)
+        out.append(Candidate(i, uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}" if uuid else f"cuda{i}"))
     return out
 
 
