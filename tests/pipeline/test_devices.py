@@ -79,7 +79,8 @@ def test_no_visible_device_is_an_error(locks):
 
 @pytest.mark.parametrize("key,value,config_key", [
     (devices.ENV_JOBS_PER_GPU, "0", "jobs_per_gpu"), (devices.ENV_JOBS_PER_GPU, "two", "jobs_per_gpu"),
-    (devices.ENV_WAIT_MINUTES, "-1", "wait_minutes"), (devices.ENV_BINDING, "maybe", "enabled")])
+    (devices.ENV_WAIT_MINUTES, "-1", "wait_minutes"), (devices.ENV_WAIT_MINUTES, "nan", "wait_minutes"),
+    (devices.ENV_BINDING, "maybe", "enabled")])
 def test_bad_settings_name_their_config_key(key, value, config_key):
     with pytest.raises(InvalidValueError, match=rf"{key}=.*device_binding\.{config_key}"):
         Settings.from_env({key: value})

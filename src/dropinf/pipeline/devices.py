@@ -110,7 +110,7 @@ def _number(env, key, default, kind, config_key, minimum):
         value = kind(raw)
     except ValueError:
         value = None
-    if value is None or value < minimum:
+    if value is None or value != value or value < minimum:  # value != value: NaN
         raise InvalidValueError(f"{key}={raw!r}: expected a number >= {minimum} (config: {config_key})")
     return value
 
@@ -192,7 +192,11 @@ def lock_path(directory: Path, ident: str, slot: int) -> Path:
 
 
 def _try_lock(path: Path):
-    f = open(path, "a+")
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise DropinfError(f"device binding: cannot open the lock file {path} ({e}); set device_binding.lock_dir "
+                           f"({ENV_LOCK_DIR}) to a node-local directory of your own") from e
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
