@@ -103,6 +103,13 @@ _env.update(
     PATH=os.pathsep.join([os.path.dirname(sys.executable), _env.get("PATH", "")]),
 )
 _env.setdefault("OMP_NUM_THREADS", str(config["threads"]))
+# Which device of the node each GPU job takes (src/dropinf/pipeline/devices.py); not params: it
+# changes no output.
+_binding = config["device_binding"]
+_env.update(DROPINF_DEVICE_BINDING="on" if _binding["enabled"] else "off",
+            DROPINF_JOBS_PER_GPU=str(_binding["jobs_per_gpu"]), DROPINF_DEVICE_WAIT_MINUTES=str(_binding["wait_minutes"]))
+if "lock_dir" in _binding:
+    _env["DROPINF_DEVICE_LOCK_DIR"] = os.path.abspath(_binding["lock_dir"])
 # The compressed extractions this config plans, checked by `finetune` against the model's d before
 # it trains (environment, not params: changing r must not rerun fine-tuning).
 _env["DROPINF_PLANNED_EXTRACTIONS"] = json.dumps(

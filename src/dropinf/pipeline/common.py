@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import devices
+
 log = logging.getLogger("dropinf")
 
 #: Environment variables the Snakefile sets for every job (plain CLI use works without them):
@@ -158,16 +160,30 @@ def device_name(device) -> str:
     return str(device)
 
 
-def resolve_device(spec: str | None):
+def resolve_device(spec: str | None, job: str = ""):
+    """`auto`, `cuda`, `cpu` or `cuda:N` as a torch device. With device binding on (the workflow's
+    jobs), `auto`/`cuda` on a machine with CUDA bind this process to a free device of the node
+    (`devices.bind`; an explicit `cuda:N` is taken as given), so that concurrent jobs do not all
+    land on `cuda:0`."""
     import torch
 
     spec = spec or "auto"
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
         from ..errors import DropinfError
         raise DropinfError(f"device {spec!r} requested but CUDA is not available (use device: auto or cpu)")
-    return torch.device(spec)
+    if spec not in BINDABLE:
+        return torch.device(spec)
+    binding = devices.bind(job)  # None when off, or without CUDA (and without DROPINF_FAKE_DEVICES)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if binding is None or binding.fake:
+        return torch.device("cuda")
+    torch.cuda.set_device(binding.index)  # code that says plain "cuda" means this device too
+    return torch.device("cuda", binding.index)
+
+
+#: device settings that let the job bind to a free device (an explicit cuda:N or cpu does not)
+BINDABLE = ("auto", "cuda")
 
 
 class Stage:
@@ -181,7 +197,9 @@ class Stage:
         self.name = name
         if threads:
             torch.set_num_threads(int(threads))
-        self.device = resolve_device(device) if device is not None else torch.device("cpu")
+        # before the clock starts: a wait for a free device is not the stage's time
+        self.device = resolve_device(device, job=name) if device is not None else torch.device("cpu")
+        binding = devices.bound() if device is not None and (device or "auto") in BINDABLE else None
         self.started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self._t0 = time.perf_counter()
         commit, dirty = git_state()
@@ -193,11 +211,12 @@ class Stage:
             "dropinf_version": dropinf.__version__,
             "torch_version": torch.__version__,
             "device": device_name(self.device),
+            "device_binding": binding.to_json() if binding is not None else None,
             "started_at": self.started_at,
             "host": os.uname().nodename,
         }
-        log.info("stage %s on %s (torch %s, %d threads)", name, self.base["device"], torch.__version__,
-                 torch.get_num_threads())
+        log.info("stage %s on %s, %s (torch %s, %d threads)", name, self.device, self.base["device"],
+                 torch.__version__, torch.get_num_threads())
 
     @property
     def seconds(self) -> float:
