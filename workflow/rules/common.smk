@@ -103,6 +103,8 @@ _env.update(
     PATH=os.pathsep.join([os.path.dirname(sys.executable), _env.get("PATH", "")]),
 )
 _env.setdefault("OMP_NUM_THREADS", str(config["threads"]))
+if not config["progress"]:  # the jobs' progress bars (environment, not params: it changes no result)
+    _env["DROPINF_PROGRESS"] = "0"
 # The compressed extractions this config plans, checked by `finetune` against the model's d before
 # it trains (environment, not params: changing r must not rerun fine-tuning).
 _env["DROPINF_PLANNED_EXTRACTIONS"] = json.dumps(

@@ -1,0 +1,152 @@
+"""Progress bars (dropinf.progress): whole lines at a bounded rate in a log, silent when turned off,
+and the loops they count compute exactly what they compute without them."""
+from __future__ import annotations
+
+import io
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import dropinf
+from dropinf import progress
+from dropinf.progress import ENV, LogBar, bar
+
+LINE = re.compile(r"^\d\d:\d\d:\d\d PROGRESS (?P<desc>.+?): +(?P<pct>\d+)% (?P<n>\d+)/(?P<total>\d+) ")
+
+
+class Log(io.StringIO):
+    """A job's log file: not a terminal."""
+
+    def isatty(self):
+        return False
+
+
+def lines(text: str) -> list[str]:
+    assert "\r" not in text  # no carriage-return redrawing in a log
+    return [line for line in text.splitlines() if line]
+
+
+@pytest.fixture
+def on(monkeypatch):
+    """Bars on (whatever the environment of the test run) and shown from the first iteration."""
+    monkeypatch.setenv(ENV, "1")
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+
+
+def test_a_long_loop_writes_the_quarter_lines_only(on):
+    log = Log()
+    with LogBar(total=100_000, desc="long loop", file=log, delay=0.0, interval=3600.0, mininterval=0.0,
+                miniters=1) as b:
+        for _ in range(100_000):
+            b.update()  # tqdm asks to redraw on every step; the bar writes 5 lines
+    got = lines(log.getvalue())
+    assert [int(LINE.match(line)["pct"]) for line in got] == [0, 25, 50, 75, 100]
+    assert all(LINE.match(line)["desc"] == "long loop" for line in got)
+
+
+def test_time_lines_are_bounded_by_the_interval(on):
+    log = Log()
+    t0 = time.monotonic()
+    for _ in bar(range(400), desc="slow loop", file=log, interval=0.05):
+        time.sleep(0.001)
+    seconds = time.monotonic() - t0
+    got = lines(log.getvalue())
+    assert 3 <= len(got) <= 5 + seconds / 0.05 + 1
+    assert LINE.match(got[-1])["pct"] == "100" and LINE.match(got[-1])["n"] == "400"
+
+
+def test_a_short_loop_stays_silent(monkeypatch):
+    monkeypatch.setenv(ENV, "1")
+    log = Log()
+    for _ in bar(range(1000), desc="quick", file=log):  # the default delay: under DELAY seconds, nothing
+        pass
+    assert log.getvalue() == ""
+
+
+def test_off_by_flag_and_environment(monkeypatch, on):
+    log = Log()
+    for _ in bar(range(10), file=log, progress=False):
+        pass
+    monkeypatch.setenv(ENV, "0")
+    for _ in bar(range(10), file=log):
+        pass
+    assert log.getvalue() == ""
+    for _ in bar(range(10), file=log, progress=True):  # an explicit True wins over the environment
+        pass
+    assert len(lines(log.getvalue())) == 2
+
+
+def test_cli_flag_turns_bars_off(monkeypatch, tmp_path):
+    from dropinf.__main__ import main
+
+    monkeypatch.setenv(ENV, "1")
+    main(["--no-progress", "verify", str(tmp_path)])
+    assert not progress.enabled()
+
+
+def _mlp_data(n=300, seed=0):
+    from dropinf.pipeline.train import Batches
+
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+    def loss(m, b):
+        return torch.nn.functional.cross_entropy(m(b["x"]), b["y"], reduction="none")
+
+    return model, loss, Batches({"x": x, "y": y}, 16)
+
+
+def test_extract_and_influence_show_bars_and_give_the_same_results(on, capsys):
+    model, loss, loader = _mlp_data()
+    shown = dropinf.extract(model, loss, loader, "dropout", r=20, seed=1, progress=True)
+    err = capsys.readouterr().err
+    ext = [line for line in lines(err) if "PROGRESS extract dropout" in line]
+    assert 2 <= len(ext) <= 5 and LINE.match(ext[-1])["n"] == LINE.match(ext[-1])["total"] == "300"
+    silent = dropinf.extract(model, loss, loader, "dropout", r=20, seed=1, progress=False)
+    assert capsys.readouterr().err == ""
+    assert torch.equal(shown, silent)
+
+    test = silent[:40]
+    a = dropinf.influence(silent, test, "lissa", blocks="global", chunk_rows=64, lissa_iters=3)
+    err = capsys.readouterr().err
+    passes = {LINE.match(line)["desc"] for line in lines(err) if "influence lissa pass" in line}
+    # 'paper' damping, 5 power iterations, 3 iterations, the scores: one bar per pass over train
+    assert passes == {f"influence lissa pass {k}" for k in range(1, 11)}
+    b = dropinf.influence(silent, test, "lissa", blocks="global", chunk_rows=64, lissa_iters=3, progress=False)
+    assert capsys.readouterr().err == ""
+    assert torch.equal(a, b)
+
+
+def test_training_counts_its_steps_and_trains_the_same(on, capsys):
+    from dropinf.models import ModelSpec
+    from dropinf.pipeline.train import fit
+
+    histories, weights = [], []
+    for env in ("1", "0"):
+        model, loss, loader = _mlp_data(seed=3)
+        spec = ModelSpec(module=model, loss_fn=loss)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(ENV, env)
+            histories.append(fit(spec, loader.split, epochs=4, batch_size=32, lr=1e-2, seed=0))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        err = capsys.readouterr().err
+        train = [line for line in lines(err) if "PROGRESS train" in line]
+        if env == "1":
+            assert 2 <= len(train) <= 5 and "epoch 4/4, train loss" in train[-1]
+            assert LINE.match(train[-1])["n"] == str(4 * 10)  # 300 rows in batches of 32: 10 steps per epoch
+        else:
+            assert train == []
+    assert histories[0] == histories[1] and torch.equal(weights[0], weights[1])
+
+
+def test_workflow_setting_defaults_on():
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow" / "schemas"
+                             / "config.schema.yaml").read_text())
+    assert schema["properties"]["progress"] == {**schema["properties"]["progress"], "type": "boolean",
+                                                "default": True}
