@@ -36,6 +36,8 @@ from pathlib import Path
 
 #: Metrics of the `score` action, one row per (method, r, seed).
 LDS_METRICS = ("lds", "lds_std_over_test", "lds_n_test", "lds_score_seconds")
+#: the plot `summarize` writes beside summary.csv (`report.lds_figure`)
+LDS_PLOT = "lds_vs_r.png"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,6 +363,9 @@ def summarize(inputs, parts, out, table, experiment: str = "") -> list[dict]:
                 f"device {prov['device']}; every row of `summary.csv` carries its own.")
     with atomic_path(table) as tmp:
         Path(tmp).write_text("\n".join(text) + "\n")
+    from .report import lds_plot  # LDS against r per method, beside the summary
+
+    lds_plot(out, Path(out).with_name(LDS_PLOT), experiment)
     return rows
 
 
