@@ -150,3 +150,36 @@ def test_workflow_setting_defaults_on():
                              / "config.schema.yaml").read_text())
     assert schema["properties"]["progress"] == {**schema["properties"]["progress"], "type": "boolean",
                                                 "default": True}
+
+
+def test_lissa_on_recomputed_gradients_shows_one_bar_per_pass(on, capsys, tmp_path, train_digits_mlp):
+    """The score stage on raw gradients recomputed from the model: every solver pass has its bar
+    (the one-batch slices it reads have none of their own), the test gradients' mean one; and the
+    scores equal those computed silently."""
+    import numpy as np
+    import zarr
+
+    from dropinf.pipeline.score import score
+
+    d = train_digits_mlp(tmp_path)
+    capsys.readouterr()  # the fine-tuning's own bar
+    runs = {}
+    for env in ("1", "0"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(ENV, env)
+            out = tmp_path / f"scores{env}"
+            score(d / "data.pt", out, "lissa", device="cpu", threads=1, model=str(d / "model.pt"),
+                  gradients="recompute", recompute_batch_size=64, options={"lissa_iters": 2})
+        runs[env] = np.asarray(zarr.open_array(str(out / "scores.zarr"), mode="r")[...])
+        got = [line for line in lines(capsys.readouterr().err) if " PROGRESS " in line]
+        if env == "0":
+            assert got == []
+            continue
+        descs = [LINE.match(line)["desc"] for line in got]
+        # 'paper' damping, 5 power iterations, 2 iterations, the scores: 9 passes over 300 rows
+        assert sorted(set(descs)) == sorted({f"influence lissa pass {k}" for k in range(1, 10)}
+                                            | {"recompute gradients (mean row)"})
+        for desc in set(descs):
+            assert 2 <= descs.count(desc) <= 5, desc
+        assert all(LINE.match(line)["total"] == "300" for line in got if "lissa" in line)
+    assert np.array_equal(runs["1"], runs["0"])

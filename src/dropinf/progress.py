@@ -70,6 +70,7 @@ class LogBar(tqdm):
     """tqdm writing whole lines at a bounded rate (for log files): see the module doc."""
 
     MARKS = (25.0, 50.0, 75.0)
+    monitor_interval = 0  # no tqdm monitor thread: lines come only from the loop's own updates
 
     def __init__(self, *args, interval: float = LOG_INTERVAL, **kwargs):
         self._interval, self._lines, self._next_mark, self._last_line, self._last_n = interval, 0, 0, None, None

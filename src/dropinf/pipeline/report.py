@@ -2,8 +2,9 @@
 
 `report` writes, into one directory: `auc_table.csv`, `retrain_table.csv`, `timing_table.csv`
 (mean, std and count over seeds), `retrain_table.md`, `tables.html`, and the plots
-`auc_by_method.png`, `auc_vs_r.png`, `accuracy_vs_removed.png`. One function per table and per
-figure; the tables go through pandas. Neither stage imports torch (CSV/JSON only: they start fast).
+`auc_by_method.png`, `auc_vs_r.png`, `accuracy_vs_removed.png`; `lds_plot` draws `lds_vs_r.png` from
+an LDS summary (`pipeline.lds.summarize`). One function per table and per figure; the tables go
+through pandas. Neither stage imports torch (CSV/JSON only: they start fast).
 """
 from __future__ import annotations
 
