@@ -183,3 +183,37 @@ def test_lissa_on_recomputed_gradients_shows_one_bar_per_pass(on, capsys, tmp_pa
             assert 2 <= descs.count(desc) <= 5, desc
         assert all(LINE.match(line)["total"] == "300" for line in got if "lissa" in line)
     assert np.array_equal(runs["1"], runs["0"])
+
+
+def test_retraining_and_lds_subset_models_count_their_models(on, capsys, tmp_path, train_digits_mlp):
+    """`evaluate`'s retraining runs and `lds train`'s subset models each have a bar over the models
+    (besides every model's own training bar); the rows are those of a silent run."""
+    import numpy as np
+
+    from dropinf.pipeline.evaluate import evaluate
+    from dropinf.pipeline.lds import load_npz, train_part
+    from dropinf.pipeline.score import score
+
+    d = train_digits_mlp(tmp_path, epochs=2)
+    score(d / "data.pt", d / "scores", "random", seeds=(0, 1), device="cpu", threads=1)
+    capsys.readouterr()
+    runs = {}
+    for env in ("1", "0"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(ENV, env)
+            rows = evaluate(d / "data.pt", d / "model.pt", d / "scores" / "manifest.json", d / f"m{env}.csv",
+                            "random", fractions=[0.1, 0.2], device="cpu", threads=1)
+            train_part(d / "data.pt", d / f"lds{env}.npz", "mlp", {"hidden": [16]}, {"epochs": 2}, n_models=3,
+                       device="cpu", threads=1)
+        got = lines(capsys.readouterr().err)
+        retrain = [line for line in got if "PROGRESS retrain without the most helpful examples (random)" in line]
+        subsets = [line for line in got if "PROGRESS lds subset models (part 0 of 1)" in line]
+        if env == "1":
+            assert 2 <= len(retrain) <= 5 and LINE.match(retrain[-1])["n"] == LINE.match(retrain[-1])["total"] == "4"
+            assert 2 <= len(subsets) <= 5 and LINE.match(subsets[-1])["n"] == "3"
+            assert sum("PROGRESS train" in line for line in got) >= 2 * (4 + 3)  # every model's training
+        else:
+            assert not any(" PROGRESS " in line for line in got)
+        runs[env] = ([(r["metric"], r["seed"], r["value"]) for r in rows], load_npz(d / f"lds{env}.npz")[1])
+    assert runs["1"][0] == runs["0"][0]
+    assert np.array_equal(runs["1"][1]["test_loss"], runs["0"][1]["test_loss"])

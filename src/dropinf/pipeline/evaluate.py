@@ -98,7 +98,7 @@ def evaluate(data, model, scores, out, method: str, r: int | None = None, experi
     inputs = device_inputs(blob, stage.device) if saved is not None else None
     timing_rows = []
     shown = bar(total=len(sm["scores"]) * len(removed) if saved is not None else 0, unit="model",
-                desc=f"retrain after removing {method} {'' if r is None else f'r={r} '}top examples")
+                desc=f"retrain without the most helpful examples ({method}{'' if r is None else f' r={r}'})")
     for seed_key, rel in sm["scores"].items():
         seed = None if seed_key == "None" else int(seed_key)
         values = np.asarray(open_array(scores_dir / rel)[...], dtype=np.float64)
