@@ -107,7 +107,8 @@ rule lds_summarize:
     output:
         summary=f"{LDS_DIR}/summary.csv",
         table=f"{LDS_DIR}/lds_table.md",
-        plot=f"{LDS_DIR}/lds_vs_r.png",
+        plot=report(f"{LDS_DIR}/lds_vs_r.png", caption="../report/lds_vs_r.rst", category="LDS",
+                    labels={"figure": "LDS against r"}),
     params:
         exp=EXP,
     log:
