@@ -11,8 +11,8 @@ manifests, `benchmarks/<exp>/`) and writes `DEST/<exp>/`:
 * `rsweep_table.md`: AUC against r for every compressed method (mean, std, min, max over seeds);
 * `stage_seconds.md`: wall seconds of every workflow job (Snakemake's `benchmark:` files);
 * `auc_by_method.png`, `auc_vs_r.png` (the report stage's plots), and `figure1_dropout_gaussian.png`:
-  AUC against r for dropout, importance_dropout and gaussian with min-max bands over seeds, orig as a line (the
-  layout of the paper's Figure 1), drawn from `summary.csv`.
+  the report's AUC-against-r figure for dropout, importance_dropout and gaussian only, orig as a line (the layout of
+  the paper's Figure 1), drawn from `summary.csv`.
 No per-example arrays and no model weights are copied.
 """
 from __future__ import annotations
@@ -27,6 +27,10 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dropinf.pipeline.report import _fmt as fmt, auc_stats as auc_rows  # noqa: E402  (one method order, one format)
+
+
+#: the methods of the paper's Figure 1
+FIGURE1 = ("dropout", "importance_dropout", "gaussian", "orig")
 
 
 def skipped(run: Path) -> list[tuple[str, str]]:
@@ -115,37 +119,13 @@ def main(argv=None):
         lines += [f"| {name} | {s:.1f} |" for name, s in rows]
         (dest / "stage_seconds.md").write_text("\n".join(lines) + "\n")
 
-    # ---- Figure-1 style plot -------------------------------------------------------------------
+    # ---- Figure-1 style plot: the report's AUC-against-r figure for dropout, gaussian and orig ---
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dropinf.pipeline.report import _savefig, auc_vs_r_figure
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    pts = df[df.metric == "mislabel_auc"]
-    for method, color in (("dropout", "tab:red"), ("importance_dropout", "tab:orange"), ("gaussian", "tab:blue")):
-        s = pts[pts.method == method].groupby("r")["value"].agg(["mean", "min", "max"]).sort_index()
-        if not len(s):
-            continue
-        x = s.index.astype(float)
-        ax.plot(x, s["mean"], marker="o", color=color, label=f"{method} (mean; band: min-max)")
-        ax.fill_between(x, s["min"], s["max"], color=color, alpha=0.2)
-    orig = pts[pts.method == "orig"]["value"]
-    if len(orig):
-        ax.axhline(float(orig.iloc[0]), color="k", ls="--", label=f"orig (uncompressed) {float(orig.iloc[0]):.3f}")
-    ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
-    ax.set_xscale("log", base=2)
-    rs = sorted(int(r) for r in pts.r.dropna().unique())
-    ax.set_xticks(rs, [str(r) for r in rs])
-    ax.minorticks_off()
-    ax.set_xlabel("r (compressed dimension)")
-    ax.set_ylabel("mislabel-detection AUC")
-    n_seeds = int(pts[pts.method == "dropout"].groupby("r").size().max()) if len(pts[pts.method == "dropout"]) else 0
-    ax.set_title(f"{exp}\ndropout, importance dropout, gaussian, orig ({n_seeds} seeds)", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(dest / "figure1_dropout_gaussian.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _savefig(auc_vs_r_figure(df, t, exp, methods=FIGURE1), dest / "figure1_dropout_gaussian.png")
     print(f"wrote {dest}: " + ", ".join(sorted(p.name for p in dest.iterdir())))
 
 

@@ -51,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"dropinf {__version__}")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (also: DROPINF_PROGRESS=0)")
     sub = p.add_subparsers(dest="stage", required=True, metavar="<stage>")
 
     def add(name, help_):
@@ -167,6 +168,9 @@ def main(argv=None) -> int:
     from .pipeline.common import log, setup_logging
 
     setup_logging(args.log_level)
+    if args.no_progress:
+        from .progress import set_enabled
+        set_enabled(False)
     try:
         return _run(args) or 0
     except DropinfError as e:

@@ -32,6 +32,7 @@ from .compressors.base import Compressor, compressor as make_compressor
 from .errors import DropinfError, ShapeError, check_finite
 from .layout import Layout, select_parameters
 from .modules import handler_for
+from .progress import bar
 from . import selfcheck
 
 
@@ -330,9 +331,11 @@ class Extractor:
             return False
         return index == 0 if self.check_every == 0 else index % self.check_every == 0
 
-    def run(self, loader: Iterable, sink: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
+    def run(self, loader: Iterable, sink: Callable[[int, torch.Tensor], None] | None = None, *,
+            progress: bool | None = None, desc: str | None = None) -> torch.Tensor | None:
         """Compressed gradients of every example in `loader`, in order: (n, out_dim) float32
-        (float64 for a float64 model). With `sink`, rows go to sink(start, rows) and None is returned."""
+        (float64 for a float64 model). With `sink`, rows go to sink(start, rows) and None is returned.
+        `progress`, `desc`: the bar over the examples (`dropinf.progress`)."""
         n_expected = len(loader.dataset) if hasattr(loader, "dataset") else None
         if hasattr(self.compressor, "check_budget") and n_expected is not None:
             self.compressor.check_budget(n_expected)
@@ -340,7 +343,8 @@ class Extractor:
         rows, start = [], 0
         t0 = time.perf_counter()
         self.timings["self_check_seconds"] = 0.0
-        with _tracked_state(self):
+        shown = bar(total=n_expected, desc=desc or f"extract {self.compressor.name}", unit="ex", progress=progress)
+        with _tracked_state(self), shown:
             for batch in loader:
                 index, self._batches = self._batches, self._batches + 1
                 batch = _to_device(batch, self.device)
@@ -365,6 +369,7 @@ class Extractor:
                 else:
                     rows.append(out.cpu() if self.device.type != "cpu" else out)
                 start += B
+                shown.update(B)
         self.timings["extract_seconds"] = _elapsed(t0, self.device)
         self.n = start
         if sink is not None:
@@ -400,7 +405,8 @@ class _tracked_state:
 
 
 def extract(model: nn.Module, loss_fn: Callable, loader: Iterable, compressor: str | Compressor, r: int | None = None,
-            seed: int = 0, params=None, device=None, sink=None, **opts) -> torch.Tensor | None:
+            seed: int = 0, params=None, device=None, sink=None, progress: bool | None = None,
+            **opts) -> torch.Tensor | None:
     """Compressed per-example gradients, shape (n, out_dim), one fused pass per batch.
 
     `loss_fn(model, batch)` returns per-example losses [B]; batch tensors are batch-first (as a
@@ -418,5 +424,8 @@ def extract(model: nn.Module, loss_fn: Callable, loader: Iterable, compressor: s
       fallback=[module names, types or type names]: do not use the fused handler for these
         modules; their parameters take the per-module torch.func fallback.
       cuda_graph=True: replay the fused step as a CUDA graph (checked batches run eagerly).
+      progress: a bar over the examples (`dropinf.progress`): True, False, or None (default: shown
+        unless the environment variable DROPINF_PROGRESS is 0).
     """
-    return Extractor(model, loss_fn, compressor, r, seed, params, device, **opts).run(loader, sink=sink)
+    return Extractor(model, loss_fn, compressor, r, seed, params, device, **opts).run(loader, sink=sink,
+                                                                                      progress=progress)

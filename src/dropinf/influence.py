@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .errors import DropinfError, NotPositiveDefiniteError, ShapeError, check_finite
+from .progress import bar
 
 __all__ = ["influence", "damping_for", "resolve_blocks", "SOLVERS", "Solver", "DampingRangeError"]
 
@@ -265,6 +266,7 @@ class _Rows:
         self.itemsize = torch.finfo(dtype).bits // 8
         self.perm = None if perm is None else perm.to(device)
         self._checked = 0
+        self.progress, self.label, self.passes = None, "influence", 0  # the bar of every pass (`chunks`)
 
     def read(self, a: int, b: int) -> torch.Tensor:
         c = _to_torch(self.x[a:b])
@@ -277,9 +279,13 @@ class _Rows:
         return c if self.perm is None else c.index_select(1, self.perm)
 
     def chunks(self, start: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
-        for a in range(start, self.n, self.chunk_rows):
-            b = min(a + self.chunk_rows, self.n)
-            yield a, b, self.read(a, b)
+        self.passes += 1
+        with bar(total=self.n - start, desc=f"{self.label} pass {self.passes}", unit="rows",
+                 progress=self.progress) as shown:
+            for a in range(start, self.n, self.chunk_rows):
+                b = min(a + self.chunk_rows, self.n)
+                yield a, b, self.read(a, b)
+                shown.update(b - a)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,7 +556,7 @@ def damping_for(train, blocks="layer", damping="paper", *, layout=None, chunk_ro
 def influence(train, test, method: str, damping="paper", blocks="layer", reduce: bool = True, *,
               layout=None, chunk_rows: int | None = None, device=None, dtype: torch.dtype = torch.float64,
               lissa_iters: int = 10, lissa_scale=None, lissa_power_iters: int = 5,
-              woodbury="auto") -> torch.Tensor:
+              woodbury="auto", progress: bool | None = None) -> torch.Tensor:
     """Influence of every training example on the test loss; (n,) on the CPU, or (n, m) if not reduce.
 
     I(z_k) = -v^T (H + lambda I)^{-1} g_k with v the mean test row (reduce=False: each test row),
@@ -571,6 +577,8 @@ def influence(train, test, method: str, damping="paper", blocks="layer", reduce:
     device / dtype: where and in which precision (float64 or float32) the math runs.
     lissa_iters, lissa_scale (float or one per block; default 1.1 (lambda_max + lambda) per block),
     lissa_power_iters: LiSSA settings. woodbury: 'auto' (when n < block width), True, or False (orig).
+    progress: a bar per pass over train (`dropinf.progress`): True, False, or None (default: shown
+        unless the environment variable DROPINF_PROGRESS is 0).
     """
     if not isinstance(method, str) or method not in SOLVERS:
         raise DropinfError(f"unknown method {method!r}; known methods: {', '.join(sorted(SOLVERS))}")
@@ -579,6 +587,7 @@ def influence(train, test, method: str, damping="paper", blocks="layer", reduce:
     if tshape[1] != kt:
         raise ShapeError(f"train has shape {tshape} and test has shape {(m, kt)}: column counts differ")
     rows, blk, damp, tname = _setup(train, blocks, damping, chunk_rows, device, dtype, layout)
+    rows.progress, rows.label = progress, f"influence {method}"
     if tname != sname:
         raise ShapeError(f"train dtype {tname} differs from test dtype {sname}")
     if m == 0:

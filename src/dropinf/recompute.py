@@ -18,6 +18,7 @@ import torch
 
 from .errors import DropinfError
 from .extraction import Extractor
+from .progress import bar
 
 
 class RecomputedGradients:
@@ -72,7 +73,9 @@ class RecomputedGradients:
             out[start:start + rows.shape[0]] = rows
 
         t0 = time.perf_counter()
-        self.extractor.run(Batches(self.split, self.batch_size, indices=torch.arange(a, b)), sink=sink)
+        # a slice of one batch is a step of its reader's pass (whose bar counts it): no bar of its own
+        self.extractor.run(Batches(self.split, self.batch_size, indices=torch.arange(a, b)), sink=sink,
+                           progress=None if b - a > self.batch_size else False, desc="recompute gradients")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - t0
@@ -83,6 +86,6 @@ class RecomputedGradients:
         """(1, d) float64 mean row, accumulated chunk by chunk (the test vector v of the solvers)."""
         step = chunk_rows or self.batch_size
         acc = torch.zeros(self.d, dtype=torch.float64, device=self.device)
-        for a in range(0, self.n, step):
+        for a in bar(range(0, self.n, step), desc="recompute gradients (mean row)", unit="chunk"):
             acc += self.rows(a, min(self.n, a + step)).sum(0, dtype=torch.float64)
         return (acc / self.n).unsqueeze(0)

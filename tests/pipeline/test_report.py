@@ -104,7 +104,40 @@ def test_report_writes_every_output_the_rule_declares(tmp_path):
     assert "toy-exp" in html and "Mislabel-detection AUC" in html
 
 
-def test_figures_name_the_experiment_and_tick_the_r_values(tmp_path):
+def _readable(fig):
+    """Draw `fig` and check what a reader needs: every label inside the figure, no two tick labels
+    of an axis overlapping, no text under the legend, the legend beside (not over) the axes."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    legends = [leg.get_window_extent(renderer) for leg in fig.legends]
+    inside_legend = {id(t) for leg in fig.legends for t in leg.findobj(Text)}
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert texts
+    for t in texts:
+        ext = t.get_window_extent(renderer)
+        assert box.x0 - 0.5 <= ext.x0 and ext.x1 <= box.x1 + 0.5 and box.y0 - 0.5 <= ext.y0 and \
+            ext.y1 <= box.y1 + 0.5, f"{t.get_text()!r} is clipped: {ext} outside {box}"
+        if id(t) not in inside_legend:
+            assert not any(ext.overlaps(leg) for leg in legends), f"{t.get_text()!r} is under the legend"
+    for ax in fig.axes:
+        area = ax.get_window_extent(renderer)
+        assert not any(area.overlaps(leg) for leg in legends), "the legend covers the data"
+        labels = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+        for i, a in enumerate(labels):
+            for b in labels[i + 1:]:
+                assert not a.overlaps(b), "x tick labels overlap"
+
+
+def _r_ticks(ax):
+    """(positions, labels) of the x ticks that carry a label."""
+    return ([float(x) for x, t in zip(ax.get_xticks(), ax.get_xticklabels()) if t.get_text()],
+            [t.get_text() for t in ax.get_xticklabels() if t.get_text()])
+
+
+def test_figures_name_the_experiment_tick_the_r_values_and_are_readable(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,14 +149,72 @@ def test_figures_name_the_experiment_and_tick_the_r_values(tmp_path):
     fig = auc_vs_r_figure(df, auc, "toy-exp")
     ax = fig.axes[0]
     assert "toy-exp" in ax.get_title()
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["16", "64"]
+    assert _r_ticks(ax) == ([16.0, 64.0], ["16", "64"])
     labels = ax.get_legend_handles_labels()[1]
-    assert {"dropout", "gaussian", "orig (uncompressed)", "lissa (uncompressed)"} <= set(labels)
+    assert {"dropout", "gaussian", "orig (uncompressed): 0.900", "lissa (uncompressed): 0.880"} <= set(labels)
     styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
-    assert styles["orig (uncompressed)"] != styles["lissa (uncompressed)"]  # distinguishable
+    assert styles["orig (uncompressed): 0.900"] != styles["lissa (uncompressed): 0.880"]  # distinguishable
+    _readable(fig)
     fig = auc_by_method_figure(df, auc, "toy-exp")
     assert "toy-exp" in fig.axes[0].get_title()
     assert "dropout r=16" in [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    _readable(fig)
     fig = retrain_figure(retrain, baseline(df, "test accuracy"), "toy-exp")
     assert len(fig.axes) == 2 and "toy-exp" in fig._suptitle.get_text()
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0%", "5%", "30%"]
+    assert _r_ticks(fig.axes[0]) == ([0.0, 0.05, 0.3], ["0%", "5%", "30%"])
+    _readable(fig)
+
+
+def test_many_methods_and_r_values_stay_readable(tmp_path):
+    """A full sweep: every method, seven r, ten seeds; long experiment name."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    from dropinf.pipeline.methods import COMPRESSED, FULL_SPACE
+    from dropinf.pipeline.report import auc_by_method_figure, auc_stats, auc_vs_r_figure
+
+    rng = np.random.default_rng(0)
+    rs = [1, 2, 3, 4, 8, 16, 64]
+    rows = [row for m in FULL_SPACE for row in _rows(m, None, "mislabel_auc", [0.8])]
+    rows += _rows("random", None, "mislabel_auc", list(rng.uniform(0.45, 0.55, 10)))
+    for m in COMPRESSED:
+        for r in rs:
+            rows += _rows(m, r, "mislabel_auc", list(rng.uniform(0.5, 0.85, 10)))
+    df = pd.DataFrame(rows)
+    df["r"] = df["r"].astype("Int64")
+    auc = auc_stats(df)
+    exp = "mislabel-amazon-minilm-lora8-a-long-experiment-name"
+    fig = auc_vs_r_figure(df, auc, exp)
+    assert _r_ticks(fig.axes[0]) == ([float(r) for r in rs], [str(r) for r in rs])
+    _readable(fig)
+    _readable(auc_by_method_figure(df, auc, exp))
+
+
+def test_lds_plot_of_a_summary(tmp_path):
+    """LDS against r with one line per compressed method, the others as labelled lines; written as a
+    PNG by the LDS summary's plot function."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dropinf.pipeline.report import lds_figure, lds_plot
+
+    rows = _rows("tracin", None, "lds", [0.11]) + _rows("random", None, "lds", [0.01, -0.02, 0.0])
+    for m in ("dropout", "logra"):
+        for r in (16, 64, 256):
+            rows += _rows(m, r, "lds", [r / 1000, r / 1000 + 0.02, r / 1000 + 0.04])
+            rows += _rows(m, r, "lds_n_test", [100, 100, 100])
+    df = pd.DataFrame(rows)
+    df["r"] = df["r"].astype("Int64")
+    fig = lds_figure(df, "toy-lds")
+    ax = fig.axes[0]
+    assert "toy-lds" in ax.get_title()
+    assert _r_ticks(ax) == ([16.0, 64.0, 256.0], ["16", "64", "256"])
+    labels = ax.get_legend_handles_labels()[1]
+    assert {"dropout", "logra", "tracin (uncompressed): 0.110", "random scores: -0.003"} <= set(labels)
+    _readable(fig)
+    path = tmp_path / "summary.csv"
+    df.to_csv(path, index=False)
+    lds_plot(path, tmp_path / "lds_vs_r.png", "toy-lds")
+    png = (tmp_path / "lds_vs_r.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -108,11 +108,11 @@ def test_killed_extract_leaves_nothing_complete_then_reruns(trained, monkeypatch
     real = Extractor.run
     calls = {"n": 0}
 
-    def dying(self, loader, sink=None):
+    def dying(self, loader, sink=None, **kw):
         calls["n"] += 1
         if calls["n"] == 3:  # second seed, train split
             raise KeyboardInterrupt("killed")
-        return real(self, loader, sink=sink)
+        return real(self, loader, sink=sink, **kw)
 
     monkeypatch.setattr(Extractor, "run", dying)
     with pytest.raises(KeyboardInterrupt):

@@ -110,6 +110,8 @@ _env.update(DROPINF_DEVICE_BINDING="on" if _binding["enabled"] else "off",
             DROPINF_JOBS_PER_GPU=str(_binding["jobs_per_gpu"]), DROPINF_DEVICE_WAIT_MINUTES=str(_binding["wait_minutes"]))
 if "lock_dir" in _binding:
     _env["DROPINF_DEVICE_LOCK_DIR"] = os.path.abspath(_binding["lock_dir"])
+if not config["progress"]:  # the jobs' progress bars (environment, not params: it changes no result)
+    _env["DROPINF_PROGRESS"] = "0"
 # The compressed extractions this config plans, checked by `finetune` against the model's d before
 # it trains (environment, not params: changing r must not rerun fine-tuning).
 _env["DROPINF_PLANNED_EXTRACTIONS"] = json.dumps(

@@ -4,7 +4,7 @@
 # the prepared data, so they run beside finetune/extract); lds_score: per (method, r), per-test-example
 # influence (reduce=False) on the extracted gradients (full-space methods over the identity budget:
 # recomputed from the model, unless score.gradients is 'stored'), Spearman against the subset models' test losses;
-# lds_summarize: results/{exp}/lds/summary.csv and lds_table.md.
+# lds_summarize: results/{exp}/lds/summary.csv, lds_table.md and lds_vs_r.png.
 
 LDS = config["lds"]
 LDS_DIR = f"{RES}/lds"
@@ -107,6 +107,8 @@ rule lds_summarize:
     output:
         summary=f"{LDS_DIR}/summary.csv",
         table=f"{LDS_DIR}/lds_table.md",
+        plot=report(f"{LDS_DIR}/lds_vs_r.png", caption="../report/lds_vs_r.rst", category="LDS",
+                    labels={"figure": "LDS against r"}),
     params:
         exp=EXP,
     log:

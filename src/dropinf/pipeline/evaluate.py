@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidValueError
+from ..progress import bar
 from .common import Stage, atomic_path, log
 from .metrics import COLUMNS, mislabel_auc, most_helpful_first
 from .prepare import load_prepared, model_inputs
@@ -96,6 +97,8 @@ def evaluate(data, model, scores, out, method: str, r: int | None = None, experi
     saved = load_saved(model) if (retrain and fractions) else None
     inputs = device_inputs(blob, stage.device) if saved is not None else None
     timing_rows = []
+    shown = bar(total=len(sm["scores"]) * len(removed) if saved is not None else 0, unit="model",
+                desc=f"retrain without the most helpful examples ({method}{'' if r is None else f' r={r}'})")
     for seed_key, rel in sm["scores"].items():
         seed = None if seed_key == "None" else int(seed_key)
         values = np.asarray(open_array(scores_dir / rel)[...], dtype=np.float64)
@@ -111,6 +114,7 @@ def evaluate(data, model, scores, out, method: str, r: int | None = None, experi
                 k = removed[float(f)]
                 kind, value = retrain_metric(blob, saved, order[k:], stage.device, inputs)
                 found.append((f"retrain_test_{kind}@{f:g}", value))
+                shown.update()
         for metric, value in found:
             rows.append({**key, "seed": seed, "metric": metric, "value": value})
         log.info("%s r=%s seed=%s: %s", method, r, seed, ", ".join(f"{m}={v:.4f}" for m, v in found))
@@ -129,6 +133,7 @@ def evaluate(data, model, scores, out, method: str, r: int | None = None, experi
             cost = sm["recompute"]
             timing_rows.append({**key, "seed": seed, "metric": "recompute_seconds",
                                 "value": cost["train_seconds"] + cost["test_seconds"], **(sm.get("provenance") or {})})
+    shown.close()
     prov = stage.provenance()
     rows = [{**prov, **row} for row in rows] + timing_rows
     for row in rows:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import BudgetError, DropinfError
+from ..progress import bar
 from . import sharding
 from .common import Stage, file_sha256, jsonable, log
 from .methods import rtag
@@ -172,7 +173,8 @@ class _Pass:
                 t0 = time.perf_counter()
                 if b > a:
                     writer = RowWriter(arrays[seed][split], a, b)
-                    ex.run(Batches(job.splits[split], job.batch_size, indices=torch.arange(a, b)), sink=writer)
+                    ex.run(Batches(job.splits[split], job.batch_size, indices=torch.arange(a, b)), sink=writer,
+                           desc=f"extract {job.compressor} {rtag(job.r)} seed {seed} {split}")
                     writer.close()
                 seconds[str(seed)][split] = time.perf_counter() - t0
             log.info("%s %s seed %s: pass over train rows %s, test rows %s in %.2fs", job.compressor, rtag(job.r),
@@ -303,10 +305,12 @@ def nest_rows(src, src_comp, dst_comp, sink, *, start: int = 0, stop: int | None
     step = max(1, int(src.chunks[0]))
     t0 = time.perf_counter()
     a = start
-    while a < stop:
-        b = min(stop, (a // step + 1) * step)
-        sink(a - start, src_comp.nest(torch.from_numpy(np.asarray(src[a:b])), dst_comp.r))
-        a = b
+    with bar(total=stop - start, desc=f"slice r={src_comp.r} to r={dst_comp.r}", unit="rows") as shown:
+        while a < stop:
+            b = min(stop, (a // step + 1) * step)
+            sink(a - start, src_comp.nest(torch.from_numpy(np.asarray(src[a:b])), dst_comp.r))
+            shown.update(b - a)
+            a = b
     return time.perf_counter() - t0
 
 
@@ -320,6 +324,7 @@ def compress_rows(comps, src, sinks, device, *, start: int = 0, stop: int | None
     step = max(chunk, (IDENTITY_BLOCK_BYTES // max(1, d * 4)) // chunk * chunk)
     secs = [0.0] * len(comps)
     a = start
+    shown = bar(total=stop - start, desc=f"compress raw gradients ({comps[0].name}, {len(comps)} seeds)", unit="rows")
     while a < stop:
         t0 = time.perf_counter()
         b = min(stop, (a // chunk) * chunk + step)  # block ends on a chunk boundary of the source
@@ -329,7 +334,9 @@ def compress_rows(comps, src, sinks, device, *, start: int = 0, stop: int | None
             t1 = time.perf_counter()
             sink(a - start, comp.compress(G))
             secs[i] += shared + time.perf_counter() - t1
+        shown.update(b - a)
         a = b
+    shown.close()
     return secs
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 
 #: Metrics of the `score` action, one row per (method, r, seed).
 LDS_METRICS = ("lds", "lds_std_over_test", "lds_n_test", "lds_score_seconds")
+#: the plot `summarize` writes beside summary.csv (`report.lds_figure`)
+LDS_PLOT = "lds_vs_r.png"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,6 +103,7 @@ def train_part(data, out, model: str, model_options: dict | None, settings: dict
     import numpy as np
     import torch
 
+    from ..progress import bar
     from .common import Stage, log
     from .evaluate import device_inputs
     from .prepare import load_prepared
@@ -123,6 +126,7 @@ def train_part(data, out, model: str, model_options: dict | None, settings: dict
     log.info("lds part %d of %d: subset models %s of %d, %d of %d training examples each (seed %d), %s",
              part, parts, f"{models[0]}..{models[-1]}" if models else "none", n_models, int(masks[0].sum())
              if len(models) else 0, n, subset_seed, settings)
+    shown = bar(total=len(models), desc=f"lds subset models (part {part} of {parts})", unit="model")
     for row, k in enumerate(models):
         t0 = time.perf_counter()
         seed = int(settings["seed"]) + (1 + k if vary_seed else 0)
@@ -146,6 +150,8 @@ def train_part(data, out, model: str, model_options: dict | None, settings: dict
         final_train_loss[row] = history[-1]
         log.info("subset model %d: %.2fs, train loss %.4f, test loss %.4f, test accuracy %.4f", k, seconds[row],
                  history[-1], losses[row].mean(), acc[row])
+        shown.update()
+    shown.close()
     meta = {"kind": "lds subset models", "experiment": experiment, "n_models": int(n_models), "part": int(part),
             "parts": int(parts), "models": models, "fraction": float(fraction), "subset_seed": int(subset_seed),
             "vary_seed": bool(vary_seed), "n_train": int(n), "n_test": int(m), "model": model,
@@ -357,6 +363,9 @@ def summarize(inputs, parts, out, table, experiment: str = "") -> list[dict]:
                 f"device {prov['device']}; every row of `summary.csv` carries its own.")
     with atomic_path(table) as tmp:
         Path(tmp).write_text("\n".join(text) + "\n")
+    from .report import lds_plot  # LDS against r per method, beside the summary
+
+    lds_plot(out, Path(out).with_name(LDS_PLOT), experiment)
     return rows
 
 

@@ -20,7 +20,7 @@ PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # src/dropinf
 STAGE_SET = {
     "model": {"data"},
     "compressor": {"self", "dim", "r", "seed", "layout"},
-    "solver": {"device", "chunk_rows", "layout"},
+    "solver": {"device", "chunk_rows", "layout", "progress"},
 }
 
 

@@ -2,8 +2,9 @@
 
 `report` writes, into one directory: `auc_table.csv`, `retrain_table.csv`, `timing_table.csv`
 (mean, std and count over seeds), `retrain_table.md`, `tables.html`, and the plots
-`auc_by_method.png`, `auc_vs_r.png`, `accuracy_vs_removed.png`. One function per table and per
-figure; the tables go through pandas. Neither stage imports torch (CSV/JSON only: they start fast).
+`auc_by_method.png`, `auc_vs_r.png`, `accuracy_vs_removed.png`; `lds_plot` draws `lds_vs_r.png` from
+an LDS summary (`pipeline.lds.summarize`). One function per table and per figure; the tables go
+through pandas. Neither stage imports torch (CSV/JSON only: they start fast).
 """
 from __future__ import annotations
 
@@ -222,6 +223,55 @@ def tables_html(df, auc, retrain, timing, skipped, experiment: str) -> str:
 
 
 # ---- figures ----------------------------------------------------------------------------------------
+# Every figure uses constrained layout with its legend outside the axes (nothing clipped, no legend
+# over the data) and one colour and line style per method across all figures (`method_style`).
+
+#: line styles of the uncompressed methods, so that each is told apart even where their values coincide
+_UNCOMPRESSED = {"orig": ("#000000", ":"), "lissa": ("#8c564b", "--"), "datainf": ("#e377c2", "-."),
+                 "tracin": ("#bcbd22", (0, (5, 1, 1, 1, 1, 1)))}
+_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#17becf", "#7f7f7f"]
+
+
+def method_style(method: str) -> dict:
+    """Colour, line style and legend label of a method: compressed methods solid in their own colour,
+    uncompressed ones each their own dash pattern marked '(uncompressed)', random grey dashed."""
+    from .methods import COMPRESSED
+
+    if method in _UNCOMPRESSED:
+        color, ls = _UNCOMPRESSED[method]
+        return {"color": color, "ls": ls, "label": f"{method} (uncompressed)"}
+    if method == "random":
+        return {"color": "#7f7f7f", "ls": "--", "label": "random scores"}
+    i = COMPRESSED.index(method) if method in COMPRESSED else len(COMPRESSED) + sum(map(ord, method))
+    return {"color": _COLORS[i % len(_COLORS)], "ls": "-", "label": method}
+
+
+def _figure(width: float, height: float = 4.5, ncols: int = 1, **kw):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False, layout="constrained", **kw)
+    return fig, list(axes[0])
+
+
+def _legend_outside(fig, ax) -> None:
+    """The axes' legend entries (each label once) beside the axes, inside the figure."""
+    handles, labels = ax.get_legend_handles_labels()
+    seen = {}
+    for h, label in zip(handles, labels):
+        seen.setdefault(label, h)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside right center", fontsize=8)
+
+
+def _title(where, experiment: str, what: str, how: str = "") -> None:
+    """Title of an axes (or, for a figure of panels, the figure): the experiment on its own line
+    (names can be long), what is shown, and how it is summarised."""
+    text = f"{experiment}\n{what}" + (f"\n({how})" if how else "")
+    if hasattr(where, "suptitle"):
+        where.suptitle(text, fontsize=10)
+    else:
+        where.set_title(text, fontsize=10)
+
 
 def _no_data(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} in this experiment", ha="center", va="center", transform=ax.transAxes)
@@ -229,101 +279,167 @@ def _no_data(ax, what: str) -> None:
     ax.set_yticks([])
 
 
-def _legend_outside(ax) -> None:
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+def _r_axis(ax, rs) -> None:
+    """Log2 x axis with one tick at each r that ran (and room around a single r)."""
+    if not rs:
+        return
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(rs, [str(r) for r in rs])
+    ax.minorticks_off()
+    ax.set_xlim(min(rs) / 1.4, max(rs) * 1.4)
+    ax.set_xlabel("r (compressed dimension)")
+
+
+def _r_phrase(pts) -> str:
+    rs = sorted(int(r) for r in pts.r.dropna().unique())
+    return f"at r = {rs[0]}" if len(rs) == 1 else "against r"
+
+
+def _band_phrase(pts) -> str:
+    return "; band: min–max" if pts.r.dropna().nunique() > 1 else ""
+
+
+def _seed_stats(pts, keys):
+    """mean, std, min, max and count over seeds of `value` per `keys` (r NaN kept)."""
+    return pts.groupby(keys, dropna=False, sort=False)["value"].agg(["mean", "std", "min", "max", "count"]).reset_index()
+
+
+def _against_r(fig, ax, stats) -> None:
+    """Compressed methods: mean against r with std error bars and a min-max band over seeds, the
+    markers of the methods dodged sideways around each r (so that error bars do not hide each
+    other; the ticks stay at r); methods without r: a labelled horizontal line at their mean. The
+    caller adds the legend."""
+    order = {m: i for i, m in enumerate(METHODS)}
+    stats = stats.assign(_rank=stats["method"].map(lambda m: order.get(m, len(order)))).sort_values(["_rank", "r"])
+    compressed = stats[stats.r.notna()]
+    names = list(dict.fromkeys(compressed.method))
+    step = 0.5 / max(1, len(names)) if compressed.r.nunique() == 1 else 0.04  # in log2 units of r
+    for k, (method, g) in enumerate(compressed.groupby("method", sort=False)):
+        st = method_style(method)
+        x = g.r.astype(float).to_numpy() * 2.0 ** ((names.index(method) - (len(names) - 1) / 2) * step)
+        ax.errorbar(x, g["mean"], yerr=g["std"].fillna(0), marker="o", ms=5, capsize=3, lw=1.6, color=st["color"],
+                    label=st["label"])
+        if len(g) > 1:
+            ax.fill_between(x, g["min"], g["max"], color=st["color"], alpha=0.12, lw=0)
+    for row in stats[stats.r.isna()].itertuples():
+        st = method_style(row.method)
+        ax.axhline(row.mean, color=st["color"], ls=st["ls"], lw=1.4, label=f"{st['label']}: {row.mean:.3f}")
+    _r_axis(ax, sorted(int(r) for r in stats.r.dropna().unique()))
 
 
 def auc_by_method_figure(df, auc, experiment: str):
     """Bars: mean AUC per (method, r) with std error bars; dots: the seeds; chance at 0.5."""
-    import matplotlib.pyplot as plt
     import numpy as np
     import pandas as pd
+    from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(auc) + 2.5), 4.5))
-    ax.set_title(f"{experiment}: mislabeled-example detection\n(bars: mean ± std over seeds; dots: seeds)", fontsize=10)
+    fig, (ax,) = _figure(max(7.0, 0.32 * len(auc) + 3.5), 4.8)
+    _title(ax, experiment, "mislabeled-example detection", "bars: mean ± std over seeds; dots: seeds")
     if not len(auc):
         _no_data(ax, "mislabel-detection AUC")
         return fig
     x = np.arange(len(auc))
-    colors = ["#999999" if m == "random" else "#c67a7a" if m in FULL_SPACE else "#7a9cc6" for m in auc.method]
-    ax.bar(x, auc["mean"], yerr=auc["std"].fillna(0), capsize=3, color=colors)
+    kinds = {"uncompressed": "#c67a7a", "compressed (at r)": "#7a9cc6", "random scores": "#999999"}
+    kind = ["random scores" if m == "random" else "uncompressed" if m in FULL_SPACE else "compressed (at r)"
+            for m in auc.method]
+    ax.bar(x, auc["mean"], yerr=auc["std"].fillna(0), capsize=3, color=[kinds[k] for k in kind])
     pts = df[df.metric == "mislabel_auc"]
     for i, (m, r) in enumerate(zip(auc.method, auc.r)):
         sel = pts[(pts.method == m) & (pts.r.isna() if pd.isna(r) else (pts.r == r))]
         ax.scatter(np.full(len(sel), i), sel["value"], color="k", s=8, zorder=3)
-    ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
-    ax.set_xticks(x, [_label(m, r) for m, r in zip(auc.method, auc.r)], rotation=45, ha="right")
+    chance = ax.axhline(0.5, color="grey", ls="--", lw=1)
+    ax.set_xticks(x, [_label(m, r) for m, r in zip(auc.method, auc.r)], rotation=90)
+    ax.set_xlim(-0.7, len(auc) - 0.3)
     ax.set_ylabel("mislabel-detection AUC")
     ax.set_ylim(min(0.3, float(pts["value"].min()) - 0.05), 1.0)
-    ax.legend(loc="lower right", fontsize=8)
+    present = [k for k in kinds if k in kind]
+    handles = [Patch(color=kinds[k]) for k in present] + [chance]
+    fig.legend(handles, present + ["chance (0.5)"], loc="outside right center", fontsize=8)
     return fig
 
 
-def auc_vs_r_figure(df, auc, experiment: str):
-    """AUC of each compressed method against r (x ticks at the r values that ran), min-max bands over
-    seeds; the uncompressed methods as horizontal lines of their own style."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    ax.set_title(f"{experiment}: mislabel-detection AUC against r\n(line: mean over seeds; band: min-max)",
-                 fontsize=10)
-    comp = auc[auc.r.notna()]
-    if not len(auc):
+def auc_vs_r_figure(df, auc, experiment: str, methods=None):
+    """AUC of each compressed method against r (x ticks at the r values that ran; error bars: std,
+    bands: min-max over seeds); uncompressed methods as horizontal lines of their own style, labelled
+    with their value; chance at 0.5. `methods`: only these (default: all but random). Drawn from the
+    seed rows of `df` (`auc`, the table of `auc_stats`, is accepted for a uniform call)."""
+    fig, (ax,) = _figure(8.0, 4.5)
+    pts = df[(df.metric == "mislabel_auc") & (df.method != "random")]
+    if methods is not None:
+        pts = pts[pts.method.isin(list(methods))]
+    _title(ax, experiment, f"mislabel-detection AUC {_r_phrase(pts)}", f"mean ± std over seeds{_band_phrase(pts)}")
+    if not len(pts):
         _no_data(ax, "mislabel-detection AUC")
         return fig
-    pts = df[df.metric == "mislabel_auc"]
-    for method, g in comp.groupby("method", sort=False):
-        x = g.r.astype(float)
-        line, = ax.plot(x, g["mean"], marker="o", label=method)
-        ax.fill_between(x, g["min"], g["max"], color=line.get_color(), alpha=0.2)
-    styles = iter([("k", ":"), ("#8c564b", "--"), ("#555555", "-."), ("#bcbd22", (0, (5, 1, 1, 1, 1, 1)))])
-    for row in auc[auc.r.isna()].itertuples():
-        if row.method in FULL_SPACE:
-            color, ls = next(styles, ("k", ":"))
-            ax.axhline(row.mean, ls=ls, lw=1.3, color=color, label=f"{row.method} (uncompressed)")
-    ax.axhline(0.5, color="grey", ls="--", lw=0.8, label="chance")
-    rs = sorted(int(r) for r in comp.r.unique())
-    if rs:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(rs, [str(r) for r in rs])
-        ax.minorticks_off()
-    ax.set_xlabel("r (compressed dimension)")
+    _against_r(fig, ax, _seed_stats(pts, ["method", "r"]))
+    ax.axhline(0.5, color="grey", ls=":", lw=0.9, label="chance (0.5)")
+    _legend_outside(fig, ax)
     ax.set_ylabel("mislabel-detection AUC")
     ax.set_ylim(min(0.4, float(pts["value"].min()) - 0.05), 1.0)
-    _legend_outside(ax)
     return fig
 
 
 def retrain_figure(retrain, base, experiment: str):
     """One panel per r: the retraining measure against the fraction removed (0 = the model trained
-    on everything), the uncompressed methods and random in every panel; random dashed."""
-    import matplotlib.pyplot as plt
-
+    on everything), the uncompressed methods and random in every panel, each in its own style."""
     rs = sorted(int(r) for r in retrain.r.dropna().unique()) or [None]
-    fig, axes = plt.subplots(1, len(rs), figsize=(4.8 * len(rs) + 2.0, 4.5), squeeze=False, sharey=True)
-    axes = axes[0]
+    fig, axes = _figure(4.8 * len(rs) + 2.2, 4.5, ncols=len(rs), sharey=True)
     if not len(retrain):
         _no_data(axes[0], "retraining")
-        axes[0].set_title(f"{experiment}: retraining", fontsize=10)
+        _title(axes[0], experiment, "retraining")
         return fig
     measure = retrain["measure"].iloc[0]
     fractions = sorted(retrain.fraction_removed.unique())
     ticks = ([0.0] if base is not None else []) + fractions
+    gap = min(b - a for a, b in zip(ticks, ticks[1:])) if len(ticks) > 1 else 0.1
     for ax, r in zip(axes, rs):
         sel = retrain[(retrain.r == r) | retrain.r.isna()] if r is not None else retrain
-        for (method, _), g in sel.groupby(["method", "r"], dropna=False, sort=False):
-            xs, ys, es = list(g.fraction_removed), list(g["mean"]), list(g["std"].fillna(0))
+        groups = list(sel.groupby(["method", "r"], dropna=False, sort=False))
+        for k, ((method, _), g) in enumerate(groups):
+            # markers dodged sideways (a quarter of the closest tick gap in all) so error bars stay apart
+            dodge = (k - (len(groups) - 1) / 2) * gap * 0.25 / max(1, len(groups) - 1)
+            xs, ys, es = list(g.fraction_removed + dodge), list(g["mean"]), list(g["std"].fillna(0))
             if base is not None:
                 xs, ys, es = [0.0] + xs, [base] + ys, [0.0] + es
-            style = "--" if method == "random" else ":" if method in FULL_SPACE else "-"
-            ax.errorbar(xs, ys, yerr=es, marker="o", ls=style, capsize=2, label=method, lw=1.5)
+            st = method_style(method)
+            ax.errorbar(xs, ys, yerr=es, marker="o", ms=5, ls=st["ls"], color=st["color"], capsize=2, lw=1.5,
+                        label=st["label"])
         ax.set_xticks(ticks, [f"{f:.0%}" if f * 100 == round(f * 100) else f"{f:.1%}" for f in ticks])
         ax.set_xlabel("most helpful training examples removed")
-        ax.set_title("all methods" if r is None else f"compressed at r = {r}", fontsize=9)
+        ax.set_title("all methods" if r is None else f"compressed methods at r = {r}", fontsize=9)
     axes[0].set_ylabel(f"{measure} after retraining")
-    _legend_outside(axes[-1])
-    fig.suptitle(f"{experiment}: {measure} after removing the most helpful examples and retraining", fontsize=10)
+    _legend_outside(fig, axes[-1])
+    _title(fig, experiment, f"{measure} after removing the most helpful examples and retraining",
+           "mean ± std over seeds, markers dodged sideways; 0% = the model trained on all examples")
     return fig
+
+
+def lds_figure(df, experiment: str):
+    """The linear datamodeling score against r per method (error bars: std over seeds; bands:
+    min-max when several r ran); methods without r (uncompressed, random scores) as labelled lines."""
+    fig, (ax,) = _figure(8.0, 4.5)
+    pts = df[df.metric == "lds"]
+    _title(ax, experiment, f"linear datamodeling score {_r_phrase(pts)}",
+           f"mean over test examples; mean ± std over seeds{_band_phrase(pts)}")
+    if not len(pts):
+        _no_data(ax, "linear datamodeling score")
+        return fig
+    _against_r(fig, ax, _seed_stats(pts, ["method", "r"]))
+    ax.axhline(0.0, color="grey", lw=0.6)
+    _legend_outside(fig, ax)
+    ax.set_ylabel("LDS (higher is better)")
+    return fig
+
+
+def lds_plot(summary, out, experiment: str = "") -> None:
+    """`lds_figure` of an LDS summary.csv (`pipeline.lds.summarize`), written to `out` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    df = pd.read_csv(summary, dtype={"r": "Int64", "seed": "Int64"})
+    _savefig(lds_figure(df, experiment), Path(out))
 
 
 def _savefig(fig, path: Path) -> None:

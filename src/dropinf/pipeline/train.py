@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DropinfError
+from ..progress import bar
 from .common import Stage, file_sha256, log, write_json
 from .prepare import load_prepared, load_tensors, model_inputs, save_tensors, task_data
 
@@ -178,6 +179,7 @@ def fit(spec, split: dict, *, epochs: int, batch_size: int, lr: float, weight_de
     scheduled = schedule != "constant" or float(warmup_ratio) > 0
     history = []
     module.train()
+    shown = bar(total=total_steps, desc="train", unit="step")
     for epoch in range(int(epochs)):
         total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for batch in batches:
@@ -190,11 +192,14 @@ def fit(spec, split: dict, *, epochs: int, batch_size: int, lr: float, weight_de
             step += 1
             total += loss.detach().sum()
             count += loss.shape[0]
+            shown.update()
         history.append(float(total) / max(1, count))
+        shown.set_postfix_str(f"epoch {epoch + 1}/{epochs}, train loss {history[-1]:.4f}", refresh=False)
         if not math.isfinite(history[-1]):
             raise DropinfError(f"training diverged at epoch {epoch + 1} (loss {history[-1]}); lower the learning rate")
         if log_every and ((epoch + 1) % log_every == 0 or epoch + 1 == epochs):
             log.info("epoch %d/%d: train loss %.4f", epoch + 1, epochs, history[-1])
+    shown.close()
     if channels_last:
         module.to(memory_format=torch.contiguous_format)
     module.eval()
