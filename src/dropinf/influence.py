@@ -46,6 +46,17 @@ _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 SOLVERS: dict[str, type["Solver"]] = {}
 
+#: What the entries of a pairwise matrix and of a self-influence vector mean (stored with them).
+PAIRWISE_CONVENTION = (
+    "P[j, k] = -g_test_j^T (H + lambda I)^{-1} g_k; rows j = test examples, columns k = training examples; "
+    "positive = up-weighting training example k raises the loss of test example j (harmful); "
+    "the mean over j is the influence score I(z_k)"
+)
+SELF_INFLUENCE_CONVENTION = (
+    "S[k] = g_k^T (H + lambda I)^{-1} g_k >= 0 (minus the influence of z_k on its own loss); "
+    "high = the model fits z_k only by leaning on z_k itself: mislabeled or atypical examples score high"
+)
+
 
 # ----------------------------------------------------------------------------------------------
 # Inputs
