@@ -36,6 +36,7 @@ rule score:
     shell:
         "python -m dropinf score --data {input.data:q} --method {wildcards.method} --r {params.r} {params.grads:q}"
         " {params.model:q} --gradients {params.gradients} --recompute-batch-size {params.recompute_batch_size}"
-        " --seeds {params.seeds} --damping {params.damping} --curvature {params.curvature} {params.extras} --options {params.options:q}"
+        " --seeds {params.seeds} --damping {params.damping} --curvature {params.curvature} {params.extras}"
+        " --options {params.options:q}"
         " --device {params.device} --threads {threads} --experiment {params.exp:q}"
         " --out-dir \"$(dirname {output:q})\" > {log:q} 2>&1"
