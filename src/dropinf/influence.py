@@ -41,6 +41,7 @@ class DampingRangeError(DropinfError, ValueError):
 
 CHUNK_BYTES = 256 << 20  # default row-chunk size
 PANEL_CHUNKS = 4         # Woodbury holds a panel of this many chunks against which all later rows stream
+PAIRWISE_BYTES = 64 << 20  # default size of one block of a pairwise matrix
 PAPER_FACTOR = 0.1       # paper appendix D.1 (same as DataInf): lambda_b = 0.1 * mean ||g_b||^2 / d_b
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
@@ -665,7 +666,7 @@ def _step(budget_rows: int, cap: int, align: int, total: int) -> int:
 def pairwise_blocks(train, test, method: str, damping="paper", blocks="layer", *, layout=None,
                     chunk_rows: int | None = None, device=None, dtype: torch.dtype = torch.float64,
                     lissa_iters: int = 10, lissa_scale=None, lissa_power_iters: int = 5, woodbury="auto",
-                    align: tuple[int, int] = (1, 1), block_bytes: int = CHUNK_BYTES):
+                    align: tuple[int, int] = (1, 1), block_bytes: int = PAIRWISE_BYTES):
     """The (m, n) pairwise matrix P[j, k] = -g_test_j^T (H + lambda I)^{-1} g_k, block by block.
 
     Returns an iterator of (test_rows, train_rows, P_block): two slices and a CPU tensor of shape
@@ -695,12 +696,12 @@ def _pairwise(solver: Solver, V: torch.Tensor, align: tuple[int, int], block_byt
         step = _step(block_bytes // (m * item), p.rows.chunk_rows, align[1], n)
         for a in range(0, n, step):
             b = min(n, a + step)
-            yield slice(0, m), slice(a, b), (p.rows.read(a, b) @ X).neg_().T.contiguous().cpu()
+            yield slice(0, m), slice(a, b), (p.rows.read(a, b) @ X).neg_().T.cpu()  # a transposed view
         return
     step = _step(block_bytes // (n * item), m, align[0], m)
     for j in range(0, m, step):
         j2 = min(m, j + step)
-        yield slice(j, j2), slice(0, n), solver.scores(V[:, j:j2].contiguous()).T.contiguous().cpu()
+        yield slice(j, j2), slice(0, n), solver.scores(V[:, j:j2].contiguous()).T.cpu()
 
 
 def self_influence(train, method: str, damping="paper", blocks="layer", *, layout=None,
