@@ -199,3 +199,18 @@ def test_verify_names_the_tile_holding_nan(tmp_path):
     problems, counts = verify(tmp_path)
     assert counts["chunks"] == 2 * 4  # every tile decoded
     assert any("p.zarr: chunk c/1/2 holds NaN/inf at rows [5]" in p for p in problems), problems
+
+
+def test_a_killed_jobs_temporary_array_is_no_array_and_the_next_run_removes_it(stored, tmp_path):
+    import shutil
+
+    out = tmp_path / "res" / "scores"
+    run(stored, out, pairwise=True)
+    # what SIGKILL during a pairwise write leaves: a temporary directory beside the outputs
+    left = out / ".scores.pairwise.zarr.tmp-99999"
+    shutil.copytree(out / "scores.pairwise.zarr", left)
+    problems, counts = verify(tmp_path / "res")
+    assert problems == [] and counts["arrays"] == 2  # not an array of the results
+    assert storage.arrays_under(out) == [out / "scores.pairwise.zarr", out / "scores.zarr"]
+    run(stored, out, pairwise=True)
+    assert not left.exists()
