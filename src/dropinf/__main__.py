@@ -118,6 +118,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--damping", type=_damping, default="paper", help="'paper', a number, or a JSON list (one per block)")
     s.add_argument("--curvature", default="layer", choices=["layer", "tensor", "global"],
                    help="curvature blocks of every method (docs/curvature.md)")
+    s.add_argument("--pairwise", action="store_true", help="also write the test x train matrix (docs/pairwise.md)")
+    s.add_argument("--self-influence", action="store_true", help="also write every training example's self-influence")
     s.add_argument("--options", type=_json, default={}, help="JSON options for dropinf.influence")
     s.add_argument("--device", default="auto")
     s.add_argument("--experiment", default="")
@@ -205,7 +207,8 @@ def _run(args) -> int | None:
         from .pipeline.score import score
         score(args.data, args.out_dir, args.method, args.r, args.grads, args.seeds, args.damping, args.device,
               args.threads, args.options, args.experiment, model=args.model, gradients=args.gradients,
-              recompute_batch_size=args.recompute_batch_size, curvature=args.curvature)
+              recompute_batch_size=args.recompute_batch_size, curvature=args.curvature, pairwise=args.pairwise,
+              self_influence=args.self_influence)
     elif st == "evaluate":
         from .pipeline.evaluate import evaluate
         evaluate(args.data, args.model, args.scores, args.out, args.method, args.r, args.experiment,

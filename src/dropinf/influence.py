@@ -33,7 +33,8 @@ import torch
 from .errors import DropinfError, NotPositiveDefiniteError, ShapeError, check_finite
 from .progress import bar
 
-__all__ = ["influence", "damping_for", "resolve_blocks", "SOLVERS", "Solver", "DampingRangeError"]
+__all__ = ["influence", "self_influence", "pairwise_blocks", "damping_for", "resolve_blocks", "SOLVERS",
+           "Solver", "DampingRangeError"]
 
 
 class DampingRangeError(DropinfError, ValueError):
@@ -41,10 +42,22 @@ class DampingRangeError(DropinfError, ValueError):
 
 CHUNK_BYTES = 256 << 20  # default row-chunk size
 PANEL_CHUNKS = 4         # Woodbury holds a panel of this many chunks against which all later rows stream
+PAIRWISE_BYTES = 64 << 20  # default size of one block of a pairwise matrix
 PAPER_FACTOR = 0.1       # paper appendix D.1 (same as DataInf): lambda_b = 0.1 * mean ||g_b||^2 / d_b
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 SOLVERS: dict[str, type["Solver"]] = {}
+
+#: What the entries of a pairwise matrix and of a self-influence vector mean (stored with them).
+PAIRWISE_CONVENTION = (
+    "P[j, k] = -g_test_j^T (H + lambda I)^{-1} g_k; rows j = test examples, columns k = training examples; "
+    "positive = up-weighting training example k raises the loss of test example j (harmful); "
+    "the mean over j is the influence score I(z_k)"
+)
+SELF_INFLUENCE_CONVENTION = (
+    "S[k] = g_k^T (H + lambda I)^{-1} g_k >= 0 (minus the influence of z_k on its own loss); "
+    "high = the model fits z_k only by leaning on z_k itself: mislabeled or atypical examples score high"
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,11 +418,16 @@ class Exact(Solver):
 
     names = ("orig", "exact")
 
-    def scores(self, V):
+    def split(self) -> tuple[list[int], list[int]]:
+        """(dense blocks, Woodbury blocks) under the `woodbury` option."""
         p = self.p
         mode = p.options.get("woodbury", "auto")
         wood = [b for b, w in enumerate(p.blocks.widths) if mode is True or (mode == "auto" and p.n < w)]
-        dense = sorted(set(range(len(p.blocks))) - set(wood))
+        return sorted(set(range(len(p.blocks))) - set(wood)), wood
+
+    def scores(self, V):
+        p = self.p
+        dense, wood = self.split()
         out = p.scores(self._dense(dense, V)) if dense else None
         if wood:
             w = self._woodbury(wood, V)
@@ -580,8 +598,35 @@ def influence(train, test, method: str, damping="paper", blocks="layer", reduce:
     progress: a bar per pass over train (`dropinf.progress`): True, False, or None (default: shown
         unless the environment variable DROPINF_PROGRESS is 0).
     """
+    solver, V = _solver_and_test(train, test, method, reduce, damping, blocks, layout, chunk_rows, device, dtype,
+                                 lissa_iters, lissa_scale, lissa_power_iters, woodbury)
+    out = solver.scores(V).cpu()
+    return out[:, 0] if reduce else out
+
+
+def _check_method(method) -> None:
     if not isinstance(method, str) or method not in SOLVERS:
         raise DropinfError(f"unknown method {method!r}; known methods: {', '.join(sorted(SOLVERS))}")
+
+
+def _solver(rows, blk, damp, method, lissa_iters, lissa_scale, lissa_power_iters, woodbury) -> Solver:
+    """The `method` solver on `rows`, its options validated."""
+    if isinstance(lissa_iters, bool) or not isinstance(lissa_iters, int) or lissa_iters < 1:
+        raise DropinfError(f"lissa_iters must be a positive int, got {lissa_iters!r}")
+    if lissa_scale is not None:
+        lissa_scale = _per_block(lissa_scale, len(blk), "lissa_scale")
+    if woodbury not in ("auto", True, False):
+        raise DropinfError(f"woodbury must be 'auto', True or False, got {woodbury!r}")
+    options = dict(lissa_iters=lissa_iters, lissa_scale=lissa_scale, lissa_power_iters=lissa_power_iters,
+                   woodbury=woodbury)
+    return SOLVERS[method](Problem(rows, blk, damp, options))
+
+
+def _solver_and_test(train, test, method, reduce, damping, blocks, layout, chunk_rows, device, dtype,
+                     lissa_iters, lissa_scale, lissa_power_iters, woodbury) -> tuple[Solver, torch.Tensor]:
+    """(solver, V): V (k, 1) the mean test row (reduce) or (k, m) every test row, columns permuted
+    as the solver's problem; every input validated before train is read."""
+    _check_method(method)
     train, tshape, _ = _matrix(train, "train")
     test, (m, kt), sname = _matrix(test, "test")
     if tshape[1] != kt:
@@ -592,20 +637,107 @@ def influence(train, test, method: str, damping="paper", blocks="layer", reduce:
         raise ShapeError(f"train dtype {tname} differs from test dtype {sname}")
     if m == 0:
         raise ShapeError(f"test has shape {(m, kt)}: no examples")
-    if isinstance(lissa_iters, bool) or not isinstance(lissa_iters, int) or lissa_iters < 1:
-        raise DropinfError(f"lissa_iters must be a positive int, got {lissa_iters!r}")
-    if lissa_scale is not None:
-        lissa_scale = _per_block(lissa_scale, len(blk), "lissa_scale")
-    if woodbury not in ("auto", True, False):
-        raise DropinfError(f"woodbury must be 'auto', True or False, got {woodbury!r}")
+    solver = _solver(rows, blk, damp, method, lissa_iters, lissa_scale, lissa_power_iters, woodbury)
 
     T = _to_torch(test[0:m]).to(rows.device).to(dtype)
     check_finite(T, "test")
     if blk.perm is not None:
         T = T.index_select(1, rows.perm)
-    V = (T.mean(0, keepdim=True) if reduce else T).T.contiguous()  # (k, 1) or (k, m)
+    return solver, (T.mean(0, keepdim=True) if reduce else T).T.contiguous()  # (k, 1) or (k, m)
 
-    options = dict(lissa_iters=lissa_iters, lissa_scale=lissa_scale, lissa_power_iters=lissa_power_iters,
-                   woodbury=woodbury)
-    out = SOLVERS[method](Problem(rows, blk, damp, options)).scores(V).cpu()
-    return out[:, 0] if reduce else out
+
+# ----------------------------------------------------------------------------------------------
+# Pairwise and self-influence: the same solvers with other right-hand sides
+# ----------------------------------------------------------------------------------------------
+
+def _has_inverse(solver: Solver) -> bool:
+    """Whether the solver forms X = (H + lambda I)^{-1} V in k-space: not Exact with a Woodbury
+    block (it goes to scores through n x n systems), nor a solver that overrides only `scores`."""
+    if isinstance(solver, Exact):
+        return not solver.split()[1]
+    return type(solver).solve is not Solver.solve
+
+
+def _apply_inverse(solver: Solver, V: torch.Tensor) -> torch.Tensor:
+    """X = (H + lambda I)^{-1} V (k, m) in the problem's column order (`_has_inverse` solvers)."""
+    if isinstance(solver, Exact):
+        return solver._dense(solver.split()[0], V)
+    return solver.solve(V)
+
+
+def _step(budget_rows: int, cap: int, align: int, total: int) -> int:
+    """Rows per block: at most `budget_rows` and `cap`, a multiple of `align` (at least one)."""
+    step = max(1, min(int(budget_rows), int(cap)))
+    step = max(align, step - step % align)
+    return min(step, total) if total > 0 else step
+
+
+def pairwise_blocks(train, test, method: str, damping="paper", blocks="layer", *, layout=None,
+                    chunk_rows: int | None = None, device=None, dtype: torch.dtype = torch.float64,
+                    lissa_iters: int = 10, lissa_scale=None, lissa_power_iters: int = 5, woodbury="auto",
+                    align: tuple[int, int] = (1, 1), block_bytes: int = PAIRWISE_BYTES):
+    """The (m, n) pairwise matrix P[j, k] = -g_test_j^T (H + lambda I)^{-1} g_k, block by block.
+
+    Returns an iterator of (test_rows, train_rows, P_block): two slices and a CPU tensor of shape
+    (len(test_rows), len(train_rows)); the blocks tile P exactly once, and P is
+    `influence(train, test, method, reduce=False).T` (its mean over j is `influence(...)`).
+    Positive = up-weighting train example k raises the loss of test example j (harmful).
+    The solve runs once: X = (H + lambda I)^{-1} T^T (k, m), then one streamed pass over train yields
+    column blocks (all m test rows, a few train rows). Exact with a Woodbury block (n < block width)
+    has no k-space X: it yields row blocks (a few test rows, all n train rows), one solve each.
+    A block holds about `block_bytes`; block boundaries are multiples of `align` = (test, train)
+    (the chunk shape of the array they are written to). Arguments as `influence`; all are checked
+    before the first block is computed.
+    """
+    solver, V = _solver_and_test(train, test, method, False, damping, blocks, layout, chunk_rows, device, dtype,
+                                 lissa_iters, lissa_scale, lissa_power_iters, woodbury)
+    align = tuple(int(a) for a in align)
+    if len(align) != 2 or min(align) < 1:
+        raise DropinfError(f"align must be two positive ints (test, train), got {align!r}")
+    return _pairwise(solver, V, align, int(block_bytes))
+
+
+def _pairwise(solver: Solver, V: torch.Tensor, align: tuple[int, int], block_bytes: int):
+    p = solver.p
+    n, m, item = p.n, V.shape[1], p.rows.itemsize
+    if _has_inverse(solver):
+        X = _apply_inverse(solver, V)
+        step = _step(block_bytes // (m * item), p.rows.chunk_rows, align[1], n)
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            yield slice(0, m), slice(a, b), (p.rows.read(a, b) @ X).neg_().T.cpu()  # a transposed view
+        return
+    step = _step(block_bytes // (n * item), m, align[0], m)
+    for j in range(0, m, step):
+        j2 = min(m, j + step)
+        yield slice(j, j2), slice(0, n), solver.scores(V[:, j:j2].contiguous()).T.cpu()
+
+
+def self_influence(train, method: str, damping="paper", blocks="layer", *, layout=None,
+                   chunk_rows: int | None = None, device=None, dtype: torch.dtype = torch.float64,
+                   lissa_iters: int = 10, lissa_scale=None, lissa_power_iters: int = 5, woodbury="auto",
+                   block_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """(n,) self-influence S_k = g_k^T (H + lambda I)^{-1} g_k of every training example, on the CPU.
+
+    The same curvature blocks, damping and solver as `influence` ('tracin': ||g_k||^2), so S_k is
+    exactly -P[k, k] of the pairwise matrix with the training set as its own test set; S_k >= 0
+    for the exact solver (H + lambda I is positive definite). High = the model fits z_k only by
+    leaning on z_k itself: mislabeled and atypical examples score high.
+    Training rows are taken as right-hand sides in groups of about `block_bytes`; each group costs
+    one solve (orig/exact: one pass to form H, or the Woodbury sweeps; lissa: its iterations).
+    Arguments as `influence`.
+    """
+    _check_method(method)
+    rows, blk, damp, _ = _setup(train, blocks, damping, chunk_rows, device, dtype, layout)
+    solver = _solver(rows, blk, damp, method, lissa_iters, lissa_scale, lissa_power_iters, woodbury)
+    n, k = rows.n, rows.k
+    inverse = _has_inverse(solver)
+    step = _step(int(block_bytes) // ((k + (0 if inverse else n)) * rows.itemsize), n, 1, n)
+    out = torch.empty(n, dtype=dtype)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        c = rows.read(a, b)  # (rows, k), columns in block order like every right-hand side
+        V = c.T.contiguous()
+        s = (c * _apply_inverse(solver, V).T).sum(1) if inverse else -solver.scores(V)[a:b].diagonal()
+        out[a:b] = s.cpu()
+    return out

@@ -14,6 +14,8 @@ rule score:
         recompute_batch_size=config["score"]["recompute_batch_size"],
         damping=config["score"]["damping"],
         curvature=config["score"]["curvature"],
+        extras=" ".join(f for f, on in (("--pairwise", config["score"]["pairwise"]),
+                                        ("--self-influence", config["score"]["self"])) if on),
         options=lambda wc: json.dumps(config["score"]["method_options"].get(wc.method, {}), sort_keys=True),
         device=config["device"],
     log:
@@ -34,6 +36,7 @@ rule score:
     shell:
         "python -m dropinf score --data {input.data:q} --method {wildcards.method} --r {params.r} {params.grads:q}"
         " {params.model:q} --gradients {params.gradients} --recompute-batch-size {params.recompute_batch_size}"
-        " --seeds {params.seeds} --damping {params.damping} --curvature {params.curvature} --options {params.options:q}"
+        " --seeds {params.seeds} --damping {params.damping} --curvature {params.curvature} {params.extras}"
+        " --options {params.options:q}"
         " --device {params.device} --threads {threads} --experiment {params.exp:q}"
         " --out-dir \"$(dirname {output:q})\" > {log:q} 2>&1"

@@ -2,6 +2,8 @@
 
 * `mislabel_auc`: ROC AUC of the scores against the flipped-label mask (positive = harmful, so
   mislabeled examples should score high; 0.5 = chance).
+* `mislabel_auc_self`: the same AUC of the method's self-influence g_k^T (H + lambda I)^{-1} g_k
+  (high = mislabeled), when the score stage wrote it (`score.self`).
 * `retrain_test_acc@F`: remove the fraction F of training examples with the most negative scores
   (the most helpful), retrain from the same initialisation with the fine-tuning settings, and
   measure test accuracy. Lower = the method found more valuable examples; compare with `random`.
@@ -106,6 +108,10 @@ def evaluate(data, model, scores, out, method: str, r: int | None = None, experi
         if flipped is not None and 0 < flipped.sum() < n:
             auc = mislabel_auc(flipped, values)
             found.append(("mislabel_auc", auc))
+            own = (sm.get("self") or {}).get(seed_key)
+            if own is not None:
+                own = np.asarray(open_array(scores_dir / own)[...], dtype=np.float64)
+                found.append(("mislabel_auc_self", mislabel_auc(flipped, own)))
         elif flipped is not None:
             log.info("no mislabel AUC: %d of %d labels flipped", int(flipped.sum()), n)
         if saved is not None:

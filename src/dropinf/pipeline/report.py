@@ -1,6 +1,7 @@
 """Stages `summarize` (tidy summary.csv) and `report` (tables and plots for `snakemake --report`).
 
-`report` writes, into one directory: `auc_table.csv`, `retrain_table.csv`, `timing_table.csv`
+`report` writes, into one directory: `auc_table.csv` (with `auc_self_*` columns, the mislabel AUC
+of self-influence, where `score.self` scored it), `retrain_table.csv`, `timing_table.csv`
 (mean, std and count over seeds), `retrain_table.md`, `tables.html`, and the plots
 `auc_by_method.png`, `auc_vs_r.png`, `accuracy_vs_removed.png`; `lds_plot` draws `lds_vs_r.png` from
 an LDS summary (`pipeline.lds.summarize`). One function per table and per figure; the tables go
@@ -70,10 +71,26 @@ def _in_method_order(t, extra=()):
     return t.sort_values(["_rank", "r", *extra], na_position="first").drop(columns="_rank").reset_index(drop=True)
 
 
+SELF_AUC = "mislabel_auc_self"
+SELF_COLUMNS = [f"auc_self_{s}" for s in STATS]
+
+
 def auc_stats(df):
-    """Mislabel AUC per (method, r): mean, std, count, min, max over seeds."""
+    """Mislabel AUC per (method, r): mean, std, count, min, max over seeds; where the methods' self-
+    influence was scored (`score.self`), its AUC's mean, std and count as `auc_self_*` columns."""
     auc = df[df.metric == "mislabel_auc"].groupby(["method", "r"], dropna=False)["value"]
-    return _in_method_order(auc.agg(STATS + ["min", "max"]).reset_index())
+    out = _in_method_order(auc.agg(STATS + ["min", "max"]).reset_index())
+    own = df[df.metric == SELF_AUC]
+    if len(own):
+        own = own.groupby(["method", "r"], dropna=False)["value"].agg(STATS).reset_index()
+        own = own.assign(r=own["r"].astype("Int64")).rename(columns=dict(zip(STATS, SELF_COLUMNS)))
+        out = out.merge(own, on=["method", "r"], how="left")
+    return out
+
+
+def auc_columns(auc) -> list[str]:
+    """Columns of the AUC table: method, r, the statistics, and the self-influence AUC's when present."""
+    return ["method", "r", *STATS, *[c for c in SELF_COLUMNS if c in auc]]
 
 
 def retrain_stats(df):
@@ -99,7 +116,8 @@ def timing_stats(df):
 
 def tables(df):
     """(auc, retrain, timing) tables: mean, std and count over seeds."""
-    return auc_stats(df)[["method", "r", *STATS]], retrain_stats(df), timing_stats(df)
+    auc = auc_stats(df)
+    return auc[auc_columns(auc)], retrain_stats(df), timing_stats(df)
 
 
 def baseline(df, measure: str) -> float | None:
@@ -176,8 +194,14 @@ def retrain_markdown(df, retrain, skipped=()) -> str:
 
 
 def auc_display(auc):
-    return auc.assign(method=[_label(m, r) for m, r in zip(auc.method, auc.r)], AUC=_cells(auc),
-                      seeds=auc["count"])[["method", "AUC", "seeds"]]
+    import pandas as pd
+
+    shown = auc.assign(method=[_label(m, r) for m, r in zip(auc.method, auc.r)], AUC=_cells(auc), seeds=auc["count"])
+    if "auc_self_mean" not in auc:
+        return shown[["method", "AUC", "seeds"]]
+    shown["AUC (self-influence)"] = ["–" if pd.isna(mu) else _fmt(mu, sd, c) for mu, sd, c in
+                                     zip(auc.auc_self_mean, auc.auc_self_std, auc.auc_self_count)]
+    return shown[["method", "AUC", "AUC (self-influence)", "seeds"]]
 
 
 def timing_display(timing):
@@ -464,7 +488,7 @@ def report(summary, out_dir, experiment: str = "", scored=()) -> None:
     auc, retrain, timing = auc_stats(df), retrain_stats(df), timing_stats(df)
     measure = retrain["measure"].iloc[0] if len(retrain) else "test accuracy"
     skipped = _skipped(Path(summary), scored)
-    for name, t in (("auc_table.csv", auc[["method", "r", *STATS]]), ("retrain_table.csv", retrain),
+    for name, t in (("auc_table.csv", auc[auc_columns(auc)]), ("retrain_table.csv", retrain),
                     ("timing_table.csv", timing)):
         with atomic_path(out_dir / name) as tmp:
             t.to_csv(tmp, index=False)

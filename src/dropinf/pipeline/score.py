@@ -4,6 +4,14 @@
     {out_dir}/scores.zarr        (full-space methods: orig, lissa, datainf, tracin)
     {out_dir}/manifest.json      (written last)
 
+Optional outputs beside them (docs/pairwise.md), same solver, blocks and damping as the scores:
+`pairwise=True` (config `score.pairwise`) writes `seed{seed}.pairwise.zarr` / `scores.pairwise.zarr`,
+the (n_test, n_train) matrix P[j, k] = -g_test_j^T (H + lambda I)^{-1} g_k in square tiles, computed
+block by block (never whole in memory); `self_influence=True` (`score.self`) writes
+`seed{seed}.self.zarr` / `scores.self.zarr`, S[k] = g_k^T (H + lambda I)^{-1} g_k (>= 0; high =
+mislabeled or atypical). Both need the method's gradients stored: `random` has none (noted in the
+manifest), and a full-space method on recomputed raw gradients is refused.
+
 Every method solves with the curvature structure `curvature` (config `score.curvature`: 'layer',
 the default, 'tensor' or 'global'; see docs/curvature.md): full-space methods run their own solver
 on the `identity` arrays, block-diagonal by the layout's grouping; compressed methods run the
@@ -22,6 +30,7 @@ recomputes otherwise. A recomputing job's seconds include its gradient passes (a
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -30,16 +39,26 @@ import torch
 
 from ..errors import DropinfError
 from ..layout import Layout, check_curvature
-from .common import Stage, clean_stale, file_sha256, jsonable, log
+from .common import Stage, clean_stale, file_sha256, jsonable, log, remove, tmp_path
 from .extract import load_split
 from .methods import BASELINES, FULL_SPACE, solver_of
 from .prepare import model_inputs
 from .prepare import load_prepared
-from .storage import MANIFEST, read_manifest, save_array, write_manifest
+from .storage import MANIFEST, create_array, mark_complete, read_manifest, save_array, write_manifest
+
+#: Side of the square tiles of a pairwise array (float32: 1 MiB per tile): reading one test row or
+#: one training column touches one row or column of tiles.
+PAIRWISE_TILE = 512
 
 
-def score_relpath(seed) -> str:
-    return "scores.zarr" if seed is None else f"seed{seed}.zarr"
+def score_relpath(seed, kind: str = "") -> str:
+    """The array of a seed's scores (kind ''), pairwise matrix ('pairwise') or self-influence ('self')."""
+    stem = "scores" if seed is None else f"seed{seed}"
+    return f"{stem}.{kind}.zarr" if kind else f"{stem}.zarr"
+
+
+def pairwise_chunks(m: int, n: int) -> tuple[int, int]:
+    return min(PAIRWISE_TILE, max(1, m)), min(PAIRWISE_TILE, max(1, n))
 
 
 GRADIENT_SOURCES = ("auto", "stored", "recompute")
@@ -69,7 +88,8 @@ def block_summary(curvature: str, blocks: dict) -> dict:
 def score(data, out_dir, method: str, r: int | None = None, grads: str | None = None, seeds=(0,),
           damping="paper", device: str = "auto", threads: int | None = None, options: dict | None = None,
           experiment: str = "", model: str | None = None, gradients: str = "auto",
-          recompute_batch_size: int = 64, curvature: str = "layer") -> dict:
+          recompute_batch_size: int = 64, curvature: str = "layer", pairwise: bool = False,
+          self_influence: bool = False) -> dict:
     import dropinf
     from ..influence import influence
 
@@ -83,13 +103,17 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
     options = dict(options or {})
     manifest = {"method": method, "r": r, "experiment": experiment, "damping": damping, "curvature": curvature,
                 "options": options, "n_blocks": {}, "scores": {}, "seconds": {}, "extract_seconds": {},
-                "compress_seconds": {}, "extract_provenance": None, "seeds": []}
+                "compress_seconds": {}, "extract_provenance": None, "seeds": [],
+                "pairwise": {}, "self": {}, "pairwise_seconds": {}, "self_seconds": {}}
     common_attrs = {"kind": "influence scores", "experiment": experiment, "method": method, "r": r,
                     "damping": damping, "curvature": curvature, "sign_convention": dropinf.SIGN_CONVENTION,
                     "positive_means": "harmful (raises test loss when up-weighted)",
                     "most_valuable": "most negative", "options": options}
 
     if method in BASELINES:
+        if pairwise or self_influence:
+            manifest["not_applicable"] = f"{method} scores use no gradients: no pairwise or self-influence arrays"
+            log.info("%s: score.pairwise/score.self do not apply (%s)", method, manifest["not_applicable"])
         blob = load_prepared(data)
         n = next(iter(blob["train"].values())).shape[0]
         for seed in seeds:
@@ -104,7 +128,15 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
         manifest.update(status="complete", seeds=[int(s) for s in seeds], provenance=stage.provenance())
         return commit(out_dir, pending, manifest)
 
+    def recomputed(why: str) -> None:
+        if pairwise or self_influence:
+            key = "score.pairwise" if pairwise else "score.self"
+            raise DropinfError(f"{key}: {method} runs on raw gradients recomputed from the model ({why}); pairwise and "
+                               f"self-influence need them stored (test gradients whole, train read once per solve): "
+                               f"set {key}: false, raise extract.identity_budget_mb, or score a compressed method")
+
     if method in FULL_SPACE and gradients == "recompute":
+        recomputed("score.gradients is 'recompute'")
         return _score_recomputed(data, model, out_dir, method, damping, options, stage, manifest, common_attrs,
                                  recompute_batch_size, curvature, why="score.gradients is 'recompute'")
     if grads is None:
@@ -117,6 +149,7 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
         if model is None:
             raise DropinfError(f"score: {method} needs raw gradients, {why}, and no --model was given to "
                                f"recompute them (or set score.gradients to 'stored' to skip {method})")
+        recomputed(why)
         return _score_recomputed(data, model, out_dir, method, damping, options, stage, manifest, common_attrs,
                                  recompute_batch_size, curvature, why=why)
     if gm.get("status") != "complete":
@@ -151,22 +184,105 @@ def score(data, out_dir, method: str, r: int | None = None, grads: str | None = 
         log.info("%s (%s, curvature %s: %d blocks) seed %s: %d scores in %.3fs; mean %.3g, std %.3g", method,
                  solver, curvature, len(blocks), seed, values.shape[0], secs,
                  float(values.mean()), float(values.std()))
+    staged = pairwise_and_self(grads_dir, gm, seeds_here, method, curvature, dict(damping=damping, device=stage.device,
+                               **options), out_dir, pending, manifest, pairwise, self_influence)
     manifest.update(status="complete", seeds=[s for s in seeds_here if s is not None],
                     provenance=stage.provenance(), sliced_from=gm.get("sliced_from"))
-    return commit(out_dir, pending, jsonable(manifest))
+    return commit(out_dir, pending, jsonable(manifest), staged)
 
 
-def commit(out_dir, arrays, manifest: dict) -> dict:
-    """Replace the directory's outputs by the new ones, once they all exist in memory: the old
-    manifest goes first (a kill from here on leaves nothing that looks finished), then each array
-    is written under a temporary name and renamed into place, leftovers of other runs are removed,
-    and the manifest is written last."""
+def pairwise_and_self(grads_dir, gm, seeds, method, curvature, solve: dict, out_dir, pending, manifest,
+                      pairwise: bool, self_influence: bool) -> list[tuple[str, Path]]:
+    """The optional outputs of every seed, with the solver, blocks and damping of its scores (their
+    attributes are in `pending`): self-influence joins `pending`; pairwise arrays are written complete
+    under temporary names, returned as (rel, path) for `commit` (removed again if a later one fails)."""
+    from ..influence import self_influence as self_scores
+
+    staged: list[tuple[str, Path]] = []
+    if not (pairwise or self_influence):
+        return staged
+    solver = solver_of(method)
+    attrs_of = {rel: attrs for rel, _, attrs in pending}
+    try:
+        for seed in seeds:
+            train = load_split(grads_dir, gm, seed, "train")
+            attrs = attrs_of[score_relpath(seed)]
+            blocks = solve_blocks(method, gm, train, curvature)
+            if pairwise:
+                rel = score_relpath(seed, "pairwise")
+                staged.append((rel, tmp_path(Path(out_dir) / rel)))
+                test = torch.from_numpy(np.asarray(load_split(grads_dir, gm, seed, "test")[...]))
+                secs = write_pairwise(staged[-1][1], train, test, solver, {**solve, "blocks": blocks},
+                                      {**attrs, **pairwise_attrs()})
+                manifest["pairwise"][str(seed)] = rel
+                manifest["pairwise_seconds"][str(seed)] = secs
+            if self_influence:
+                t0 = time.perf_counter()
+                own = self_scores(train, solver, blocks=blocks, **solve).to(torch.float32).numpy()
+                secs = time.perf_counter() - t0
+                rel = score_relpath(seed, "self")
+                pending.append((rel, own, {**attrs, **self_attrs(), "score_seconds": secs}))
+                manifest["self"][str(seed)] = rel
+                manifest["self_seconds"][str(seed)] = secs
+                log.info("%s seed %s: self-influence of %d training examples in %.3fs; min %.3g, max %.3g", method,
+                         seed, own.shape[0], secs, float(own.min()), float(own.max()))
+    except BaseException:
+        for _, tmp in staged:
+            remove(tmp)
+        raise
+    return staged
+
+
+def pairwise_attrs() -> dict:
+    from ..influence import PAIRWISE_CONVENTION
+
+    return {"kind": "pairwise influence scores", "sign_convention": PAIRWISE_CONVENTION,
+            "rows": "test examples (test split order)", "columns": "training examples (train split order)",
+            "positive_means": "up-weighting training example k raises the loss of test example j (harmful)",
+            "mean_over_rows": "the method's influence scores (the array beside it without .pairwise)"}
+
+
+def self_attrs() -> dict:
+    from ..influence import SELF_INFLUENCE_CONVENTION
+
+    return {"kind": "self-influence", "sign_convention": SELF_INFLUENCE_CONVENTION,
+            "positive_means": "always >= 0 for an exact solve; high = the model fits the example only by "
+                              "leaning on it (mislabeled or atypical: ranked by the same mislabel AUC)",
+            "most_valuable": None}
+
+
+def write_pairwise(path, train, test, solver: str, solve: dict, attrs: dict) -> float:
+    """The (m, n) pairwise matrix of `solver` as a complete array at `path` (square tiles, filled block
+    by block as `pairwise_blocks` yields them, each block aligned to the tiles); its seconds."""
+    from ..influence import pairwise_blocks
+
+    m, n = int(test.shape[0]), int(train.shape[0])
+    tile = pairwise_chunks(m, n)
+    remove(path)
+    t0 = time.perf_counter()
+    arr = create_array(path, m, n, attrs, chunk_rows=tile[0], chunk_cols=tile[1])
+    for rows, cols, block in pairwise_blocks(train, test, solver, align=tile, **solve):
+        arr[rows, cols] = block.to(torch.float32).numpy()
+    secs = time.perf_counter() - t0
+    mark_complete(arr, score_seconds=secs)
+    log.info("pairwise %s: (%d test x %d train) in tiles of %s, %.3fs", solver, m, n, tile, secs)
+    return secs
+
+
+def commit(out_dir, arrays, manifest: dict, staged=()) -> dict:
+    """Replace the directory's outputs by the new ones, once they all exist (in memory, or as complete
+    arrays under temporary names: `staged` (rel, path)): the old manifest goes first (a kill from here
+    on leaves nothing that looks finished), then each array is written under a temporary name and
+    renamed into place, leftovers of other runs are removed, and the manifest is written last."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     for rel, values, attrs in arrays:
         save_array(out_dir / rel, values, attrs)
-    clean_stale(out_dir, keep={rel for rel, _, _ in arrays})
+    for rel, tmp in staged:
+        remove(out_dir / rel)
+        os.replace(tmp, out_dir / rel)
+    clean_stale(out_dir, keep={rel for rel, _, _ in arrays} | {rel for rel, _ in staged})
     write_manifest(out_dir, manifest)
     return manifest
 

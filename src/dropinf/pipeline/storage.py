@@ -52,14 +52,17 @@ def chunk_rows_for(width: int, itemsize: int = 4, target_bytes: int = CHUNK_BYTE
     return 1 << (rows.bit_length() - 1)
 
 
-def create_array(path, n: int, width: int | None, attrs: dict, dtype="float32", chunk_rows: int | None = None):
-    """A new (n, width) array (or (n,) when width is None) at `path`, overwriting anything there."""
+def create_array(path, n: int, width: int | None, attrs: dict, dtype="float32", chunk_rows: int | None = None,
+                 chunk_cols: int | None = None):
+    """A new (n, width) array (or (n,) when width is None) at `path`, overwriting anything there.
+    Chunks are whole rows, or tiles of `chunk_cols` columns (2-D arrays read by column as well)."""
     import zarr
 
     shape = (int(n),) if width is None else (int(n), int(width))
     if chunk_rows is None:
         chunk_rows = chunk_rows_for(1 if width is None else width, np.dtype(dtype).itemsize)
-    chunks = (min(int(chunk_rows), max(1, n)),) + (() if width is None else (max(1, int(width)),))
+    cols = max(1, int(width or 1)) if chunk_cols is None else min(int(chunk_cols), max(1, int(width or 1)))
+    chunks = (min(int(chunk_rows), max(1, n)),) + (() if width is None else (cols,))
     attrs = {**jsonable(attrs), "chunk_rows": int(chunks[0]), "complete": False}
     floating = np.issubdtype(np.dtype(dtype), np.floating)
     return zarr.create_array(store=str(path), shape=shape, chunks=chunks, dtype=dtype, attributes=attrs,
@@ -184,13 +187,15 @@ def chunk_error(arr, path, start: int = 0, stop: int | None = None) -> str | Non
     """Decode the row chunks of rows [start, stop) one by one; a message naming the first that fails."""
     c = int(arr.chunks[0])
     stop = int(arr.shape[0]) if stop is None else int(stop)
+    tiles = chunk_grid(arr)[1:]  # chunks across the columns (1 for whole-row chunks)
     for i in range(int(start) // c, math.ceil(stop / c)):
         a, b = i * c, min((i + 1) * c, int(arr.shape[0]))
-        try:
-            arr[a:b]
-        except Exception as e:
-            key = chunk_key((i,) + (0,) * (len(arr.shape) - 1))
-            return f"chunk {key} (rows {a}-{b - 1}) is corrupt ({type(e).__name__}: {e})"
+        for rest in np.ndindex(*tiles):
+            cols = tuple(slice(j * w, (j + 1) * w) for j, w in zip(rest, arr.chunks[1:]))
+            try:
+                arr[(slice(a, b),) + cols]
+            except Exception as e:
+                return f"chunk {chunk_key((i,) + rest)} (rows {a}-{b - 1}) is corrupt ({type(e).__name__}: {e})"
     return None
 
 
@@ -278,10 +283,10 @@ class RowWriter:
 
 
 @contextlib.contextmanager
-def write_array(path, n: int, width: int | None, attrs: dict, dtype="float32", chunk_rows=None):
+def write_array(path, n: int, width: int | None, attrs: dict, dtype="float32", chunk_rows=None, chunk_cols=None):
     """Create an array under a temporary name, yield it, mark it complete and rename it to `path`."""
     with atomic_path(path) as tmp:
-        arr = create_array(tmp, n, width, attrs, dtype=dtype, chunk_rows=chunk_rows)
+        arr = create_array(tmp, n, width, attrs, dtype=dtype, chunk_rows=chunk_rows, chunk_cols=chunk_cols)
         yield arr
         mark_complete(arr)
 

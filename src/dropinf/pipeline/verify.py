@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .storage import (MANIFEST, array_problems, arrays_under, chunk_error, chunk_key, has_checksum,
+from .storage import (MANIFEST, array_problems, arrays_under, chunk_error, chunk_grid, chunk_key, has_checksum,
                       producing_manifest, recover_command)
 
 
@@ -65,7 +65,8 @@ def check_array(path: Path) -> tuple[list[str], int]:
 
 
 def check_array_chunks(path: Path, arr, fix: str) -> tuple[list[str], int]:
-    """Decode every row chunk (checksum, decompression) and look for NaN/inf rows."""
+    """Decode every row band of chunks (checksum, decompression; every tile of a tiled array) and look
+    for NaN/inf rows."""
     problems: list[str] = []
     c = int(arr.chunks[0])
     n = int(arr.shape[0])
@@ -77,11 +78,13 @@ def check_array_chunks(path: Path, arr, fix: str) -> tuple[list[str], int]:
         except Exception:
             problems.append(f"{path}: {chunk_error(arr, path, a, b)}; recover with: {fix}")
             continue
-        decoded += 1
+        decoded += int(np.prod(chunk_grid(arr)[1:]))  # the band's chunks (tiles across the columns)
         if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
-            bad = ~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
-            rows = (np.flatnonzero(bad)[:5] + a).tolist()
-            key = chunk_key((i,) + (0,) * (arr.ndim - 1))
+            flat = ~np.isfinite(block.reshape(block.shape[0], -1))
+            rows = (np.flatnonzero(flat.any(axis=1))[:5] + a).tolist()
+            # the first bad tile of a row band (column chunks: a pairwise array's square tiles)
+            tile = (int(np.flatnonzero(flat.any(axis=0))[0]) // int(arr.chunks[1]),) if arr.ndim == 2 else ()
+            key = chunk_key((i,) + tile)
             problems.append(f"{path}: chunk {key} holds NaN/inf at rows {rows}; recover with: {fix}")
     return problems, decoded
 
