@@ -599,7 +599,7 @@ def influence(train, test, method: str, damping="paper", blocks="layer", reduce:
         unless the environment variable DROPINF_PROGRESS is 0).
     """
     solver, V = _solver_and_test(train, test, method, reduce, damping, blocks, layout, chunk_rows, device, dtype,
-                                 lissa_iters, lissa_scale, lissa_power_iters, woodbury)
+                                 lissa_iters, lissa_scale, lissa_power_iters, woodbury, progress)
     out = solver.scores(V).cpu()
     return out[:, 0] if reduce else out
 
@@ -623,7 +623,8 @@ def _solver(rows, blk, damp, method, lissa_iters, lissa_scale, lissa_power_iters
 
 
 def _solver_and_test(train, test, method, reduce, damping, blocks, layout, chunk_rows, device, dtype,
-                     lissa_iters, lissa_scale, lissa_power_iters, woodbury) -> tuple[Solver, torch.Tensor]:
+                     lissa_iters, lissa_scale, lissa_power_iters, woodbury,
+                     progress: bool | None = None) -> tuple[Solver, torch.Tensor]:
     """(solver, V): V (k, 1) the mean test row (reduce) or (k, m) every test row, columns permuted
     as the solver's problem; every input validated before train is read."""
     _check_method(method)
@@ -675,7 +676,8 @@ def _step(budget_rows: int, cap: int, align: int, total: int) -> int:
 def pairwise_blocks(train, test, method: str, damping="paper", blocks="layer", *, layout=None,
                     chunk_rows: int | None = None, device=None, dtype: torch.dtype = torch.float64,
                     lissa_iters: int = 10, lissa_scale=None, lissa_power_iters: int = 5, woodbury="auto",
-                    align: tuple[int, int] = (1, 1), block_bytes: int = PAIRWISE_BYTES):
+                    align: tuple[int, int] = (1, 1), block_bytes: int = PAIRWISE_BYTES,
+                    progress: bool | None = None):
     """The (m, n) pairwise matrix P[j, k] = -g_test_j^T (H + lambda I)^{-1} g_k, block by block.
 
     Returns an iterator of (test_rows, train_rows, P_block): two slices and a CPU tensor of shape
@@ -690,7 +692,7 @@ def pairwise_blocks(train, test, method: str, damping="paper", blocks="layer", *
     before the first block is computed.
     """
     solver, V = _solver_and_test(train, test, method, False, damping, blocks, layout, chunk_rows, device, dtype,
-                                 lissa_iters, lissa_scale, lissa_power_iters, woodbury)
+                                 lissa_iters, lissa_scale, lissa_power_iters, woodbury, progress)
     align = tuple(int(a) for a in align)
     if len(align) != 2 or min(align) < 1:
         raise DropinfError(f"align must be two positive ints (test, train), got {align!r}")
@@ -716,7 +718,7 @@ def _pairwise(solver: Solver, V: torch.Tensor, align: tuple[int, int], block_byt
 def self_influence(train, method: str, damping="paper", blocks="layer", *, layout=None,
                    chunk_rows: int | None = None, device=None, dtype: torch.dtype = torch.float64,
                    lissa_iters: int = 10, lissa_scale=None, lissa_power_iters: int = 5, woodbury="auto",
-                   block_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+                   block_bytes: int = CHUNK_BYTES, progress: bool | None = None) -> torch.Tensor:
     """(n,) self-influence S_k = g_k^T (H + lambda I)^{-1} g_k of every training example, on the CPU.
 
     The same curvature blocks, damping and solver as `influence` ('tracin': ||g_k||^2), so S_k is
@@ -729,6 +731,7 @@ def self_influence(train, method: str, damping="paper", blocks="layer", *, layou
     """
     _check_method(method)
     rows, blk, damp, _ = _setup(train, blocks, damping, chunk_rows, device, dtype, layout)
+    rows.progress, rows.label = progress, f"self-influence {method}"
     solver = _solver(rows, blk, damp, method, lissa_iters, lissa_scale, lissa_power_iters, woodbury)
     n, k = rows.n, rows.k
     inverse = _has_inverse(solver)
