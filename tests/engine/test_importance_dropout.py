@@ -7,7 +7,7 @@ import torch
 
 import dropinf
 from dropinf.compressors import importance
-from dropinf.compressors.importance import ImportanceDropout, OptionError, exponential_keys
+from dropinf.compressors.importance import ImportanceDropout, OptionError
 from dropinf.layout import Layout
 from dropinf.probe import ProbeSizeError, probe_rows, second_moments
 
@@ -51,17 +51,88 @@ def test_reproducible_nested_in_r_and_seeded(weighting, rescale):
     torch.testing.assert_close(full.compress(G), want, rtol=1e-12, atol=1e-12)
 
 
-def test_keys_are_chunked_exactly_like_the_direct_sort(monkeypatch):
-    """Chunked top-r merging (tiny chunks: many merges) == sorting all keys E_j / w_j at once."""
-    monkeypatch.setattr(importance, "KEY_CHUNK", 16)
+# ---- keys: counter-based, device- and chunk-independent, Efraimidis-Spirakis law -------------------
+
+def _philox_ref(ctr, key, rounds=10):
+    """Philox4x32 on Python ints, straight from the published round function."""
+    M, W, mask = (0xD2511F53, 0xCD9E8D57), (0x9E3779B9, 0xBB67AE85), 0xFFFFFFFF
+    c, k = list(ctr), list(key)
+    for i in range(rounds):
+        if i:
+            k = [(k[0] + W[0]) & mask, (k[1] + W[1]) & mask]
+        p0, p1 = M[0] * c[0], M[1] * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & mask, (p0 >> 32) ^ c[3] ^ k[1], p0 & mask]
+    return c
+
+
+def _key_ref(seed, j):
+    """E_j one coordinate at a time, in Python ints and math.log."""
+    x = _philox_ref((j & 0xFFFFFFFF, j >> 32, 0, 0), (seed & 0xFFFFFFFF, seed >> 32))
+    m = (x[0] << 20) | (x[1] >> 12)
+    return -math.log((2 * m + 1) / 2.0 ** 53)
+
+
+def test_philox_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10 (counter, key, output)."""
+    kats = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+            ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+            ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+             (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for ctr, key, want in kats:
+        got = importance.philox4x32([torch.tensor([c]) for c in ctr], key)
+        assert [int(t) for t in got] == list(want)
+        assert _philox_ref(ctr, key) == list(want)
+
+
+def test_keys_equal_the_per_coordinate_reference():
+    """E_j (tensor ops, in chunks) == -log(u_j) computed one coordinate at a time in float64, and the
+    draw == sorting the reference keys E_j / w_j (zero weights last, by E_j)."""
+    for seed in (0, 11, 2**40 + 3, 2**63 - 1):
+        js = list(range(300)) + [2**32 - 1, 2**32, 2**35 + 17]
+        E = torch.cat([importance.exponential_keys(seed, j, j + 1) for j in js[300:]])
+        E = torch.cat([importance.exponential_keys(seed, 0, 300), E])
+        ref = torch.tensor([_key_ref(seed, j) for j in js], dtype=torch.float64)
+        torch.testing.assert_close(E, ref, rtol=4e-16, atol=0)
     w = _weights(3)
-    E = torch.cat([exponential_keys(11, c * 16, (c + 1) * 16, c) for c in range(math.ceil(LAYOUT.dim / 16))])
-    E = E[:LAYOUT.dim]
-    pos = torch.nonzero(w > 0).flatten()
-    zero = torch.nonzero(w == 0).flatten()
-    want = torch.cat([pos[torch.argsort(E[pos] / w[pos])], zero[torch.argsort(E[zero])]])
+    E = torch.tensor([_key_ref(11, j) for j in range(LAYOUT.dim)], dtype=torch.float64)
+    pos = [j for j in range(LAYOUT.dim) if w[j] > 0]
+    zero = [j for j in range(LAYOUT.dim) if w[j] == 0]
+    want = sorted(pos, key=lambda j: E[j].item() / w[j].item()) + sorted(zero, key=lambda j: E[j].item())
     got = _comp(LAYOUT.dim, seed=11, w=w, weighting="global").indices
-    assert torch.equal(got, want)
+    assert got.tolist() == want
+
+
+@pytest.mark.parametrize("weighting", ["global", "block"])
+def test_keys_and_draw_do_not_depend_on_the_chunk_size(monkeypatch, weighting):
+    E = importance.exponential_keys(5, 0, LAYOUT.dim)
+    for lo, hi in ((0, 7), (7, 40), (40, LAYOUT.dim)):
+        assert torch.equal(importance.exponential_keys(5, lo, hi), E[lo:hi])  # bitwise
+    w = _weights(1)
+    want = _comp(LAYOUT.dim, seed=5, w=w, weighting=weighting).indices
+    for chunk in (1, 3, 16, 64, 1 << 20):
+        monkeypatch.setattr(importance, "KEY_CHUNK", chunk)
+        assert torch.equal(_comp(LAYOUT.dim, seed=5, w=w, weighting=weighting).indices, want), chunk
+        assert torch.equal(importance.smallest_keys(w, 3, 90, 20, 5), importance.smallest_keys(w, 3, 90, 20, 5, chunk=7))
+
+
+def test_keys_are_standard_exponential():
+    from scipy import stats
+
+    E = importance.exponential_keys(2, 10**9, 10**9 + 200_000).numpy()
+    assert stats.kstest(E, "expon").pvalue > 1e-3
+    assert (E > 0).all() and abs(E.mean() - 1) < 5 / math.sqrt(E.size)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_keys_and_draw_identical_on_cuda():
+    E = importance.exponential_keys(9, 0, 1 << 20)
+    assert torch.equal(importance.exponential_keys(9, 0, 1 << 20, "cuda").cpu(), E)
+    w = _weights(2)
+    for weighting in ("global", "block"):
+        cpu = _comp(60, seed=9, w=w, weighting=weighting, rescale=True)
+        gpu = _comp(60, seed=9, w=w.cuda(), weighting=weighting, rescale=True)
+        assert torch.equal(cpu.indices, gpu.indices) and torch.equal(cpu.scale, gpu.scale)
+        assert gpu.indices.device.type == "cpu"
 
 
 def test_zero_weights_never_before_positive_ones():
@@ -79,19 +150,31 @@ def test_zero_weights_never_before_positive_ones():
                                                                                     dtype=torch.float64))
 
 
-def test_global_first_pick_follows_the_weights(monkeypatch):
-    """Efraimidis-Spirakis: the first kept coordinate is j with probability w_j / sum w."""
-    monkeypatch.setattr(importance, "KEY_CHUNK", 8)
+def test_inclusion_frequencies_follow_the_efraimidis_spirakis_law():
+    """Over many seeds, the kept pair and its order follow sequential sampling without replacement:
+    P(first = i) = w_i / W and P(i kept at r = 2) = sum over orders of w_i/W * w_j/(W - w_i). Each
+    frequency is within z binomial standard deviations, z the Bonferroni bound for a family-wise
+    false alarm of 1e-6 over all compared frequencies (fixed seeds: the test is deterministic)."""
+    from scipy import stats
+
     lay = Layout.from_shapes([("x", (6,))])
     w = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.0, 0.5], dtype=torch.float64)
-    counts = torch.zeros(6)
-    trials = 3000
+    W, n = w.sum().item(), 6
+    first = (w / W).tolist()
+    pair = [sum(first[i] * w[j].item() / (W - w[i].item()) + first[j] * w[i].item() / (W - w[j].item())
+                for j in range(n) if j != i) for i in range(n)]
+    trials = 4000
+    got_first, got_pair = torch.zeros(n), torch.zeros(n)
     for s in range(trials):
-        counts[dropinf.compressor("importance_dropout", 6, 1, seed=s, layout=lay, weights=w,
-                                  weighting="global").indices] += 1
-    p = w / w.sum()
-    assert counts[4] == 0
-    assert ((counts / trials - p).abs() <= 4 * torch.sqrt(p * (1 - p) / trials) + 1e-9).all()
+        idx = dropinf.compressor("importance_dropout", n, 2, seed=s, layout=lay, weights=w).indices
+        got_first[idx[0]] += 1
+        got_pair[idx] += 1
+    z = stats.norm.isf(1e-6 / (2 * 2 * n))
+    for got, p in ((got_first, torch.tensor(first)), (got_pair, torch.tensor(pair))):
+        sd = torch.sqrt(p * (1 - p) / trials)
+        assert ((got / trials - p).abs() <= z * sd).all(), (got / trials, p, z * sd)
+    assert got_first[4] == 0 and got_pair[4] == 0  # weight 0: never before a positive weight
+    assert got_pair.sum() == 2 * trials
 
 
 def test_block_weighting_apportions_r_by_width():
