@@ -110,7 +110,7 @@ def test_keys_and_draw_do_not_depend_on_the_chunk_size(monkeypatch, weighting):
     w = _weights(1)
     want = _comp(LAYOUT.dim, seed=5, w=w, weighting=weighting).indices
     for chunk in (1, 3, 16, 64, 1 << 20):
-        monkeypatch.setattr(importance, "KEY_CHUNK", chunk)
+        monkeypatch.setattr(importance, "KEY_CHUNK", {"cpu": chunk})
         assert torch.equal(_comp(LAYOUT.dim, seed=5, w=w, weighting=weighting).indices, want), chunk
         assert torch.equal(importance.smallest_keys(w, 3, 90, 20, 5), importance.smallest_keys(w, 3, 90, 20, 5, chunk=7))
 

@@ -35,9 +35,13 @@ import torch
 from ..errors import DropinfError, ShapeError
 from .dropout import Dropout
 
-#: coordinates whose keys are computed at once (memory only: the keys do not depend on it)
-KEY_CHUNK = 1 << 22
+#: coordinates whose keys are computed at once, per device type (speed and memory only: the keys do
+#: not depend on it): cache-sized on a CPU, large on a GPU (fewer kernel launches)
+KEY_CHUNK = {"cpu": 1 << 16}
+KEY_CHUNK_DEFAULT = 1 << 22
 WEIGHTINGS = ("global", "block")
+#: the second-moment probe's default estimator (`dropinf.probe.ESTIMATORS`)
+PROBE_ESTIMATOR = "exact"
 #: how E_j is made from (seed, j), recorded in every array's provenance
 KEY_RULE = ("Philox4x32-10, counter (j mod 2^32, j div 2^32, 0, 0), key (seed mod 2^32, seed div 2^32); "
             "m = (x0 << 20) | (x1 >> 12); E = -ln((2m + 1) / 2^53) by frexp and a 13-term atanh series "
@@ -112,9 +116,9 @@ def smallest_keys(weights: torch.Tensor, lo: int, hi: int, k: int, seed: int, ze
                   chunk: int | None = None) -> torch.Tensor:
     """Coordinates in [lo, hi) with the k smallest keys, in increasing key order (int64, CPU): among
     positive weights key E_j / w_j (zero=False), among zero weights key E_j (zero=True). Keys are
-    computed on the weights' device, `chunk` coordinates at a time (default KEY_CHUNK)."""
+    computed on the weights' device, `chunk` coordinates at a time (default: KEY_CHUNK)."""
     device = weights.device
-    chunk = int(chunk or KEY_CHUNK)
+    chunk = int(chunk or KEY_CHUNK.get(device.type, KEY_CHUNK_DEFAULT))
     best_k = torch.empty(0, dtype=torch.float64, device=device)
     best_i = torch.empty(0, dtype=torch.long, device=device)
     if k <= 0 or hi <= lo:
@@ -159,12 +163,13 @@ class ImportanceDropout(Dropout):
     name = "importance_dropout"
     nests_in_r = True
     #: configurable options (workflow: extract.compressor_options.importance_dropout)
-    OPTIONS = ("probe", "probe_seed", "weighting", "rescale", "chunk_elems")
+    OPTIONS = ("probe", "probe_seed", "probe_estimator", "weighting", "rescale", "chunk_elems")
 
     def __init__(self, dim, r, seed=0, layout=None, weights=None, probe: int = 256, probe_seed: int = 0,
                  weighting: str = "global", rescale: bool = False, probe_seconds: float | None = None,
-                 chunk_elems: int = 1 << 26):
-        self._check_options(probe=probe, probe_seed=probe_seed, weighting=weighting, rescale=rescale)
+                 chunk_elems: int = 1 << 26, probe_estimator: str = PROBE_ESTIMATOR):
+        self._check_options(probe=probe, probe_seed=probe_seed, weighting=weighting, rescale=rescale,
+                            probe_estimator=probe_estimator)
         if weights is None:
             raise OptionError(
                 "importance_dropout needs per-coordinate weights: build its options with "
@@ -182,14 +187,17 @@ class ImportanceDropout(Dropout):
             raise OptionError(f"importance_dropout: weights must be finite and >= 0; coordinate {j} has "
                               f"{weights[j].item()}")
         self.weights = weights
-        self.probe, self.probe_seed = int(probe), int(probe_seed)
+        self.probe, self.probe_seed, self.probe_estimator = int(probe), int(probe_seed), probe_estimator
         self.weighting, self.rescale = weighting, bool(rescale)
         self.probe_seconds = None if probe_seconds is None else float(probe_seconds)
         self.scale: torch.Tensor | None = None
         super().__init__(dim, r, seed, layout, chunk_elems)
 
     @classmethod
-    def _check_options(cls, probe=256, probe_seed=0, weighting="global", rescale=False, **_):
+    def _check_options(cls, probe=256, probe_seed=0, weighting="global", rescale=False, probe_estimator=PROBE_ESTIMATOR,
+                       **_):
+        from ..probe import ESTIMATORS
+
         if isinstance(probe, bool) or not isinstance(probe, int) or probe < 1:
             raise OptionError(f"importance_dropout: probe must be a positive number of training examples, got {probe!r}")
         if isinstance(probe_seed, bool) or not isinstance(probe_seed, int) or probe_seed < 0:
@@ -198,11 +206,14 @@ class ImportanceDropout(Dropout):
             raise OptionError(f"importance_dropout: weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
         if not isinstance(rescale, bool):
             raise OptionError(f"importance_dropout: rescale must be true or false, got {rescale!r}")
+        if probe_estimator not in ESTIMATORS:
+            raise OptionError(f"importance_dropout: probe_estimator must be one of {', '.join(ESTIMATORS)}, "
+                              f"got {probe_estimator!r}")
 
     @classmethod
     def prepare_options(cls, options: dict, *, model, loss_fn, train_loader, params=None, device=None) -> dict:
-        """The configured options plus `weights` (the second-moment probe on the training loader)
-        and `probe_seconds`."""
+        """The configured options plus `weights` (the second-moment probe on the training loader, kept
+        on the device it ran on, where the coordinates are then drawn) and `probe_seconds`."""
         from ..probe import second_moments
 
         opts = dict(options)
@@ -211,7 +222,8 @@ class ImportanceDropout(Dropout):
             raise OptionError(f"importance_dropout: unknown option(s) {unknown}; known: {list(cls.OPTIONS)}")
         cls._check_options(**opts)
         weights, info = second_moments(model, loss_fn, train_loader, opts.get("probe", 256), opts.get("probe_seed", 0),
-                                       params=params, device=device, return_info=True)
+                                       params=params, device=device, return_info=True, on_device=True,
+                                       estimator=opts.get("probe_estimator", PROBE_ESTIMATOR))
         opts.update(weights=weights, probe_seconds=info["seconds"])
         return opts
 
@@ -294,5 +306,6 @@ class ImportanceDropout(Dropout):
     def attrs(self):
         return {**super().attrs(), "sampling": "second moment, Efraimidis-Spirakis exponential keys",
                 "probe": self.probe, "probe_seed": self.probe_seed, "probe_seconds": self.probe_seconds,
+                "probe_estimator": self.probe_estimator,
                 "weighting": self.weighting, "rescale": self.rescale, "key_rule": KEY_RULE,
                 "weights_summary": self.weights_summary()}
