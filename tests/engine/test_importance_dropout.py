@@ -338,10 +338,17 @@ def test_bench_probe_subcommand_cpu(tmp_path):
     from dropinf import bench
 
     out = tmp_path / "probe.csv"
-    bench.probe_timing(["--arch", "gpt2-tiny", "--batch", "4", "--probe", "6", "--examples", "12", "--r", "8",
+    bench.probe_timing(["--arch", "gpt2-tiny", "--batch", "4", "--probe", "6", "3", "--examples", "12", "--r", "8",
                         "--out", str(out)])
-    rows = {r["path"]: r for r in csv.DictReader(open(out))}
-    assert float(rows["check_probe"]["rel_err_vs_autograd"]) < 1e-5
-    assert rows["probe_second_moments"]["n_examples"] == "6" and rows["extract_dropout"]["n_examples"] == "12"
-    assert all(float(rows[p]["seconds"]) > 0 for p in ("probe_second_moments", "importance_draw", "extract_dropout"))
-    assert rows["extract_dropout"]["device"] and rows["extract_dropout"]["git_commit"]
+    rows = list(csv.DictReader(open(out)))
+    by = {(r["path"], r.get("probe_estimator", ""), r["n_examples"]): r for r in rows}
+    assert float(by["check_probe", "exact", ""]["rel_err_vs_autograd"]) < 1e-5
+    extract = by["extract_dropout", "", "12"]
+    for est in ("exact", "diagonal"):
+        for n in ("6", "3"):
+            row = by["probe_second_moments", est, n]
+            assert float(row["seconds"]) > 0
+            assert float(row["ratio_to_extract"]) == pytest.approx(float(row["seconds"]) / float(extract["seconds"]))
+    draw = by["importance_draw", "", ""]
+    assert float(draw["seconds"]) > 0 and draw["draw_device"] == "cpu" and float(draw["ratio_to_extract"]) > 0
+    assert extract["device"] and extract["git_commit"]
