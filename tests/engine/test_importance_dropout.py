@@ -246,6 +246,123 @@ def test_probe_equals_per_example_autograd(case):
         torch.testing.assert_close(w, G[rows].square().mean(0), rtol=1e-10, atol=1e-14)
 
 
+class _MLP(torch.nn.Module):
+    """nn.Linear on (B, n) inputs only: one position per example."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _mlp_loss(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+
+def _mlp_batches(n=10, batch_size=4):
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(3, (n,), generator=g)
+    return [{"x": x[s:s + batch_size], "y": y[s:s + batch_size]} for s in range(0, n, batch_size)]
+
+
+def test_one_position_layers_fused_square_equals_autograd_for_both_estimators():
+    """nn.Linear without a sequence axis: (delta^2)^T (a^2) is the exact per-example square, so both
+    estimators equal float64 per-example autograd."""
+    torch.manual_seed(4)
+    model, batches = _MLP().double(), _mlp_batches()
+    G = reference_grads(model, _mlp_loss, batches, [n for n, _ in model.named_parameters()])
+    for n, seed in ((10, 0), (6, 3)):
+        want = G[probe_rows(10, n, seed)].square().mean(0)
+        for est in ("exact", "diagonal"):
+            torch.testing.assert_close(second_moments(model, _mlp_loss, batches, n, seed, estimator=est), want,
+                                       rtol=1e-12, atol=1e-15)
+
+
+def _diagonal_reference(model, batches, rows):
+    """The diagonal estimator one example at a time, from hooks and float64 autograd: each position's
+    rank-one term of every matrix gradient squared on its own, vector parameters' true squares."""
+    from transformers.pytorch_utils import Conv1D
+
+    layout = Layout.from_model(model)
+    examples = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(b["y"].shape[0])]
+    mats = {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D, torch.nn.Embedding))}
+    total = torch.zeros(layout.dim, dtype=torch.float64)
+    for i in rows.tolist():
+        seen = {}
+        hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0], out)))
+                 for name, m in mats.items()]
+        loss = text_loss(model, examples[i]).sum()
+        for h in hooks:
+            h.remove()
+        vec_names = [n for n, p in model.named_parameters() if p.dim() == 1]
+        params = dict(model.named_parameters())
+        grads = torch.autograd.grad(loss, [seen[n][1] for n in mats] + [params[n] for n in vec_names])
+        for (name, m), delta in zip(mats.items(), grads):
+            a, d = seen[name][0].reshape(-1, seen[name][0].shape[-1] if not isinstance(m, torch.nn.Embedding) else 1), \
+                delta.reshape(-1, delta.shape[-1])
+            sq = torch.zeros_like(params[f"{name}.weight"])
+            for t in range(d.shape[0]):
+                if isinstance(m, torch.nn.Embedding):
+                    tok = int(a[t])
+                    if tok != m.padding_idx:
+                        sq[tok] += d[t].square()
+                elif isinstance(m, Conv1D):  # weight (in, out)
+                    sq += torch.outer(a[t], d[t]).square()
+                else:  # nn.Linear weight (out, in)
+                    sq += torch.outer(d[t], a[t]).square()
+            s = layout[f"{name}.weight"]
+            total[s.offset:s.stop] += sq.reshape(-1)
+        for name, g in zip(vec_names, grads[len(mats):]):
+            s = layout[name]
+            total[s.offset:s.stop] += g.square().reshape(-1)
+    return total / rows.numel()
+
+
+def test_diagonal_estimator_equals_its_per_position_reference():
+    """Sequence layers (Linear, HF Conv1D, padded Embedding, a one-position head, norms): the fused
+    diagonal probe == the per-position float64 reference; it differs from the exact probe there."""
+    make, loss, data = CASES["text"]
+    torch.manual_seed(6)
+    model, batches = make(), _double(data())
+    for n, seed in ((9, 0), (5, 2)):
+        rows = probe_rows(9, n, seed)
+        got = second_moments(model, loss, batches, n, seed, estimator="diagonal")
+        torch.testing.assert_close(got, _diagonal_reference(model, batches, rows), rtol=1e-10, atol=1e-14)
+    exact = second_moments(model, loss, batches, 9, 0)
+    assert not torch.allclose(exact, second_moments(model, loss, batches, 9, 0, estimator="diagonal"))
+
+
+def test_diagonal_estimator_needs_no_counting_pass_or_held_sums(monkeypatch):
+    """Tied weights: the diagonal probe squares each contribution on its own (no pending sums, full
+    batches even under a 1-byte cap) and is recorded in the compressor's provenance."""
+    from dropinf import probe
+
+    make, loss, data = CASES["tied"]
+    torch.manual_seed(3)
+    model, batches = make(), _double(data())
+    sizes = []
+    real = probe.SquareAccumulator.end_batch
+
+    def spy(self, start, out):
+        assert not self.pending
+        sizes.append(out.shape[0])
+        real(self, start, out)
+    monkeypatch.setattr(probe, "HELD_BYTES", 1)
+    monkeypatch.setattr(probe.SquareAccumulator, "end_batch", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opts = ImportanceDropout.prepare_options({"probe": 5, "probe_estimator": "diagonal"}, model=model,
+                                                 loss_fn=loss, train_loader=batches)
+    assert sum(sizes) == 5 and max(sizes) > 1 and (opts["weights"] > 0).any()  # not cut to one-row batches
+    layout = Layout.from_model(model)
+    c = dropinf.compressor("importance_dropout", layout.dim, 6, seed=0, layout=layout, **opts)
+    assert c.attrs()["probe_estimator"] == "diagonal"
+    with pytest.raises(OptionError, match="probe_estimator must be one of exact, diagonal"):
+        ImportanceDropout.prepare_options({"probe_estimator": "fast"}, model=model, loss_fn=loss, train_loader=batches)
+
+
 def test_probe_rebatches_under_the_held_memory_cap(monkeypatch):
     """Tied weights hold a per-example gradient per batch; a tiny cap forces one-row probe batches."""
     from dropinf import probe
