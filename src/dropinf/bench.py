@@ -527,7 +527,7 @@ def probe_timing(argv) -> None:
     coordinates (keys over all d coordinates, on the extraction's device). The exact probe is first
     checked against per-example autograd on two examples.
 
-        python -m dropinf.bench probe --arch gpt2 --probe 256 --examples 2000 --out probe.csv
+        python -m dropinf.bench probe --arch gpt2 --probe 64 256 --examples 2000 --out probe.csv
     """
     from .compressors.importance import ImportanceDropout
     from .layout import Layout
@@ -537,7 +537,7 @@ def probe_timing(argv) -> None:
     ap.add_argument("--arch", default="gpt2", help="gpt2 | gpt2-tiny | pythia-1.4b | llama-3.2-1b | resnet9")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--probe", type=int, nargs="+", default=[256], help="examples in the probe (one or more sizes)")
+    ap.add_argument("--probe", type=int, nargs="+", default=[64, 256], help="examples in the probe (one or more sizes)")
     ap.add_argument("--estimator", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
     ap.add_argument("--examples", type=int, default=2000, help="examples in the extraction it is compared with")
     ap.add_argument("--r", type=int, default=512, help="kept coordinates")
@@ -565,7 +565,7 @@ def probe_timing(argv) -> None:
                                      [params[name] for name in names])
             ref.append(torch.cat([x.float().reshape(-1) for x in gs]))
         want = torch.stack(ref).square().mean(0).cpu()
-        got = second_moments(model, loss_fn, [two], 2, 0)
+        got = second_moments(model, loss_fn, [two], 2, 0, estimator="exact")
         err = ((got - want).norm() / want.norm()).item()
         rows.append({**base, "path": "check_probe", "probe_estimator": "exact", "rel_err_vs_autograd": err})
         print(f"check probe: relative error vs per-example autograd {err:.2e}", flush=True)

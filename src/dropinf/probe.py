@@ -268,8 +268,8 @@ class _ProbeLoader:
             yield _concat(parts)
 
 
-def second_moments(model, loss_fn, loader, n: int = 256, seed: int = 0, params=None, device=None,
-                   return_info: bool = False, estimator: str = "exact", on_device: bool = False):
+def second_moments(model, loss_fn, loader, n: int = 64, seed: int = 0, params=None, device=None,
+                   return_info: bool = False, estimator: str = "diagonal", on_device: bool = False):
     """mean_i g_ij^2 over n training examples drawn (seeded) from `loader`: a (dim,) CPU tensor in the
     tracked coordinates of `dropinf.layout` (float64 for a float64 model, else float32).
 

@@ -240,7 +240,7 @@ def test_probe_equals_per_example_autograd(case):
     for n, seed in ((n_total, 0), (4, 1), (3, 7)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tied model's fallback warning
-            w = second_moments(model, loss, batches, n, seed)
+            w = second_moments(model, loss, batches, n, seed, estimator="exact")
         rows = probe_rows(n_total, n, seed)
         assert w.dtype == torch.float64 and w.shape == (G.shape[1],)
         torch.testing.assert_close(w, G[rows].square().mean(0), rtol=1e-10, atol=1e-14)
@@ -330,7 +330,7 @@ def test_diagonal_estimator_equals_its_per_position_reference():
         rows = probe_rows(9, n, seed)
         got = second_moments(model, loss, batches, n, seed, estimator="diagonal")
         torch.testing.assert_close(got, _diagonal_reference(model, batches, rows), rtol=1e-10, atol=1e-14)
-    exact = second_moments(model, loss, batches, 9, 0)
+    exact = second_moments(model, loss, batches, 9, 0, estimator="exact")
     assert not torch.allclose(exact, second_moments(model, loss, batches, 9, 0, estimator="diagonal"))
 
 
@@ -381,7 +381,7 @@ def test_probe_rebatches_under_the_held_memory_cap(monkeypatch):
     monkeypatch.setattr(probe.SquareAccumulator, "end_batch", spy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        w = second_moments(model, loss, batches, 5, 4)
+        w = second_moments(model, loss, batches, 5, 4, estimator="exact")
     assert sizes == [1] * 5
     torch.testing.assert_close(w, G[probe_rows(7, 5, 4)].square().mean(0), rtol=1e-10, atol=1e-14)
 
@@ -418,6 +418,7 @@ def test_prepare_options_and_provenance():
     a = c.attrs()
     assert a["compressor"] == "importance_dropout" and a["indices"] == c.indices.tolist()
     assert (a["probe"], a["probe_seed"], a["weighting"], a["rescale"]) == (6, 3, "global", False)
+    assert a["probe_estimator"] == "diagonal" and a["key_rule"].startswith("Philox4x32-10")  # the defaults
     assert a["probe_seconds"] > 0
     s = a["weights_summary"]
     w = opts["weights"]
