@@ -332,7 +332,7 @@ def run(args) -> list[dict]:
 
     key = f"dropout_r{args.r[0]}"
     if key in fused_seconds:
-        rows.append(self_check_cost(model, loss_fn, batch, names, args.r[0], fused_seconds[key], base, emit))
+        self_check_cost(model, loss_fn, batch, names, args.r[0], fused_seconds[key], base, emit)  # emit keeps its row
 
     if args.paper_loop:
         model.eval()
@@ -527,7 +527,7 @@ def probe_timing(argv) -> None:
     coordinates (keys over all d coordinates, on the extraction's device). The exact probe is first
     checked against per-example autograd on two examples.
 
-        python -m dropinf.bench probe --arch gpt2 --probe 64 256 --examples 2000 --out probe.csv
+        python -m dropinf.bench probe --arch gpt2 --probe 32 64 256 --examples 2000 --out probe.csv
     """
     from .compressors.importance import ImportanceDropout
     from .layout import Layout
@@ -537,7 +537,7 @@ def probe_timing(argv) -> None:
     ap.add_argument("--arch", default="gpt2", help="gpt2 | gpt2-tiny | pythia-1.4b | llama-3.2-1b | resnet9")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--probe", type=int, nargs="+", default=[64, 256], help="examples in the probe (one or more sizes)")
+    ap.add_argument("--probe", type=int, nargs="+", default=[32, 64, 256], help="examples in the probe (one or more sizes)")
     ap.add_argument("--estimator", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
     ap.add_argument("--examples", type=int, default=2000, help="examples in the extraction it is compared with")
     ap.add_argument("--r", type=int, default=512, help="kept coordinates")
@@ -586,6 +586,9 @@ def probe_timing(argv) -> None:
         ImportanceDropout(layout.dim, a.r, 1, layout, weights=weights)  # warm-up
         draw_s = _timed_call(lambda: ImportanceDropout(layout.dim, a.r, 0, layout, weights=weights), dev)
         timed.append(("importance_draw", draw_s, None, {"draw_device": weights.device.type}))
+        # the once-per-job total against the 2,000-example extraction: each probe plus one draw
+        timed += [("probe_and_draw", secs + draw_s, count, extra) for path, secs, count, extra in list(timed)
+                  if path == "probe_second_moments"]
     for path, secs, count, extra in timed:
         rows.append({**base, "path": path, "r": a.r, "n_examples": count, "seconds": secs,
                      "ratio_to_extract": secs / extract_s, **extra})

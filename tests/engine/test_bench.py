@@ -38,6 +38,7 @@ def test_bench_cpu_smoke(tmp_path):
     assert "fused_dropout_r8" in table and table.count("\n") >= 6
     assert "| cpu | fused_dropout_r8 |" in table  # the device each row was measured on
     assert "× limit" in table
+    assert sum(r["path"] == "self_check_dropout_r8" for r in rows) == 1  # one row per path
 
 
 def test_limit_step_computes_no_weight_gradient_and_reaches_the_input():

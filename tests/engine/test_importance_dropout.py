@@ -470,5 +470,8 @@ def test_bench_probe_subcommand_cpu(tmp_path):
             assert float(row["seconds"]) > 0
             assert float(row["ratio_to_extract"]) == pytest.approx(float(row["seconds"]) / float(extract["seconds"]))
     draw = by["importance_draw", "", ""]
+    for est in ("exact", "diagonal"):
+        total, probe = by["probe_and_draw", est, "6"], by["probe_second_moments", est, "6"]
+        assert float(total["seconds"]) == pytest.approx(float(probe["seconds"]) + float(draw["seconds"]))
     assert float(draw["seconds"]) > 0 and draw["draw_device"] == "cpu" and float(draw["ratio_to_extract"]) > 0
     assert extract["device"] and extract["git_commit"]
