@@ -460,7 +460,8 @@ def markdown_table(paths: list[str]) -> str:
                 floor_key = "ratio_floor" if "ratio_floor" in row else "ratio_to_floor"
                 lines.append(f"| {row['arch']} (B={row['batch']}) | {row['dtype']} | {row.get('device') or '–'} | "
                              f"{row['path']} | {row['r'] or '–'} | "
-                             f"{fmt('ms_per_example', '.3f')} | {fmt(floor_key, '.2f')} | {fmt('ratio_limit', '.2f')} | "
+                             f"{fmt('ms_per_example', '.3f')} | {fmt(floor_key, '.2f')} | "
+                             f"{fmt('ratio_limit', '.2f')} | "
                              f"{fmt('ratio_to_graph_floor', '.2f')} | {fmt('peak_gib', '.2f')} |")
     return "\n".join(lines)
 
@@ -537,7 +538,8 @@ def probe_timing(argv) -> None:
     ap.add_argument("--arch", default="gpt2", help="gpt2 | gpt2-tiny | pythia-1.4b | llama-3.2-1b | resnet9")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--probe", type=int, nargs="+", default=[32, 64, 256], help="examples in the probe (one or more sizes)")
+    ap.add_argument("--probe", type=int, nargs="+", default=[32, 64, 256],
+                    help="examples in the probe (one or more sizes)")
     ap.add_argument("--estimator", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
     ap.add_argument("--examples", type=int, default=2000, help="examples in the extraction it is compared with")
     ap.add_argument("--r", type=int, default=512, help="kept coordinates")

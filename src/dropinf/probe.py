@@ -278,7 +278,8 @@ def second_moments(model, loss_fn, loader, n: int = 64, seed: int = 0, params=No
     "diagonal" (module docstring). on_device: return the weights on the probe's device instead.
     With return_info, also a dict (n, seed, n_total, seconds, estimator)."""
     if estimator not in ESTIMATORS:
-        raise InvalidValueError(f"second-moment probe: estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+        raise InvalidValueError(f"second-moment probe: estimator must be one of {', '.join(ESTIMATORS)}, "
+                                f"got {estimator!r}")
     diagonal = estimator == "diagonal"
     t0 = time.perf_counter()
     n_total = _count_rows(loader)

@@ -112,7 +112,8 @@ def test_keys_and_draw_do_not_depend_on_the_chunk_size(monkeypatch, weighting):
     for chunk in (1, 3, 16, 64, 1 << 20):
         monkeypatch.setattr(importance, "KEY_CHUNK", {"cpu": chunk})
         assert torch.equal(_comp(LAYOUT.dim, seed=5, w=w, weighting=weighting).indices, want), chunk
-        assert torch.equal(importance.smallest_keys(w, 3, 90, 20, 5), importance.smallest_keys(w, 3, 90, 20, 5, chunk=7))
+        assert torch.equal(importance.smallest_keys(w, 3, 90, 20, 5),
+                           importance.smallest_keys(w, 3, 90, 20, 5, chunk=7))
 
 
 def test_keys_are_standard_exponential():
@@ -289,7 +290,8 @@ def _diagonal_reference(model, batches, rows):
 
     layout = Layout.from_model(model)
     examples = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(b["y"].shape[0])]
-    mats = {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D, torch.nn.Embedding))}
+    kinds = (torch.nn.Linear, Conv1D, torch.nn.Embedding)
+    mats = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
     total = torch.zeros(layout.dim, dtype=torch.float64)
     for i in rows.tolist():
         seen = {}

@@ -196,8 +196,8 @@ class ImportanceDropout(Dropout):
         super().__init__(dim, r, seed, layout, chunk_elems)
 
     @classmethod
-    def _check_options(cls, probe=PROBE_ROWS, probe_seed=0, weighting="global", rescale=False, probe_estimator=PROBE_ESTIMATOR,
-                       **_):
+    def _check_options(cls, probe=PROBE_ROWS, probe_seed=0, weighting="global", rescale=False,
+                       probe_estimator=PROBE_ESTIMATOR, **_):
         from ..probe import ESTIMATORS
 
         if isinstance(probe, bool) or not isinstance(probe, int) or probe < 1:
@@ -223,8 +223,8 @@ class ImportanceDropout(Dropout):
         if unknown:
             raise OptionError(f"importance_dropout: unknown option(s) {unknown}; known: {list(cls.OPTIONS)}")
         cls._check_options(**opts)
-        weights, info = second_moments(model, loss_fn, train_loader, opts.get("probe", PROBE_ROWS), opts.get("probe_seed", 0),
-                                       params=params, device=device, return_info=True, on_device=True,
+        weights, info = second_moments(model, loss_fn, train_loader, opts.get("probe", PROBE_ROWS),
+                                       opts.get("probe_seed", 0), params=params, device=device, return_info=True, on_device=True,
                                        estimator=opts.get("probe_estimator", PROBE_ESTIMATOR))
         opts.update(weights=weights, probe_seconds=info["seconds"])
         return opts
