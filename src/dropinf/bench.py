@@ -3,18 +3,22 @@
     python -m dropinf.bench --arch gpt2 --dtype float32 --out results/reference/bench/gpt2_fp32.csv
 
 For each architecture (built from its config with random weights: no downloads) it times, on the
-same batch: (a) the floor, a batched forward+backward with all weight gradients and no optimizer;
+same batch: (a) the floor, a batched forward+backward with all weight gradients and no optimizer,
+and the limit, the same forward with an activation-only backward (weights frozen, the input
+embeddings or images requiring grad, no hooks): what any per-example method must at least pay;
 (b) fused extraction into (B, r) with each compressor; (c) the paper's way, a batch-size-1 loop that
 forms each full gradient then gathers (dropout) or projects it (dense Gaussian); (d) Zarr write
 throughput, an end-to-end run (extract + write N examples to Zarr) and scoring from Zarr.
 Timings: warm-up, CUDA events, median of repeats, after the timed paths are checked against
 per-example autograd. (e) the self-check's cost: the extra time of the first, checked batch (and
 the coverage plan every extraction makes), as a fraction of a 2,000-example extraction.
-Rows are CSV with provenance.
+Rows are CSV with provenance; every timed row has `seconds` (per batch) and its ratios to the floor
+(`ratio_floor`) and to the limit (`ratio_limit`) of the same run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import shutil
@@ -145,6 +149,33 @@ def floor_step(model, loss_fn, batch, params):
     loss_fn(model, batch).sum().backward()
 
 
+@contextlib.contextmanager
+def frozen(params):
+    """The parameters with requires_grad off (restored on exit): autograd computes no weight gradient."""
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(params, saved):
+            p.requires_grad_(r)
+
+
+def limit_step(model, loss_fn, batch):
+    """The limit: forward and an activation-only backward through the whole network, no hooks. Call
+    it with the weights frozen; the leaf requiring grad is the input embeddings (language models:
+    looked up outside, passed as inputs_embeds) or the images."""
+    if "input_ids" in batch:
+        ids = batch["input_ids"]
+        leaf = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        loss = per_example_lm_loss(model(inputs_embeds=leaf, use_cache=False).logits, ids)
+    else:
+        leaf = batch["x"].detach().requires_grad_(True)
+        loss = loss_fn(model, {**batch, "x": leaf})
+    return torch.autograd.grad(loss.sum(), leaf)[0]
+
+
 def graphed_floor(model, loss_fn, batch, params):
     """The floor as one CUDA graph (weight gradients returned, not accumulated): for comparing
     graph-replayed extraction with a training step that also has no Python in its loop."""
@@ -223,9 +254,11 @@ def run(args) -> list[dict]:
     seq = batch["input_ids"].shape[1] if "input_ids" in batch else 0
     base["seq_len"] = seq
     rows = []
+    ref = {}  # seconds per batch of the floor and the limit, set before any other path is emitted
 
     def emit(path, r, seconds, mem, **extra):
-        row = {**base, "path": path, "r": r, "ms_per_example": 1e3 * seconds / args.batch,
+        row = {**base, "path": path, "r": r, "seconds": seconds, "ms_per_example": 1e3 * seconds / args.batch,
+               "ratio_floor": seconds / ref["floor"], "ratio_limit": seconds / ref["limit"],
                "peak_gib": mem, **extra}
         rows.append(row)
         print(f"{args.arch:14s} {args.dtype:8s} {path:28s} r={r!s:6s} {row['ms_per_example']:9.3f} ms/ex "
@@ -236,14 +269,19 @@ def run(args) -> list[dict]:
     floor_mem = peak_mem(lambda: floor_step(model, loss_fn, batch, params))
     for p in params:
         p.grad = None
-    emit("floor_fwd_bwd", "", floor, floor_mem, ratio_to_floor=1.0)
+    with frozen(params):
+        limit = cuda_time(lambda: limit_step(model, loss_fn, batch), args.warmup, args.repeats)
+        limit_mem = peak_mem(lambda: limit_step(model, loss_fn, batch))
+    ref.update(floor=floor, limit=limit)
+    emit("floor_fwd_bwd", "", floor, floor_mem)
+    emit("limit_fwd_activation_bwd", "", limit, limit_mem,
+         mem_ratio_to_floor=limit_mem / floor_mem if floor_mem == floor_mem else "")
     graph_floor = None
     if args.graph and device.type == "cuda":
         replay = graphed_floor(model, loss_fn, batch, params)
         graph_floor = cuda_time(replay, args.warmup, args.repeats)
         # peak memory of a replay is not comparable (the graph's private pool is allocated at capture)
-        emit("floor_fwd_bwd_cudagraph", "", graph_floor, float("nan"), ratio_to_floor=graph_floor / floor,
-             ratio_to_graph_floor=1.0)
+        emit("floor_fwd_bwd_cudagraph", "", graph_floor, float("nan"), ratio_to_graph_floor=1.0)
         del replay
         torch.cuda.empty_cache()
 
@@ -278,13 +316,13 @@ def run(args) -> list[dict]:
         try:
             t = cuda_time(lambda: fused(ex), 1 if slow else args.warmup, min(2, args.repeats) if slow else args.repeats)
             m = peak_mem(lambda: fused(ex))
-            emit(f"fused_{key}", ex.compressor.out_dim, t, m, ratio_to_floor=t / floor,
+            emit(f"fused_{key}", ex.compressor.out_dim, t, m,
                  mem_ratio_to_floor=m / floor_mem if floor_mem == floor_mem else "")
             fused_seconds[key] = t
             if graph_floor is not None and getattr(ex.compressor, "graph_safe", True):
                 ex.cuda_graph = True
                 t = cuda_time(lambda: fused(ex, True), args.warmup, args.repeats)
-                emit(f"fused_{key}_cudagraph", ex.compressor.out_dim, t, float("nan"), ratio_to_floor=t / floor,
+                emit(f"fused_{key}_cudagraph", ex.compressor.out_dim, t, float("nan"),
                      ratio_to_graph_floor=t / graph_floor)
         except torch.OutOfMemoryError as err:
             rows.append({**base, "path": f"fused_{key}", "r": "", "error": f"OOM: {err}"[:200]})
@@ -294,7 +332,7 @@ def run(args) -> list[dict]:
 
     key = f"dropout_r{args.r[0]}"
     if key in fused_seconds:
-        rows.append(self_check_cost(model, loss_fn, batch, names, args.r[0], fused_seconds[key], base, emit))
+        self_check_cost(model, loss_fn, batch, names, args.r[0], fused_seconds[key], base, emit)  # emit keeps its row
 
     if args.paper_loop:
         model.eval()
@@ -302,16 +340,14 @@ def run(args) -> list[dict]:
         idx = make_compressor("dropout", dim=dim, r=r, seed=0).indices.to(device)
         small = {k: v[: args.loop_examples] for k, v in batch.items()}
         t = cuda_time(lambda: per_example_loop(model, loss_fn, small, params, lambda f: f[idx]), 1, 3)
-        emit("paper_loop_dropout", r, t * args.batch / args.loop_examples, float("nan"),
-             ratio_to_floor=t * args.batch / args.loop_examples / floor)
+        emit("paper_loop_dropout", r, t * args.batch / args.loop_examples, float("nan"))
         pbytes = dim * r * 2  # the dense projection kept on the GPU in bf16, as the paper's baseline
         if pbytes < 0.5 * (torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0):
             P = torch.randn(r, dim, device=device, dtype=torch.bfloat16) / r ** 0.5
             t = cuda_time(lambda: per_example_loop(model, loss_fn, small, params,
                                                    lambda f: P @ f.to(torch.bfloat16)), 1, 3)
             emit("paper_loop_dense_gaussian_bf16", r, t * args.batch / args.loop_examples,
-                 float("nan"), ratio_to_floor=t * args.batch / args.loop_examples / floor,
-                 projection_gib=pbytes / 2**30)
+                 float("nan"), projection_gib=pbytes / 2**30)
             del P
         for p in params:
             p.grad = None
@@ -410,18 +446,22 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 def markdown_table(paths: list[str]) -> str:
-    """README table from benchmark CSVs: ms/example, ratio to the floor, peak memory."""
-    lines = ["| architecture | dtype | device | path | r (out dim) | ms / example | × eager floor | × graph floor | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """README table from benchmark CSVs: ms/example, ratios to the floor and to the limit, peak memory
+    (CSVs written before the limit existed have `ratio_to_floor` and no limit)."""
+    lines = ["| architecture | dtype | device | path | r (out dim) | ms / example | × eager floor | × limit | "
+             "× graph floor | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         with open(path) as f:
             for row in csv.DictReader(f):
                 if not row.get("ms_per_example") or row["path"].startswith(("check_", "e2e", "zarr", "score")):
                     continue
                 fmt = lambda k, spec: format(float(row[k]), spec) if row.get(k) not in (None, "", "nan") else "–"  # noqa: E731
+                floor_key = "ratio_floor" if "ratio_floor" in row else "ratio_to_floor"
                 lines.append(f"| {row['arch']} (B={row['batch']}) | {row['dtype']} | {row.get('device') or '–'} | "
                              f"{row['path']} | {row['r'] or '–'} | "
-                             f"{fmt('ms_per_example', '.3f')} | {fmt('ratio_to_floor', '.2f')} | "
+                             f"{fmt('ms_per_example', '.3f')} | {fmt(floor_key, '.2f')} | "
+                             f"{fmt('ratio_limit', '.2f')} | "
                              f"{fmt('ratio_to_graph_floor', '.2f')} | {fmt('peak_gib', '.2f')} |")
     return "\n".join(lines)
 
@@ -483,21 +523,24 @@ def ihvp_timing(argv) -> None:
 
 
 def probe_timing(argv) -> None:
-    """Cost of importance_dropout's second-moment probe against a dropout extraction of many examples
-    (the probe runs once per extraction job), on one random-init architecture; the probe is first
+    """Cost of importance_dropout's once-per-job work against a dropout extraction of many examples, on
+    one random-init architecture: the second-moment probe (each estimator) and the draw of the r
+    coordinates (keys over all d coordinates, on the extraction's device). The exact probe is first
     checked against per-example autograd on two examples.
 
-        python -m dropinf.bench probe --arch gpt2 --probe 256 --examples 2000 --out probe.csv
+        python -m dropinf.bench probe --arch gpt2 --probe 32 64 256 --examples 2000 --out probe.csv
     """
     from .compressors.importance import ImportanceDropout
     from .layout import Layout
-    from .probe import second_moments
+    from .probe import ESTIMATORS, second_moments
 
     ap = argparse.ArgumentParser(prog="python -m dropinf.bench probe")
     ap.add_argument("--arch", default="gpt2", help="gpt2 | gpt2-tiny | pythia-1.4b | llama-3.2-1b | resnet9")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--probe", type=int, default=256, help="examples in the probe")
+    ap.add_argument("--probe", type=int, nargs="+", default=[32, 64, 256],
+                    help="examples in the probe (one or more sizes)")
+    ap.add_argument("--estimator", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
     ap.add_argument("--examples", type=int, default=2000, help="examples in the extraction it is compared with")
     ap.add_argument("--r", type=int, default=512, help="kept coordinates")
     ap.add_argument("--no-check", dest="check", action="store_false")
@@ -509,13 +552,13 @@ def probe_timing(argv) -> None:
     model, loss_fn, make = build_arch(a.arch, getattr(torch, a.dtype), device)
     model.eval()
     g = torch.Generator().manual_seed(1)
-    batches = [make(a.batch, g) for _ in range(-(-a.examples // a.batch))]
-    n = len(batches) * a.batch
+    batches = [make(a.batch, g) for _ in range(-(-max([a.examples] + a.probe) // a.batch))]
+    n_extract = -(-a.examples // a.batch) * a.batch
     names = [name for name, _ in select_parameters(model, None)]
     layout = Layout.from_model(model)
     base = {"arch": a.arch, "dtype": a.dtype, "batch": a.batch, "dim": layout.dim, **provenance(device)}
     rows = []
-    if a.check:  # probe of two examples == squares of their per-example autograd gradients
+    if a.check:  # exact probe of two examples == squares of their per-example autograd gradients
         params = dict(model.named_parameters())
         two = {k: v[:2] for k, v in batches[0].items()}
         ref = []
@@ -524,23 +567,36 @@ def probe_timing(argv) -> None:
                                      [params[name] for name in names])
             ref.append(torch.cat([x.float().reshape(-1) for x in gs]))
         want = torch.stack(ref).square().mean(0).cpu()
-        got = second_moments(model, loss_fn, [two], 2, 0)
+        got = second_moments(model, loss_fn, [two], 2, 0, estimator="exact")
         err = ((got - want).norm() / want.norm()).item()
-        rows.append({**base, "path": "check_probe", "rel_err_vs_autograd": err})
+        rows.append({**base, "path": "check_probe", "probe_estimator": "exact", "rel_err_vs_autograd": err})
         print(f"check probe: relative error vs per-example autograd {err:.2e}", flush=True)
     extractor = Extractor(model, loss_fn, "dropout", r=a.r, seed=0, params=names)
     extractor.run(batches[:1], sink=lambda s, x: None)  # warm-up (plans, kernels)
-    second_moments(model, loss_fn, batches[:1], min(a.batch, 4), 0)
-    probe_s = _timed_call(lambda: rows.append(second_moments(model, loss_fn, batches, a.probe, 0)), dev)
-    weights = rows.pop()
-    draw_s = _timed_call(lambda: ImportanceDropout(layout.dim, a.r, 0, layout, weights=weights), dev)
-    extract_s = _timed_call(lambda: extractor.run(batches, sink=lambda s, x: None), dev)
-    for path, secs, count in (("probe_second_moments", probe_s, a.probe), ("importance_draw", draw_s, None),
-                              ("extract_dropout", extract_s, n)):
+    extract_s = _timed_call(lambda: extractor.run(batches[:n_extract // a.batch], sink=lambda s, x: None), dev)
+    timed = [("extract_dropout", extract_s, n_extract, {})]
+    weights = None
+    for est in a.estimator:
+        second_moments(model, loss_fn, batches[:1], min(a.batch, 4), 0, estimator=est)  # warm-up
+        for n in a.probe:
+            held = []
+            secs = _timed_call(lambda: held.append(second_moments(model, loss_fn, batches, n, 0, estimator=est,
+                                                                  on_device=True)), dev)
+            timed.append(("probe_second_moments", secs, n, {"probe_estimator": est}))
+            weights = held[0]
+    if weights is not None:  # the draw reads the weights where the probe left them: the extraction's device
+        ImportanceDropout(layout.dim, a.r, 1, layout, weights=weights)  # warm-up
+        draw_s = _timed_call(lambda: ImportanceDropout(layout.dim, a.r, 0, layout, weights=weights), dev)
+        timed.append(("importance_draw", draw_s, None, {"draw_device": weights.device.type}))
+        # the once-per-job total against the 2,000-example extraction: each probe plus one draw
+        timed += [("probe_and_draw", secs + draw_s, count, extra) for path, secs, count, extra in list(timed)
+                  if path == "probe_second_moments"]
+    for path, secs, count, extra in timed:
         rows.append({**base, "path": path, "r": a.r, "n_examples": count, "seconds": secs,
-                     "ratio_to_extract": secs / extract_s})
-        print(f"{a.arch} {path:22s} {'' if count is None else count:>6} examples {secs:9.3f} s "
-              f"({100 * secs / extract_s:6.2f}% of the {n}-example dropout extraction)", flush=True)
+                     "ratio_to_extract": secs / extract_s, **extra})
+        print(f"{a.arch} {path:22s} {extra.get('probe_estimator', ''):9s} {'' if count is None else count:>6} "
+              f"examples {secs:9.3f} s ({100 * secs / extract_s:6.2f}% of the {n_extract}-example dropout "
+              f"extraction)", flush=True)
     out = a.out or f"results/bench/probe_{a.arch}_{a.dtype}.csv"
     write_csv(rows, out)
     print(f"wrote {out}", file=sys.stderr)

@@ -6,6 +6,17 @@ gradient a few rows at a time, squares and sums over the batch into a (dim,) buf
 it. No example's full gradient is ever held. A parameter that receives several contributions per
 example (tied weights, a module called more than once) is summed over its contributions first and
 squared when the batch ends; which parameters those are is found by a one-example counting pass.
+
+Estimators (`estimator=`):
+
+* "exact": the squares of the true per-example gradients. A layer with one position per example
+  (nn.Linear on (B, n) inputs) is one GEMM of squares, (delta^2)^T (a^2); a layer with a sequence
+  axis (or conv taps) forms its per-example gradient a few rows at a time.
+* "diagonal": every rank-one term of a layer's gradient, and every contribution of a shared
+  parameter, is squared on its own: sum_t (delta_t^2)^T (a_t^2), dropping the cross-position and
+  cross-contribution products. One GEMM of squares per layer (an index_add for embeddings), no
+  per-example gradient and no held sums: about one training step per probe batch. It equals "exact"
+  on one-position layers and vector parameters (whose positions are summed before squaring).
 """
 from __future__ import annotations
 
@@ -17,12 +28,14 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .compressors.base import Compressor
-from .errors import DropinfError
+from .errors import DropinfError, InvalidValueError
 from .extraction import Extractor, _batch_size
-from .factors import acc
+from .factors import OneHot, acc
 from .layout import Layout
 
-__all__ = ["second_moments", "ProbeSizeError", "probe_rows"]
+__all__ = ["second_moments", "ProbeSizeError", "probe_rows", "ESTIMATORS"]
+
+ESTIMATORS = ("exact", "diagonal")
 
 #: memory for the per-example gradients of shared (tied) parameters held during one probe batch
 HELD_BYTES = 1 << 30
@@ -52,6 +65,21 @@ class _CallCounter(Compressor):
     def add_outer(self, out, slot, rows, cols):
         self.calls[slot.name] += 1
 
+    def _add_outer_diagonal(self, slot, rows, cols) -> None:
+        """sum over (b, t) of R[b,t]^2 (outer) C[b,t]^2 into the slot's matrix view."""
+        nrow, ncol = slot.matrix_shape
+        C2 = cols.full().square().reshape(-1, ncol)  # (B*T, ncol)
+        buf = self._buffer(C2)
+        view = buf[slot.offset:slot.stop].view(nrow, ncol)
+        if isinstance(rows, OneHot):  # one-hot rows square to themselves: add each position's C^2 to its row
+            view.index_add_(0, rows.ids.reshape(-1), C2.to(buf.dtype))
+            return
+        step = max(1, self.chunk_elems // max(1, rows.batch * rows.length))
+        for r0 in range(0, nrow, step):
+            ri = torch.arange(r0, min(nrow, r0 + step), device=C2.device)
+            R2 = acc(rows.gather(ri)).square().reshape(-1, ri.numel())
+            view[r0:r0 + ri.numel()] += (R2.T @ C2).to(buf.dtype)
+
     def add_vector(self, out, slot, values):
         self.calls[slot.name] += 1
 
@@ -60,13 +88,15 @@ class SquareAccumulator(Compressor):
     """sum over examples of each coordinate's squared per-example gradient, into `self.sumsq` (dim,).
 
     `shared`: names of parameters that get several contributions per example; their per-example
-    gradient of the current batch is summed in `pending` and squared by `end_batch`."""
+    gradient of the current batch is summed in `pending` and squared by `end_batch`.
+    `diagonal`: the "diagonal" estimator (module docstring); `shared` is then ignored."""
 
     linear = False
 
-    def __init__(self, dim, layout, shared=(), chunk_elems: int = 1 << 26):
+    def __init__(self, dim, layout, shared=(), chunk_elems: int = 1 << 26, diagonal: bool = False):
         super().__init__(dim, 1, 0, layout)
-        self.shared = frozenset(shared)
+        self.diagonal = bool(diagonal)
+        self.shared = frozenset() if self.diagonal else frozenset(shared)
         self.chunk_elems = int(chunk_elems)
         self.sumsq: torch.Tensor | None = None
         self.pending: dict[str, torch.Tensor] = {}
@@ -96,6 +126,8 @@ class SquareAccumulator(Compressor):
         buf[slot.offset + lo:slot.offset + lo + g.shape[1]] += g.square().sum(0).to(buf.dtype)
 
     def _once(self, slot) -> None:
+        if self.diagonal:
+            return  # contributions are squared one by one: any number per batch
         if slot.name in self.seen:
             raise DropinfError(
                 f"second-moment probe: parameter {slot.name!r} received more than one gradient contribution "
@@ -112,6 +144,9 @@ class SquareAccumulator(Compressor):
             buf = self._buffer(R)
             buf[slot.offset:slot.stop] += (R.square().T @ C.square()).reshape(-1).to(buf.dtype)
             return
+        if self.diagonal:
+            self._add_outer_diagonal(slot, rows, cols)
+            return
         step = max(1, self.chunk_elems // max(1, rows.batch * ncol))
         full_cols = cols.full()
         for r0 in range(0, nrow, step):
@@ -119,6 +154,21 @@ class SquareAccumulator(Compressor):
             ri = torch.arange(r0, r1, device=out.device)
             g = torch.einsum("bti,btj->bij", acc(rows.gather(ri)), full_cols).reshape(rows.batch, -1)
             self._add(slot, r0 * ncol, g)
+
+    def _add_outer_diagonal(self, slot, rows, cols) -> None:
+        """sum over (b, t) of R[b,t]^2 (outer) C[b,t]^2 into the slot's matrix view."""
+        nrow, ncol = slot.matrix_shape
+        C2 = cols.full().square().reshape(-1, ncol)  # (B*T, ncol)
+        buf = self._buffer(C2)
+        view = buf[slot.offset:slot.stop].view(nrow, ncol)
+        if isinstance(rows, OneHot):  # one-hot rows square to themselves: add each position's C^2 to its row
+            view.index_add_(0, rows.ids.reshape(-1), C2.to(buf.dtype))
+            return
+        step = max(1, self.chunk_elems // max(1, rows.batch * rows.length))
+        for r0 in range(0, nrow, step):
+            ri = torch.arange(r0, min(nrow, r0 + step), device=C2.device)
+            R2 = acc(rows.gather(ri)).square().reshape(-1, ri.numel())
+            view[r0:r0 + ri.numel()] += (R2.T @ C2).to(buf.dtype)
 
     def add_vector(self, out, slot, values):
         self._add(slot, 0, acc(values.flatten(2)).sum(1))
@@ -218,39 +268,48 @@ class _ProbeLoader:
             yield _concat(parts)
 
 
-def second_moments(model, loss_fn, loader, n: int = 256, seed: int = 0, params=None, device=None,
-                   return_info: bool = False):
+def second_moments(model, loss_fn, loader, n: int = 64, seed: int = 0, params=None, device=None,
+                   return_info: bool = False, estimator: str = "diagonal", on_device: bool = False):
     """mean_i g_ij^2 over n training examples drawn (seeded) from `loader`: a (dim,) CPU tensor in the
     tracked coordinates of `dropinf.layout` (float64 for a float64 model, else float32).
 
     `loader` yields batches as for `dropinf.extract`; the probe's rows are positions in its iteration
-    order. A probe larger than the loader's examples raises ProbeSizeError. With return_info, also a
-    dict (n, seed, n_total, seconds)."""
+    order. A probe larger than the loader's examples raises ProbeSizeError. `estimator`: "exact" or
+    "diagonal" (module docstring). on_device: return the weights on the probe's device instead.
+    With return_info, also a dict (n, seed, n_total, seconds, estimator)."""
+    if estimator not in ESTIMATORS:
+        raise InvalidValueError(f"second-moment probe: estimator must be one of {', '.join(ESTIMATORS)}, "
+                                f"got {estimator!r}")
+    diagonal = estimator == "diagonal"
     t0 = time.perf_counter()
     n_total = _count_rows(loader)
     rows = probe_rows(n_total, n, seed)
     first = next(iter(loader))
     batch_rows = _batch_size(first)
     layout = Layout.from_model(model, params)
-    counter = _CallCounter(layout.dim, layout)
-    with warnings.catch_warnings():  # the fallback warning, if any, comes once, from the probe pass
-        warnings.simplefilter("ignore")
-        counter_ex = Extractor(model, loss_fn, counter, params=params, device=device)
-        counter_ex.run([_select(first, torch.tensor([0]))], sink=lambda s, out: None)
-    fallback = set(counter_ex.fallback)  # torch.func gradients come whole, once per parameter
-    shared = {name for name, c in counter.calls.items() if c > 1 and name not in fallback}
-    acc_comp = SquareAccumulator(layout.dim, layout, shared)
-    held = sum(layout[name].numel for name in shared) * (8 if layout_dtype(counter_ex) == torch.float64 else 4)
-    if held:  # shared parameters hold a (rows, numel) gradient per batch: keep that within HELD_BYTES
-        batch_rows = max(1, min(batch_rows, HELD_BYTES // held))
+    shared = set()
+    if not diagonal:  # the diagonal estimator squares contributions one by one: nothing to find or hold
+        counter = _CallCounter(layout.dim, layout)
+        with warnings.catch_warnings():  # the fallback warning, if any, comes once, from the probe pass
+            warnings.simplefilter("ignore")
+            counter_ex = Extractor(model, loss_fn, counter, params=params, device=device)
+            counter_ex.run([_select(first, torch.tensor([0]))], sink=lambda s, out: None)
+        fallback = set(counter_ex.fallback)  # torch.func gradients come whole, once per parameter
+        shared = {name for name, c in counter.calls.items() if c > 1 and name not in fallback}
+        held = sum(layout[name].numel for name in shared) * (8 if layout_dtype(counter_ex) == torch.float64 else 4)
+        if held:  # shared parameters hold a (rows, numel) gradient per batch: keep that within HELD_BYTES
+            batch_rows = max(1, min(batch_rows, HELD_BYTES // held))
+    acc_comp = SquareAccumulator(layout.dim, layout, shared, diagonal=diagonal)
     ex = Extractor(model, loss_fn, acc_comp, params=params, device=device)
     ex.run(_ProbeLoader(loader, rows, batch_rows), sink=acc_comp.end_batch)
     if acc_comp.n != n:
         raise DropinfError(f"second-moment probe: the loader yielded {acc_comp.n} of the {n} probe rows "
                            f"(it had {n_total} examples when counted); is it reproducible from one pass to the next?")
     sumsq = acc_comp.sumsq if acc_comp.sumsq is not None else torch.zeros(acc_comp.dim)
-    weights = (sumsq / n).cpu()
+    weights = sumsq / n if on_device else (sumsq / n).cpu()
     if return_info:
-        return weights, {"n": int(n), "seed": int(seed), "n_total": int(n_total),
+        if weights.device.type == "cuda":
+            torch.cuda.synchronize(weights.device)
+        return weights, {"n": int(n), "seed": int(seed), "n_total": int(n_total), "estimator": estimator,
                          "seconds": time.perf_counter() - t0}
     return weights

@@ -1,6 +1,8 @@
 """The benchmark runs end to end on CPU (tiny GPT-2) and writes CSV rows with provenance."""
 import csv
 
+import pytest
+
 from dropinf import bench
 
 
@@ -11,13 +13,55 @@ def test_bench_cpu_smoke(tmp_path):
                 "--warmup", "0", "--repeats", "1", "--out", str(out)])
     rows = list(csv.DictReader(open(out)))
     paths = {r["path"] for r in rows}
-    assert {"floor_fwd_bwd", "fused_dropout_r8", "fused_dropout_r16", "fused_gaussian", "fused_logra",
-            "fused_sjlt", "e2e_extract_dropout_to_zarr", "score_exact_from_zarr", "self_check_dropout_r8"} <= paths
+    assert {"floor_fwd_bwd", "limit_fwd_activation_bwd", "fused_dropout_r8", "fused_dropout_r16", "fused_gaussian",
+            "fused_logra", "fused_sjlt", "e2e_extract_dropout_to_zarr", "score_exact_from_zarr",
+            "self_check_dropout_r8"} <= paths
     check = next(r for r in rows if r["path"] == "self_check_dropout_r8")
     assert float(check["first_batch_checked_s"]) > 0 and 0 <= float(check["self_check_fraction"]) < 1
     checks = [float(r["rel_err_vs_autograd"]) for r in rows if r["path"].startswith("check_")]
     assert checks and max(checks) < 1e-4  # every timed path was checked against autograd first
     assert all(r["torch_version"] and r["git_commit"] and r["device"] for r in rows)
+    # every timed path: its ratios to the floor and the limit of the same run, consistent with its seconds
+    by_path = {r["path"]: r for r in rows}
+    floor, limit = float(by_path["floor_fwd_bwd"]["seconds"]), float(by_path["limit_fwd_activation_bwd"]["seconds"])
+    assert floor > 0 and limit > 0
+    timed = [r for r in rows if r["path"].startswith(("floor", "limit", "fused_"))]
+    assert len(timed) >= 7
+    for r in timed:
+        secs = float(r["seconds"])
+        assert float(r["ratio_limit"]) * limit == pytest.approx(secs, rel=1e-12), r["path"]
+        assert float(r["ratio_floor"]) * floor == pytest.approx(secs, rel=1e-12), r["path"]
+        assert float(r["ms_per_example"]) == pytest.approx(1e3 * secs / 2, rel=1e-12)
+    assert float(by_path["floor_fwd_bwd"]["ratio_floor"]) == 1.0
+    assert float(by_path["limit_fwd_activation_bwd"]["ratio_limit"]) == 1.0
     table = bench.markdown_table([str(out)])
     assert "fused_dropout_r8" in table and table.count("\n") >= 6
     assert "| cpu | fused_dropout_r8 |" in table  # the device each row was measured on
+    assert "× limit" in table
+    assert sum(r["path"] == "self_check_dropout_r8" for r in rows) == 1  # one row per path
+
+
+def test_limit_step_computes_no_weight_gradient_and_reaches_the_input():
+    """The limit's backward runs through the whole network (the leaf's gradient is the one autograd
+    gives with the weights live) and leaves every weight without a gradient."""
+    import torch
+
+    torch.manual_seed(0)
+    for arch in ("gpt2-tiny", "resnet9"):
+        model, loss_fn, make = bench.build_arch(arch, torch.float64, "cpu")
+        model.eval()
+        batch = make(2, torch.Generator().manual_seed(0))
+        params = list(model.parameters())
+        with bench.frozen(params):
+            got = bench.limit_step(model, loss_fn, batch)
+        assert all(p.requires_grad for p in params) and all(p.grad is None for p in params)
+        if "input_ids" in batch:
+            leaf = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+            loss = bench.per_example_lm_loss(model(inputs_embeds=leaf, use_cache=False).logits, batch["input_ids"])
+            assert torch.allclose(loss, loss_fn(model, batch))  # the same loss as through the ids
+        else:
+            leaf = batch["x"].detach().requires_grad_(True)
+            loss = loss_fn(model, {**batch, "x": leaf})
+        want = torch.autograd.grad(loss.sum(), leaf)[0]
+        assert got.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

@@ -7,7 +7,7 @@ import torch
 
 import dropinf
 from dropinf.compressors import importance
-from dropinf.compressors.importance import ImportanceDropout, OptionError, exponential_keys
+from dropinf.compressors.importance import ImportanceDropout, OptionError
 from dropinf.layout import Layout
 from dropinf.probe import ProbeSizeError, probe_rows, second_moments
 
@@ -51,17 +51,91 @@ def test_reproducible_nested_in_r_and_seeded(weighting, rescale):
     torch.testing.assert_close(full.compress(G), want, rtol=1e-12, atol=1e-12)
 
 
-def test_keys_are_chunked_exactly_like_the_direct_sort(monkeypatch):
-    """Chunked top-r merging (tiny chunks: many merges) == sorting all keys E_j / w_j at once."""
-    monkeypatch.setattr(importance, "KEY_CHUNK", 16)
+# ---- keys: counter-based, device- and chunk-independent, Efraimidis-Spirakis law -------------------
+
+def _philox_ref(ctr, key, rounds=10):
+    """Philox4x32 on Python ints, straight from the published round function."""
+    M, W, mask = (0xD2511F53, 0xCD9E8D57), (0x9E3779B9, 0xBB67AE85), 0xFFFFFFFF
+    c, k = list(ctr), list(key)
+    for i in range(rounds):
+        if i:
+            k = [(k[0] + W[0]) & mask, (k[1] + W[1]) & mask]
+        p0, p1 = M[0] * c[0], M[1] * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & mask, (p0 >> 32) ^ c[3] ^ k[1], p0 & mask]
+    return c
+
+
+def _key_ref(seed, j):
+    """E_j one coordinate at a time, in Python ints and math.log."""
+    x = _philox_ref((j & 0xFFFFFFFF, j >> 32, 0, 0), (seed & 0xFFFFFFFF, seed >> 32))
+    m = (x[0] << 20) | (x[1] >> 12)
+    return -math.log((2 * m + 1) / 2.0 ** 53)
+
+
+def test_philox_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10 (counter, key, output)."""
+    kats = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+            ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+            ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+             (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for ctr, key, want in kats:
+        got = importance.philox4x32([torch.tensor([c]) for c in ctr], key)
+        assert [int(t) for t in got] == list(want)
+        assert _philox_ref(ctr, key) == list(want)
+
+
+def test_keys_equal_the_per_coordinate_reference():
+    """E_j (tensor ops, in chunks) == -log(u_j) computed one coordinate at a time in float64, and the
+    draw == sorting the reference keys E_j / w_j (zero weights last, by E_j)."""
+    for seed in (0, 11, 2**40 + 3, 2**63 - 1):
+        js = list(range(300)) + [2**32 - 1, 2**32, 2**35 + 17]
+        E = torch.cat([importance.exponential_keys(seed, j, j + 1) for j in js[300:]])
+        E = torch.cat([importance.exponential_keys(seed, 0, 300), E])
+        ref = torch.tensor([_key_ref(seed, j) for j in js], dtype=torch.float64)
+        torch.testing.assert_close(E, ref, rtol=4e-16, atol=0)
     w = _weights(3)
-    E = torch.cat([exponential_keys(11, c * 16, (c + 1) * 16, c) for c in range(math.ceil(LAYOUT.dim / 16))])
-    E = E[:LAYOUT.dim]
-    pos = torch.nonzero(w > 0).flatten()
-    zero = torch.nonzero(w == 0).flatten()
-    want = torch.cat([pos[torch.argsort(E[pos] / w[pos])], zero[torch.argsort(E[zero])]])
+    E = torch.tensor([_key_ref(11, j) for j in range(LAYOUT.dim)], dtype=torch.float64)
+    pos = [j for j in range(LAYOUT.dim) if w[j] > 0]
+    zero = [j for j in range(LAYOUT.dim) if w[j] == 0]
+    want = sorted(pos, key=lambda j: E[j].item() / w[j].item()) + sorted(zero, key=lambda j: E[j].item())
     got = _comp(LAYOUT.dim, seed=11, w=w, weighting="global").indices
-    assert torch.equal(got, want)
+    assert got.tolist() == want
+
+
+@pytest.mark.parametrize("weighting", ["global", "block"])
+def test_keys_and_draw_do_not_depend_on_the_chunk_size(monkeypatch, weighting):
+    E = importance.exponential_keys(5, 0, LAYOUT.dim)
+    for lo, hi in ((0, 7), (7, 40), (40, LAYOUT.dim)):
+        assert torch.equal(importance.exponential_keys(5, lo, hi), E[lo:hi])  # bitwise
+    w = _weights(1)
+    want = _comp(LAYOUT.dim, seed=5, w=w, weighting=weighting).indices
+    for chunk in (1, 3, 16, 64, 1 << 20):
+        monkeypatch.setattr(importance, "KEY_CHUNK", {"cpu": chunk})
+        assert torch.equal(_comp(LAYOUT.dim, seed=5, w=w, weighting=weighting).indices, want), chunk
+        assert torch.equal(importance.smallest_keys(w, 3, 90, 20, 5),
+                           importance.smallest_keys(w, 3, 90, 20, 5, chunk=7))
+
+
+def test_keys_are_standard_exponential():
+    from scipy import stats
+
+    E = importance.exponential_keys(2, 10**9, 10**9 + 200_000).numpy()
+    assert stats.kstest(E, "expon").pvalue > 1e-3
+    assert (E > 0).all() and abs(E.mean() - 1) < 5 / math.sqrt(E.size)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_keys_and_draw_identical_on_cuda():
+    E = importance.exponential_keys(9, 0, 1 << 20)
+    assert torch.equal(importance.exponential_keys(9, 0, 1 << 20, "cuda").cpu(), E)
+    w = _weights(2)
+    for weighting in ("global", "block"):
+        cpu = _comp(60, seed=9, w=w, weighting=weighting, rescale=True)
+        gpu = _comp(60, seed=9, w=w.cuda(), weighting=weighting, rescale=True)
+        assert torch.equal(cpu.indices, gpu.indices)
+        # the scale uses each block's mass, a float64 sum whose reduction order is the device's
+        torch.testing.assert_close(cpu.scale, gpu.scale, rtol=1e-13, atol=0)
+        assert gpu.indices.device.type == "cpu"
 
 
 def test_zero_weights_never_before_positive_ones():
@@ -79,19 +153,31 @@ def test_zero_weights_never_before_positive_ones():
                                                                                     dtype=torch.float64))
 
 
-def test_global_first_pick_follows_the_weights(monkeypatch):
-    """Efraimidis-Spirakis: the first kept coordinate is j with probability w_j / sum w."""
-    monkeypatch.setattr(importance, "KEY_CHUNK", 8)
+def test_inclusion_frequencies_follow_the_efraimidis_spirakis_law():
+    """Over many seeds, the kept pair and its order follow sequential sampling without replacement:
+    P(first = i) = w_i / W and P(i kept at r = 2) = sum over orders of w_i/W * w_j/(W - w_i). Each
+    frequency is within z binomial standard deviations, z the Bonferroni bound for a family-wise
+    false alarm of 1e-6 over all compared frequencies (fixed seeds: the test is deterministic)."""
+    from scipy import stats
+
     lay = Layout.from_shapes([("x", (6,))])
     w = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.0, 0.5], dtype=torch.float64)
-    counts = torch.zeros(6)
-    trials = 3000
+    W, n = w.sum().item(), 6
+    first = (w / W).tolist()
+    pair = [sum(first[i] * w[j].item() / (W - w[i].item()) + first[j] * w[i].item() / (W - w[j].item())
+                for j in range(n) if j != i) for i in range(n)]
+    trials = 4000
+    got_first, got_pair = torch.zeros(n), torch.zeros(n)
     for s in range(trials):
-        counts[dropinf.compressor("importance_dropout", 6, 1, seed=s, layout=lay, weights=w,
-                                  weighting="global").indices] += 1
-    p = w / w.sum()
-    assert counts[4] == 0
-    assert ((counts / trials - p).abs() <= 4 * torch.sqrt(p * (1 - p) / trials) + 1e-9).all()
+        idx = dropinf.compressor("importance_dropout", n, 2, seed=s, layout=lay, weights=w).indices
+        got_first[idx[0]] += 1
+        got_pair[idx] += 1
+    z = stats.norm.isf(1e-6 / (2 * 2 * n))
+    for got, p in ((got_first, torch.tensor(first)), (got_pair, torch.tensor(pair))):
+        sd = torch.sqrt(p * (1 - p) / trials)
+        assert ((got / trials - p).abs() <= z * sd).all(), (got / trials, p, z * sd)
+    assert got_first[4] == 0 and got_pair[4] == 0  # weight 0: never before a positive weight
+    assert got_pair.sum() == 2 * trials
 
 
 def test_block_weighting_apportions_r_by_width():
@@ -157,10 +243,128 @@ def test_probe_equals_per_example_autograd(case):
     for n, seed in ((n_total, 0), (4, 1), (3, 7)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tied model's fallback warning
-            w = second_moments(model, loss, batches, n, seed)
+            w = second_moments(model, loss, batches, n, seed, estimator="exact")
         rows = probe_rows(n_total, n, seed)
         assert w.dtype == torch.float64 and w.shape == (G.shape[1],)
         torch.testing.assert_close(w, G[rows].square().mean(0), rtol=1e-10, atol=1e-14)
+
+
+class _MLP(torch.nn.Module):
+    """nn.Linear on (B, n) inputs only: one position per example."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _mlp_loss(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+
+def _mlp_batches(n=10, batch_size=4):
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(3, (n,), generator=g)
+    return [{"x": x[s:s + batch_size], "y": y[s:s + batch_size]} for s in range(0, n, batch_size)]
+
+
+def test_one_position_layers_fused_square_equals_autograd_for_both_estimators():
+    """nn.Linear without a sequence axis: (delta^2)^T (a^2) is the exact per-example square, so both
+    estimators equal float64 per-example autograd."""
+    torch.manual_seed(4)
+    model, batches = _MLP().double(), _mlp_batches()
+    G = reference_grads(model, _mlp_loss, batches, [n for n, _ in model.named_parameters()])
+    for n, seed in ((10, 0), (6, 3)):
+        want = G[probe_rows(10, n, seed)].square().mean(0)
+        for est in ("exact", "diagonal"):
+            torch.testing.assert_close(second_moments(model, _mlp_loss, batches, n, seed, estimator=est), want,
+                                       rtol=1e-12, atol=1e-15)
+
+
+def _diagonal_reference(model, batches, rows):
+    """The diagonal estimator one example at a time, from hooks and float64 autograd: each position's
+    rank-one term of every matrix gradient squared on its own, vector parameters' true squares."""
+    from transformers.pytorch_utils import Conv1D
+
+    layout = Layout.from_model(model)
+    examples = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(b["y"].shape[0])]
+    kinds = (torch.nn.Linear, Conv1D, torch.nn.Embedding)
+    mats = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+    total = torch.zeros(layout.dim, dtype=torch.float64)
+    for i in rows.tolist():
+        seen = {}
+        hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0], out)))
+                 for name, m in mats.items()]
+        loss = text_loss(model, examples[i]).sum()
+        for h in hooks:
+            h.remove()
+        vec_names = [n for n, p in model.named_parameters() if p.dim() == 1]
+        params = dict(model.named_parameters())
+        grads = torch.autograd.grad(loss, [seen[n][1] for n in mats] + [params[n] for n in vec_names])
+        for (name, m), delta in zip(mats.items(), grads):
+            a, d = seen[name][0].reshape(-1, seen[name][0].shape[-1] if not isinstance(m, torch.nn.Embedding) else 1), \
+                delta.reshape(-1, delta.shape[-1])
+            sq = torch.zeros_like(params[f"{name}.weight"])
+            for t in range(d.shape[0]):
+                if isinstance(m, torch.nn.Embedding):
+                    tok = int(a[t])
+                    if tok != m.padding_idx:
+                        sq[tok] += d[t].square()
+                elif isinstance(m, Conv1D):  # weight (in, out)
+                    sq += torch.outer(a[t], d[t]).square()
+                else:  # nn.Linear weight (out, in)
+                    sq += torch.outer(d[t], a[t]).square()
+            s = layout[f"{name}.weight"]
+            total[s.offset:s.stop] += sq.reshape(-1)
+        for name, g in zip(vec_names, grads[len(mats):]):
+            s = layout[name]
+            total[s.offset:s.stop] += g.square().reshape(-1)
+    return total / rows.numel()
+
+
+def test_diagonal_estimator_equals_its_per_position_reference():
+    """Sequence layers (Linear, HF Conv1D, padded Embedding, a one-position head, norms): the fused
+    diagonal probe == the per-position float64 reference; it differs from the exact probe there."""
+    make, loss, data = CASES["text"]
+    torch.manual_seed(6)
+    model, batches = make(), _double(data())
+    for n, seed in ((9, 0), (5, 2)):
+        rows = probe_rows(9, n, seed)
+        got = second_moments(model, loss, batches, n, seed, estimator="diagonal")
+        torch.testing.assert_close(got, _diagonal_reference(model, batches, rows), rtol=1e-10, atol=1e-14)
+    exact = second_moments(model, loss, batches, 9, 0, estimator="exact")
+    assert not torch.allclose(exact, second_moments(model, loss, batches, 9, 0, estimator="diagonal"))
+
+
+def test_diagonal_estimator_needs_no_counting_pass_or_held_sums(monkeypatch):
+    """Tied weights: the diagonal probe squares each contribution on its own (no pending sums, full
+    batches even under a 1-byte cap) and is recorded in the compressor's provenance."""
+    from dropinf import probe
+
+    make, loss, data = CASES["tied"]
+    torch.manual_seed(3)
+    model, batches = make(), _double(data())
+    sizes = []
+    real = probe.SquareAccumulator.end_batch
+
+    def spy(self, start, out):
+        assert not self.pending
+        sizes.append(out.shape[0])
+        real(self, start, out)
+    monkeypatch.setattr(probe, "HELD_BYTES", 1)
+    monkeypatch.setattr(probe.SquareAccumulator, "end_batch", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opts = ImportanceDropout.prepare_options({"probe": 5, "probe_estimator": "diagonal"}, model=model,
+                                                 loss_fn=loss, train_loader=batches)
+    assert sum(sizes) == 5 and max(sizes) > 1 and (opts["weights"] > 0).any()  # not cut to one-row batches
+    layout = Layout.from_model(model)
+    c = dropinf.compressor("importance_dropout", layout.dim, 6, seed=0, layout=layout, **opts)
+    assert c.attrs()["probe_estimator"] == "diagonal"
+    with pytest.raises(OptionError, match="probe_estimator must be one of exact, diagonal"):
+        ImportanceDropout.prepare_options({"probe_estimator": "fast"}, model=model, loss_fn=loss, train_loader=batches)
 
 
 def test_probe_rebatches_under_the_held_memory_cap(monkeypatch):
@@ -181,7 +385,7 @@ def test_probe_rebatches_under_the_held_memory_cap(monkeypatch):
     monkeypatch.setattr(probe.SquareAccumulator, "end_batch", spy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        w = second_moments(model, loss, batches, 5, 4)
+        w = second_moments(model, loss, batches, 5, 4, estimator="exact")
     assert sizes == [1] * 5
     torch.testing.assert_close(w, G[probe_rows(7, 5, 4)].square().mean(0), rtol=1e-10, atol=1e-14)
 
@@ -218,6 +422,7 @@ def test_prepare_options_and_provenance():
     a = c.attrs()
     assert a["compressor"] == "importance_dropout" and a["indices"] == c.indices.tolist()
     assert (a["probe"], a["probe_seed"], a["weighting"], a["rescale"]) == (6, 3, "global", False)
+    assert a["probe_estimator"] == "diagonal" and a["key_rule"].startswith("Philox4x32-10")  # the defaults
     assert a["probe_seconds"] > 0
     s = a["weights_summary"]
     w = opts["weights"]
@@ -255,10 +460,20 @@ def test_bench_probe_subcommand_cpu(tmp_path):
     from dropinf import bench
 
     out = tmp_path / "probe.csv"
-    bench.probe_timing(["--arch", "gpt2-tiny", "--batch", "4", "--probe", "6", "--examples", "12", "--r", "8",
+    bench.probe_timing(["--arch", "gpt2-tiny", "--batch", "4", "--probe", "6", "3", "--examples", "12", "--r", "8",
                         "--out", str(out)])
-    rows = {r["path"]: r for r in csv.DictReader(open(out))}
-    assert float(rows["check_probe"]["rel_err_vs_autograd"]) < 1e-5
-    assert rows["probe_second_moments"]["n_examples"] == "6" and rows["extract_dropout"]["n_examples"] == "12"
-    assert all(float(rows[p]["seconds"]) > 0 for p in ("probe_second_moments", "importance_draw", "extract_dropout"))
-    assert rows["extract_dropout"]["device"] and rows["extract_dropout"]["git_commit"]
+    rows = list(csv.DictReader(open(out)))
+    by = {(r["path"], r.get("probe_estimator", ""), r["n_examples"]): r for r in rows}
+    assert float(by["check_probe", "exact", ""]["rel_err_vs_autograd"]) < 1e-5
+    extract = by["extract_dropout", "", "12"]
+    for est in ("exact", "diagonal"):
+        for n in ("6", "3"):
+            row = by["probe_second_moments", est, n]
+            assert float(row["seconds"]) > 0
+            assert float(row["ratio_to_extract"]) == pytest.approx(float(row["seconds"]) / float(extract["seconds"]))
+    draw = by["importance_draw", "", ""]
+    for est in ("exact", "diagonal"):
+        total, probe = by["probe_and_draw", est, "6"], by["probe_second_moments", est, "6"]
+        assert float(total["seconds"]) == pytest.approx(float(probe["seconds"]) + float(draw["seconds"]))
+    assert float(draw["seconds"]) > 0 and draw["draw_device"] == "cpu" and float(draw["ratio_to_extract"]) > 0
+    assert extract["device"] and extract["git_commit"]

@@ -2,10 +2,14 @@
 proportional to a per-coordinate weight, the second moment mean_i g_ij^2 on a seeded probe of
 training examples (`dropinf.probe.second_moments`).
 
-Sampling is Efraimidis-Spirakis with exponential keys: key_j = E_j / w_j, E_j ~ Exp(1) drawn from
-the seed, and the kept coordinates are the r smallest keys in increasing key order. So r' < r keeps
-exactly the first r' coordinates of r (nesting, incremental r). E is drawn in fixed chunks of
-coordinates, each from its own seeded generator, so memory stays O(chunk + r) for any dim.
+Sampling is Efraimidis-Spirakis with exponential keys: key_j = E_j / w_j, E_j ~ Exp(1), and the kept
+coordinates are the r smallest keys in increasing key order. So r' < r keeps exactly the first r'
+coordinates of r (nesting, incremental r). E_j is a counter-based function of (seed, j): Philox4x32-10
+(Salmon et al. 2011) with counter (j mod 2^32, j div 2^32, 0, 0) and key (seed mod 2^32, seed div 2^32)
+gives 52 bits m_j, u_j = (2 m_j + 1) / 2^53, and E_j = -ln(u_j) by a fixed series of IEEE float64
+additions, multiplications and divisions (no library log, whose last bits differ between CPU and
+CUDA). So the keys, and hence the kept coordinates, are bitwise identical on every device and for
+every chunk size; they are computed in chunks on the weights' device (memory O(chunk + r)).
 Coordinates of weight 0 come after every positive one (in the order of their E_j), so they are kept
 only when r exceeds the number of positive weights.
 
@@ -31,50 +35,112 @@ import torch
 from ..errors import DropinfError, ShapeError
 from .dropout import Dropout
 
-#: coordinates per exponential-key chunk (each chunk seeded separately: any block alone is cheap)
-KEY_CHUNK = 1 << 18
+#: coordinates whose keys are computed at once, per device type (speed and memory only: the keys do
+#: not depend on it): cache-sized on a CPU, large on a GPU (fewer kernel launches)
+KEY_CHUNK = {"cpu": 1 << 16}
+KEY_CHUNK_DEFAULT = 1 << 22
 WEIGHTINGS = ("global", "block")
+#: the probe's defaults: `diagonal` and 64 rows measured as good as `exact` and 256 rows by mislabel
+#: AUC (docs/importance-dropout.md) at a fraction of the cost
+PROBE_ESTIMATOR = "diagonal"
+PROBE_ROWS = 64
+#: how E_j is made from (seed, j), recorded in every array's provenance
+KEY_RULE = ("Philox4x32-10, counter (j mod 2^32, j div 2^32, 0, 0), key (seed mod 2^32, seed div 2^32); "
+            "m = (x0 << 20) | (x1 >> 12); E = -ln((2m + 1) / 2^53) by frexp and a 13-term atanh series "
+            "in IEEE float64")
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_LN2 = math.log(2.0)
+_SQRT_HALF = math.sqrt(0.5)
+#: 1/(2k+1) for the series ln f = 2 s sum_k s^(2k) / (2k+1), s = (f-1)/(f+1), |s| <= 0.1716:
+#: the 13th term is below 2^-60 of the first
+_ATANH = tuple(1.0 / (2 * k + 1) for k in range(13))
 
 
 class OptionError(DropinfError, ValueError):
     """An invalid importance_dropout option."""
 
 
-def _chunk_seed(seed: int, chunk: int) -> int:
-    return (int(seed) * 0x9E3779B97F4A7C15 + chunk * 0xBF58476D1CE4E5B9 + 0x1D) % (1 << 63)
+def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * m for int64 tensors a in [0, 2^32) and a 32-bit constant m,
+    with every intermediate below 2^50 (int64 never overflows)."""
+    x = a * (m & 0xFFFF)
+    y = a * (m >> 16)
+    hi = ((x >> 16) + y) >> 16
+    lo = (x + ((y & 0xFFFF) << 16)) & _MASK32
+    return hi, lo
 
 
-def exponential_keys(seed: int, lo: int, hi: int, chunk: int) -> torch.Tensor:
-    """E_j ~ Exp(1) (float64) for coordinates j in [lo, hi) inside chunk `chunk`: the whole chunk is
-    always drawn, so E_j is a function of (seed, j) alone."""
-    a = chunk * KEY_CHUNK
-    g = torch.Generator().manual_seed(_chunk_seed(seed, chunk))
-    return torch.empty(KEY_CHUNK, dtype=torch.float64).exponential_(generator=g)[lo - a:hi - a]
+def philox4x32(counter, key: tuple[int, int], rounds: int = 10):
+    """Philox4x32-`rounds` of the four 32-bit counter words (int64 tensors in [0, 2^32)) under the
+    two-word key: the four output words, as int64 tensors in [0, 2^32)."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
+    for i in range(rounds):
+        if i:
+            k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+        hi0, lo0 = _mulhilo32(c0, _PHILOX_M[0])
+        hi1, lo1 = _mulhilo32(c2, _PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
 
 
-def smallest_keys(weights: torch.Tensor, lo: int, hi: int, k: int, seed: int, zero: bool = False) -> torch.Tensor:
-    """Coordinates in [lo, hi) with the k smallest keys, in increasing key order: among positive
-    weights key E_j / w_j (zero=False), among zero weights key E_j (zero=True)."""
-    best_k = torch.empty(0, dtype=torch.float64)
-    best_i = torch.empty(0, dtype=torch.long)
+def _neg_log(u: torch.Tensor) -> torch.Tensor:
+    """-ln(u) for float64 u in (0, 1], from IEEE-exact steps only (frexp, +, *, /), each its own
+    elementwise op, so CPU and CUDA round identically."""
+    f, e = torch.frexp(u)  # u = f 2^e, f in [0.5, 1)
+    low = f < _SQRT_HALF
+    f = torch.where(low, f * 2.0, f)  # f in [sqrt(1/2), sqrt(2))
+    e = (e - low.to(e.dtype)).to(torch.float64)
+    s = (f - 1.0) / (f + 1.0)
+    z = s * s
+    p = torch.full_like(z, _ATANH[-1])
+    for c in reversed(_ATANH[:-1]):
+        p = p * z
+        p = p + c
+    return -((e * _LN2) + (s * 2.0) * p)
+
+
+def exponential_keys(seed: int, lo: int, hi: int, device=None) -> torch.Tensor:
+    """E_j ~ Exp(1) (float64, on `device`) for coordinates j in [lo, hi): a function of (seed, j)
+    alone, bitwise identical on every device (see KEY_RULE)."""
+    j = torch.arange(int(lo), int(hi), dtype=torch.long, device=device)
+    zero = torch.zeros_like(j)
+    seed = int(seed)
+    x0, x1, _, _ = philox4x32((j & _MASK32, j >> 32, zero, zero), (seed & _MASK32, seed >> 32))
+    m = (x0 << 20) | (x1 >> 12)  # 52 random bits
+    return _neg_log((m * 2 + 1).to(torch.float64) * 2.0 ** -53)
+
+
+def smallest_keys(weights: torch.Tensor, lo: int, hi: int, k: int, seed: int, zero: bool = False,
+                  chunk: int | None = None) -> torch.Tensor:
+    """Coordinates in [lo, hi) with the k smallest keys, in increasing key order (int64, CPU): among
+    positive weights key E_j / w_j (zero=False), among zero weights key E_j (zero=True). Keys are
+    computed on the weights' device, `chunk` coordinates at a time (default: KEY_CHUNK)."""
+    device = weights.device
+    chunk = int(chunk or KEY_CHUNK.get(device.type, KEY_CHUNK_DEFAULT))
+    best_k = torch.empty(0, dtype=torch.float64, device=device)
+    best_i = torch.empty(0, dtype=torch.long, device=device)
     if k <= 0 or hi <= lo:
-        return best_i
-    for c in range(lo // KEY_CHUNK, (hi - 1) // KEY_CHUNK + 1):
-        a, b = max(lo, c * KEY_CHUNK), min(hi, (c + 1) * KEY_CHUNK)
-        keys = exponential_keys(seed, a, b, c)
+        return best_i.cpu()
+    for a in range(lo, hi, chunk):
+        b = min(hi, a + chunk)
+        keys = exponential_keys(seed, a, b, device)
         w = weights[a:b]
         if zero:
-            keys.masked_fill_(w != 0, torch.inf)
+            keys = keys.masked_fill(w != 0, torch.inf)
         else:
-            keys.div_(w).masked_fill_(w == 0, torch.inf)  # float64 keys (w promoted)
-        take = min(k, keys.numel())
-        kk, ii = torch.topk(keys, take, largest=False, sorted=False)
+            keys = (keys / w.to(torch.float64)).masked_fill(w == 0, torch.inf)
+        kk, ii = torch.topk(keys, min(k, keys.numel()), largest=False, sorted=False)
         ok = torch.isfinite(kk)
         best_k, best_i = torch.cat([best_k, kk[ok]]), torch.cat([best_i, ii[ok] + a])
         if best_k.numel() > k:
             best_k, sel = torch.topk(best_k, k, largest=False, sorted=False)
             best_i = best_i[sel]
-    # increasing key; ties (probability 0) broken by coordinate, so the order is fully determined
+    # increasing key; ties (probability ~0) broken by coordinate, so the order is fully determined
+    best_k, best_i = best_k.cpu(), best_i.cpu()
     by_index = torch.argsort(best_i)
     best_k, best_i = best_k[by_index], best_i[by_index]
     return best_i[torch.sort(best_k, stable=True).indices]
@@ -99,18 +165,20 @@ class ImportanceDropout(Dropout):
     name = "importance_dropout"
     nests_in_r = True
     #: configurable options (workflow: extract.compressor_options.importance_dropout)
-    OPTIONS = ("probe", "probe_seed", "weighting", "rescale", "chunk_elems")
+    OPTIONS = ("probe", "probe_seed", "probe_estimator", "weighting", "rescale", "chunk_elems")
 
-    def __init__(self, dim, r, seed=0, layout=None, weights=None, probe: int = 256, probe_seed: int = 0,
+    def __init__(self, dim, r, seed=0, layout=None, weights=None, probe: int = PROBE_ROWS, probe_seed: int = 0,
                  weighting: str = "global", rescale: bool = False, probe_seconds: float | None = None,
-                 chunk_elems: int = 1 << 26):
-        self._check_options(probe=probe, probe_seed=probe_seed, weighting=weighting, rescale=rescale)
+                 chunk_elems: int = 1 << 26, probe_estimator: str = PROBE_ESTIMATOR):
+        self._check_options(probe=probe, probe_seed=probe_seed, weighting=weighting, rescale=rescale,
+                            probe_estimator=probe_estimator)
         if weights is None:
             raise OptionError(
                 "importance_dropout needs per-coordinate weights: build its options with "
                 "ImportanceDropout.prepare_options(options, model=, loss_fn=, train_loader=) (it runs the "
                 "second-moment probe) or pass weights= (a (dim,) tensor, e.g. dropinf.probe.second_moments(...))")
-        weights = torch.as_tensor(weights).detach().cpu()
+        # kept on their device: the keys are drawn there (identically on every device)
+        weights = torch.as_tensor(weights).detach()
         if weights.dim() != 1 or weights.numel() != int(dim):
             raise ShapeError(f"importance_dropout: weights must have shape ({int(dim)},), got {tuple(weights.shape)}")
         if not weights.is_floating_point():
@@ -121,14 +189,17 @@ class ImportanceDropout(Dropout):
             raise OptionError(f"importance_dropout: weights must be finite and >= 0; coordinate {j} has "
                               f"{weights[j].item()}")
         self.weights = weights
-        self.probe, self.probe_seed = int(probe), int(probe_seed)
+        self.probe, self.probe_seed, self.probe_estimator = int(probe), int(probe_seed), probe_estimator
         self.weighting, self.rescale = weighting, bool(rescale)
         self.probe_seconds = None if probe_seconds is None else float(probe_seconds)
         self.scale: torch.Tensor | None = None
         super().__init__(dim, r, seed, layout, chunk_elems)
 
     @classmethod
-    def _check_options(cls, probe=256, probe_seed=0, weighting="global", rescale=False, **_):
+    def _check_options(cls, probe=PROBE_ROWS, probe_seed=0, weighting="global", rescale=False,
+                       probe_estimator=PROBE_ESTIMATOR, **_):
+        from ..probe import ESTIMATORS
+
         if isinstance(probe, bool) or not isinstance(probe, int) or probe < 1:
             raise OptionError(f"importance_dropout: probe must be a positive number of training examples, got {probe!r}")
         if isinstance(probe_seed, bool) or not isinstance(probe_seed, int) or probe_seed < 0:
@@ -137,11 +208,14 @@ class ImportanceDropout(Dropout):
             raise OptionError(f"importance_dropout: weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
         if not isinstance(rescale, bool):
             raise OptionError(f"importance_dropout: rescale must be true or false, got {rescale!r}")
+        if probe_estimator not in ESTIMATORS:
+            raise OptionError(f"importance_dropout: probe_estimator must be one of {', '.join(ESTIMATORS)}, "
+                              f"got {probe_estimator!r}")
 
     @classmethod
     def prepare_options(cls, options: dict, *, model, loss_fn, train_loader, params=None, device=None) -> dict:
-        """The configured options plus `weights` (the second-moment probe on the training loader)
-        and `probe_seconds`."""
+        """The configured options plus `weights` (the second-moment probe on the training loader, kept
+        on the device it ran on, where the coordinates are then drawn) and `probe_seconds`."""
         from ..probe import second_moments
 
         opts = dict(options)
@@ -149,8 +223,9 @@ class ImportanceDropout(Dropout):
         if unknown:
             raise OptionError(f"importance_dropout: unknown option(s) {unknown}; known: {list(cls.OPTIONS)}")
         cls._check_options(**opts)
-        weights, info = second_moments(model, loss_fn, train_loader, opts.get("probe", 256), opts.get("probe_seed", 0),
-                                       params=params, device=device, return_info=True)
+        weights, info = second_moments(model, loss_fn, train_loader, opts.get("probe", PROBE_ROWS),
+                                       opts.get("probe_seed", 0), params=params, device=device, return_info=True, on_device=True,
+                                       estimator=opts.get("probe_estimator", PROBE_ESTIMATOR))
         opts.update(weights=weights, probe_seconds=info["seconds"])
         return opts
 
@@ -198,7 +273,8 @@ class ImportanceDropout(Dropout):
                 if mass[b] > 0:
                     inside = (indices[:r_pos] >= lo) & (indices[:r_pos] < hi)
                     share = widths[b] / active
-                    q[:r_pos][inside] = share * self.weights[indices[:r_pos][inside]].to(torch.float64) / mass[b]
+                    kept = indices[:r_pos][inside].to(self.weights.device)
+                    q[:r_pos][inside] = share * self.weights[kept].to(torch.float64).cpu() / mass[b]
             self.scale = 1.0 / torch.sqrt(self.r * q)
         return indices
 
@@ -232,6 +308,6 @@ class ImportanceDropout(Dropout):
     def attrs(self):
         return {**super().attrs(), "sampling": "second moment, Efraimidis-Spirakis exponential keys",
                 "probe": self.probe, "probe_seed": self.probe_seed, "probe_seconds": self.probe_seconds,
-                "weighting": self.weighting, "rescale": self.rescale, "key_chunk": KEY_CHUNK,
-                "key_seed": "(seed*0x9E3779B97F4A7C15 + chunk*0xBF58476D1CE4E5B9 + 0x1D) mod 2^63 (CPU generator)",
+                "probe_estimator": self.probe_estimator,
+                "weighting": self.weighting, "rescale": self.rescale, "key_rule": KEY_RULE,
                 "weights_summary": self.weights_summary()}
