@@ -23,8 +23,8 @@ def train_digits_mlp():
         from dropinf.pipeline.prepare import prepare_data
         from dropinf.pipeline.train import finetune
 
-        prepare_data(out=d / "data.pt", dataset="digits", dataset_options={"max_train": max_train, "max_test": max_test},
-                     label_noise=0.2, noise_seed=0, threads=1)
+        prepare_data(out=d / "data.pt", dataset="digits", label_noise=0.2, noise_seed=0, threads=1,
+                     dataset_options={"max_train": max_train, "max_test": max_test})
         finetune(data=d / "data.pt", out=d / "model.pt", metrics_out=d / "model.json", model="mlp",
                  model_options={"hidden": list(hidden)}, settings={"epochs": epochs}, device="cpu", threads=1)
         return d

@@ -154,7 +154,7 @@ def _default(f: dataclasses.Field):
     return _REQUIRED
 
 
-class _Arg:
+class Argument:
     """One field of an options dataclass on the command line: its flag, how its value is read,
     converted to the field's container and written back."""
 
@@ -206,7 +206,9 @@ class _Arg:
             parser.add_argument(self.flag, dest=self.name, action="store_false" if self.default else "store_true",
                                 help=self.help)
             return
-        kw: dict = {"type": self.codec.parse, "help": self.help, "choices": self.choices}
+        shown = self.default not in (_REQUIRED, None, "", (), [], {})
+        help_ = f"{self.help} (default: {self.codec.format(self.default)})" if shown and self.kind == "one" else self.help
+        kw: dict = {"type": self.codec.parse, "help": help_, "choices": self.choices}
         if self.codec.metavar:
             kw["metavar"] = self.codec.metavar
         if self.kind == "many":
@@ -236,7 +238,7 @@ class _Arg:
 
 
 def _arguments(cls: type) -> list[tuple[str, Any]]:
-    """[(field name, _Arg or the nested list of a dataclass field)] of an options dataclass."""
+    """[(field name, Argument or the nested list of a dataclass field)] of an options dataclass."""
     hints = typing.get_type_hints(cls)
     out: list[tuple[str, Any]] = []
     for f in dataclasses.fields(cls):
@@ -244,11 +246,11 @@ def _arguments(cls: type) -> list[tuple[str, Any]]:
         if dataclasses.is_dataclass(hint):
             out.append((f.name, (hint, _arguments(hint))))
         else:
-            out.append((f.name, _Arg(cls, f, hint)))
+            out.append((f.name, Argument(cls, f, hint)))
     return out
 
 
-def _flat(arguments) -> list[_Arg]:
+def _flat(arguments) -> list[Argument]:
     flat = []
     for _, a in arguments:
         flat += _flat(a[1]) if isinstance(a, tuple) else [a]
@@ -291,6 +293,11 @@ class Command:
     threads_flag: bool = True
     arguments: list = dataclasses.field(default_factory=list, compare=False, repr=False)
 
+    @property
+    def flat_arguments(self) -> list[Argument]:
+        """Every argument of the command, a nested dataclass's fields in its place."""
+        return _flat(self.arguments)
+
     def options_from(self, namespace: dict):
         """The options dataclass of a parsed command line (argparse's namespace as a dict)."""
         return _build(self.options, self.arguments, namespace)
@@ -302,7 +309,7 @@ class Command:
     def argv(self, options) -> list[str]:
         """A command line (after `dropinf`) that parses to `options`."""
         flags, positional = _argv(options, self.arguments)
-        return [*self.name.split(), *flags, *positional]
+        return [*self.name.split(), *positional, *flags]  # positionals first: a flag's nargs cannot take them
 
 
 #: command name ("score", "lds train") -> Command, in registration order
@@ -349,7 +356,8 @@ def command(name: str, options: type, *, help: str, description: str | None = No
             dests.append("threads")
         dup = sorted({d for d in dests if dests.count(d) > 1})
         if dup:
-            raise TypeError(f"stage {name!r}: {', '.join(dup)} appear twice among {options.__name__}'s flattened fields")
+            raise TypeError(f"stage {name!r}: {', '.join(dup)} appear twice among the flattened fields of "
+                            f"{options.__name__}")
         old = COMMANDS.get(name)
         if old is not None and (old.function.__module__, old.function.__qualname__) != (
                 function.__module__, function.__qualname__):
@@ -378,10 +386,10 @@ def load_stages() -> dict[str, Command]:
 
 def _add_command(sub, cmd: Command, name: str) -> None:
     p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help)
-    if cmd.threads_flag and "threads" not in {a.name for a in _flat(cmd.arguments)}:
+    if cmd.threads_flag and "threads" not in {a.name for a in cmd.flat_arguments}:
         p.add_argument("--threads", type=int, default=None, help="accepted for uniform command lines; this "
                                                                   "stage runs no torch code")
-    for a in _flat(cmd.arguments):
+    for a in cmd.flat_arguments:
         a.add_to(p)
     p.set_defaults(_command=cmd)
 
