@@ -203,8 +203,9 @@ class Argument:
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         if self.kind == "flag":
-            parser.add_argument(self.flag, dest=self.name, action="store_false" if self.default else "store_true",
-                                help=self.help)
+            on = self.default is True
+            parser.add_argument(self.flag, dest=self.name, action="store_false" if on else "store_true",
+                                help=f"turns off (on by default): {self.help}" if on else self.help)
             return
         shown = self.default not in (_REQUIRED, None, "", (), [], {})
         help_ = f"{self.help} (default: {self.codec.format(self.default)})" if shown and self.kind == "one" else self.help

@@ -87,8 +87,7 @@ class EvaluateOptions:
     r: int | None = option("compressed size ('full' for full-space methods)", default=None, codec=RSIZE)
     experiment: str = option("experiment name recorded in the rows", default="")
     fractions: tuple[float, ...] = option("fractions of the training set removed before retraining", default=())
-    retrain: bool = option("retrain after removing the most helpful examples (--no-retrain: AUC only)",
-                          default=True)
+    retrain: bool = option("retrain after removing the most helpful examples", default=True)
     device: str = option("torch device, or 'auto'", default="auto")
     threads: int | None = option("torch CPU threads", default=None)
 
