@@ -44,7 +44,10 @@ modules named in `STAGE_MODULES` before it builds its parser: add the new module
 module imported otherwise, like a test module, registers by being imported). Commands with actions
 (`dropinf lds train`): `group("lds", help=...)`, then stages named "lds train", "lds score".
 
-A stage's return value is ignored unless it is registered with `exit_status=True` (`verify`): then
+From Python, call a stage with its keywords (`score(data=..., out_dir=..., method="dropout", r=8)`),
+or run an options object: `COMMANDS["score"].run(ScoreOptions(...))`.
+
+A stage's return value is ignored by the CLI unless it is registered with `exit_status=True` (`verify`): then
 its int is the process's exit status. This module imports only the standard library.
 """
 from __future__ import annotations
