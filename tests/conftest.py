@@ -23,9 +23,10 @@ def train_digits_mlp():
         from dropinf.pipeline.prepare import prepare_data
         from dropinf.pipeline.train import finetune
 
-        prepare_data(d / "data.pt", "digits", {"max_train": max_train, "max_test": max_test}, 0.2, 0, threads=1)
-        finetune(d / "data.pt", d / "model.pt", d / "model.json", "mlp", {"hidden": list(hidden)}, device="cpu",
-                 threads=1, epochs=epochs)
+        prepare_data(out=d / "data.pt", dataset="digits", label_noise=0.2, noise_seed=0, threads=1,
+                     dataset_options={"max_train": max_train, "max_test": max_test})
+        finetune(data=d / "data.pt", out=d / "model.pt", metrics_out=d / "model.json", model="mlp",
+                 model_options={"hidden": list(hidden)}, settings={"epochs": epochs}, device="cpu", threads=1)
         return d
 
     return make

@@ -168,7 +168,7 @@ def test_lissa_on_recomputed_gradients_shows_one_bar_per_pass(on, capsys, tmp_pa
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(ENV, env)
             out = tmp_path / f"scores{env}"
-            score(d / "data.pt", out, "lissa", device="cpu", threads=1, model=str(d / "model.pt"),
+            score(data=d / "data.pt", out_dir=out, method="lissa", device="cpu", threads=1, model=str(d / "model.pt"),
                   gradients="recompute", recompute_batch_size=64, options={"lissa_iters": 2})
         runs[env] = np.asarray(zarr.open_array(str(out / "scores.zarr"), mode="r")[...])
         got = [line for line in lines(capsys.readouterr().err) if " PROGRESS " in line]
@@ -195,15 +195,16 @@ def test_retraining_and_lds_subset_models_count_their_models(on, capsys, tmp_pat
     from dropinf.pipeline.score import score
 
     d = train_digits_mlp(tmp_path, epochs=2)
-    score(d / "data.pt", d / "scores", "random", seeds=(0, 1), device="cpu", threads=1)
+    score(data=d / "data.pt", out_dir=d / "scores", method="random", seeds=(0, 1), device="cpu", threads=1)
     capsys.readouterr()
     runs = {}
     for env in ("1", "0"):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(ENV, env)
-            rows = evaluate(d / "data.pt", d / "model.pt", d / "scores" / "manifest.json", d / f"m{env}.csv",
-                            "random", fractions=[0.1, 0.2], device="cpu", threads=1)
-            train_part(d / "data.pt", d / f"lds{env}.npz", "mlp", {"hidden": [16]}, {"epochs": 2}, n_models=3,
+            rows = evaluate(data=d / "data.pt", model=d / "model.pt", scores=d / "scores" / "manifest.json",
+                            out=d / f"m{env}.csv", method="random", fractions=[0.1, 0.2], device="cpu", threads=1)
+            train_part(data=d / "data.pt", out=d / f"lds{env}.npz", model="mlp", model_options={"hidden": [16]},
+                       settings={"epochs": 2}, n_models=3,
                        device="cpu", threads=1)
         got = lines(capsys.readouterr().err)
         retrain = [line for line in got if "PROGRESS retrain without the most helpful examples (random)" in line]

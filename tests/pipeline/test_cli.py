@@ -49,3 +49,15 @@ def test_console_command_and_module_run_the_same_cli(capsys):
     with pytest.raises(SystemExit) as exit_:
         main([])
     assert exit_.value.code == 2 and "<stage>" in capsys.readouterr().err  # a stage is required
+
+
+def test_module_run_builds_every_stage_including_group_actions():
+    """`python -m dropinf` runs `__main__` as a script: the stages it lists come from the one
+    registry that the stage modules fill on import."""
+    proc = subprocess.run([sys.executable, "-m", "dropinf", "lds", "score", "--help"], capture_output=True, text=True,
+                          env=ENV, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "--per-test" in proc.stdout and "--curvature" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "dropinf", "lds", "train"], capture_output=True, text=True, env=ENV,
+                          cwd=REPO)
+    assert proc.returncode == 2 and "--data" in proc.stderr and "required" in proc.stderr  # argparse usage error

@@ -155,16 +155,16 @@ def _fake_identity(d: Path, n=12, k=5) -> Path:
 
 def test_failing_score_keeps_previous_complete_outputs(tmp_path):
     blob_path = tmp_path / "data.pt"
-    prepare_data(blob_path, "digits", {"max_train": 12, "max_test": 4}, 0.0, 0, threads=1)
+    prepare_data(out=blob_path, dataset="digits", dataset_options={"max_train": 12, "max_test": 4}, threads=1)
     grads = _fake_identity(tmp_path / "grads")
     out = tmp_path / "scores"
-    first = score(blob_path, out, "tracin", None, grads, device="cpu", threads=1)
+    first = score(data=blob_path, out_dir=out, method="tracin", grads=grads, device="cpu", threads=1)
     before = np.asarray(storage.open_array(out / "scores.zarr"))
     manifest = (out / "manifest.json").read_text()
     with open(tmp_path / "grads" / "train.zarr" / "c" / "1" / "0", "r+b") as f:
         f.truncate(4)
     with pytest.raises(IntegrityError, match=r"train.zarr: chunk c/1/0 \(rows 4-7\) is corrupt"):
-        score(blob_path, out, "tracin", None, grads, device="cpu", threads=1)
+        score(data=blob_path, out_dir=out, method="tracin", grads=grads, device="cpu", threads=1)
     assert (out / "manifest.json").read_text() == manifest and first["status"] == "complete"
     assert np.array_equal(np.asarray(storage.open_array(out / "scores.zarr")), before)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "scores.zarr"]
@@ -182,13 +182,15 @@ class _Payload:
 
 def test_prepared_data_and_weights_are_safetensors_and_pickles_are_refused(tmp_path):
     data = tmp_path / "data.pt"
-    prepare_data(data, "digits", {"max_train": 40, "max_test": 20}, 0.25, 0, threads=1)
+    prepare_data(out=data, dataset="digits", dataset_options={"max_train": 40, "max_test": 20}, label_noise=0.25,
+                 noise_seed=0, threads=1)
     assert data.read_bytes()[8:9] == b"{"  # a safetensors JSON header, not a zip/pickle
     blob = load_prepared(data)
     assert blob["train"]["x"].shape == (40, 64) and blob["train"]["flipped"].dtype == torch.bool
     assert int(blob["train"]["flipped"].sum()) == 10 and blob["label_noise"] == 0.25 and blob["task"] == "classification"
     model = tmp_path / "model.pt"
-    finetune(data, model, tmp_path / "m.json", "mlp", {"hidden": [8]}, device="cpu", threads=1, epochs=1)
+    finetune(data=data, out=model, metrics_out=tmp_path / "m.json", model="mlp", model_options={"hidden": [8]},
+             settings={"epochs": 1}, device="cpu", threads=1)
     spec, saved = load_trained(model, blob)
     assert saved["model"] == "mlp" and saved["train"]["epochs"] == 1
     for k, v in spec.module.state_dict().items():
@@ -277,7 +279,7 @@ def test_non_finite_features_are_named_at_prepare(tmp_path, monkeypatch):
 
     monkeypatch.setitem(DATASETS, "broken", broken)
     with pytest.raises(NonFiniteError, match=r"train feature 'x' has NaN/inf values in 2 row\(s\), first \[4, 5\]"):
-        prepare_data(tmp_path / "d.pt", "broken")
+        prepare_data(out=tmp_path / "d.pt", dataset="broken")
     assert not (tmp_path / "d.pt").exists()
 
 

@@ -28,7 +28,8 @@ N, M, K = 40, 10, 6
 def stored(tmp_path):
     """Prepared digits (25% flipped labels) and a raw-gradient-like extraction of fresh random rows."""
     data = tmp_path / "data.pt"
-    prepare_data(data, "digits", {"max_train": N, "max_test": M}, 0.25, 0, threads=1)
+    prepare_data(out=data, dataset="digits", dataset_options={"max_train": N, "max_test": M}, label_noise=0.25,
+                 noise_seed=0, threads=1)
     rng = np.random.default_rng(7)
     g = tmp_path / "grads"
     arrays = {"train": rng.standard_normal((N, K)), "test": rng.standard_normal((M, K))}
@@ -44,7 +45,7 @@ def stored(tmp_path):
 
 def run(stored, out, method="orig", **kw):
     data, grads, _ = stored
-    return score_mod.score(data, out, method, None, grads, device="cpu", threads=1, **kw)
+    return score_mod.score(data=data, out_dir=out, method=method, r=None, grads=grads, device="cpu", threads=1, **kw)
 
 
 def direct(train, blocks):
@@ -92,7 +93,7 @@ def test_off_by_default_and_random_has_none(stored, tmp_path):
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["manifest.json", "scores.zarr"]
     assert man["pairwise"] == {} and man["self"] == {}
     data, _, _ = stored
-    rnd = score_mod.score(data, tmp_path / "random", "random", None, None, seeds=(0,), device="cpu", threads=1,
+    rnd = score_mod.score(data=data, out_dir=tmp_path / "random", method="random", r=None, grads=None, seeds=(0,), device="cpu", threads=1,
                           pairwise=True, self_influence=True)
     assert "no gradients" in rnd["not_applicable"] and rnd["pairwise"] == {}
     assert sorted(p.name for p in (tmp_path / "random").iterdir()) == ["manifest.json", "seed0.zarr"]
@@ -101,7 +102,7 @@ def test_off_by_default_and_random_has_none(stored, tmp_path):
 def test_recomputed_raw_gradients_are_refused_naming_the_key(stored, tmp_path):
     data, grads, _ = stored
     with pytest.raises(DropinfError, match=r"score\.self: orig runs on raw gradients recomputed.*score\.self: false"):
-        score_mod.score(data, tmp_path / "s", "orig", None, None, device="cpu", threads=1, gradients="recompute",
+        score_mod.score(data=data, out_dir=tmp_path / "s", method="orig", r=None, grads=None, device="cpu", threads=1, gradients="recompute",
                         model=tmp_path / "model.pt", self_influence=True)
     assert not (tmp_path / "s").exists()
 
@@ -167,7 +168,7 @@ def test_evaluate_reports_the_self_influence_auc_and_the_report_shows_it(stored,
     data, _, _ = stored
     out = tmp_path / "res" / "scores" / "orig" / "full"
     run(stored, out, self_influence=True)
-    rows = evaluate(data, None, out / "manifest.json", tmp_path / "res" / "eval.csv", "orig", retrain=False,
+    rows = evaluate(data=data, model=None, scores=out / "manifest.json", out=tmp_path / "res" / "eval.csv", method="orig", retrain=False,
                     device="cpu", threads=1)
     got = {r["metric"]: r["value"] for r in rows if r["metric"].startswith("mislabel")}
     flipped = load_prepared(data)["train"]["flipped"].numpy()
@@ -176,11 +177,11 @@ def test_evaluate_reports_the_self_influence_auc_and_the_report_shows_it(stored,
     assert got["mislabel_auc"] == pytest.approx(roc_auc_score(flipped, storage.open_array(out / "scores.zarr")[...]))
     plain = tmp_path / "res" / "scores" / "tracin" / "full"
     run(stored, plain, "tracin")
-    evaluate(data, None, plain / "manifest.json", tmp_path / "res" / "eval2.csv", "tracin", retrain=False,
+    evaluate(data=data, model=None, scores=plain / "manifest.json", out=tmp_path / "res" / "eval2.csv", method="tracin", retrain=False,
              device="cpu", threads=1)
     summary = tmp_path / "res" / "summary.csv"
-    summarize([tmp_path / "res" / "eval.csv", tmp_path / "res" / "eval2.csv"], summary)
-    report(summary, tmp_path / "res" / "report", experiment="toy")
+    summarize(inputs=[tmp_path / "res" / "eval.csv", tmp_path / "res" / "eval2.csv"], out=summary)
+    report(summary=summary, out_dir=tmp_path / "res" / "report", experiment="toy")
     table = pd.read_csv(tmp_path / "res" / "report" / "auc_table.csv")
     assert list(table.columns) == ["method", "r", "mean", "std", "count", "auc_self_mean", "auc_self_std",
                                    "auc_self_count"]

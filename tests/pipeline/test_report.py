@@ -92,7 +92,7 @@ def test_report_writes_every_output_the_rule_declares(tmp_path):
     rules = (Path(__file__).resolve().parents[2] / "workflow" / "rules" / "report.smk").read_text()
     declared = re.findall(r'f"\{REPORT_DIR\}/([\w.]+)"', rules)
     assert declared
-    report(_summary(tmp_path), tmp_path / "report", experiment="toy-exp")
+    report(summary=_summary(tmp_path), out_dir=tmp_path / "report", experiment="toy-exp")
     for name in declared + ["auc_table.csv", "retrain_table.csv", "timing_table.csv"]:
         assert (tmp_path / "report" / name).stat().st_size > 0, name
     html = (tmp_path / "report" / "tables.html").read_text()

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from dropinf.errors import DropinfError
-from dropinf.pipeline.timing import main, timing_tables
+from dropinf.__main__ import main
+from dropinf.pipeline.timing import timing_tables
 
 REPO = Path(__file__).resolve().parents[2]
 HEADER = ["experiment", "method", "r", "seed", "metric", "value", "git_commit", "git_dirty", "config_sha256",
@@ -58,7 +59,7 @@ def expected(metric: int, method: str, r) -> list[float]:
 
 def test_means_stds_counts_and_order(tmp_path):
     summary = write_summary(tmp_path / "exp-a" / "summary.csv")
-    out = timing_tables([summary], tmp_path / "out")
+    out = timing_tables(summaries=[summary], out_dir=tmp_path / "out")
     assert out["experiments"] == ["exp-a"] and out["rows"] == 6
     rows = read_rows(tmp_path / "out" / "timing.csv")
     for method, r in [("gaussian", 16), ("gaussian", 4), ("dropout", 8), ("random", None), ("orig", None)]:
@@ -102,7 +103,7 @@ def test_skipped_method_and_n_train_from_workflow_files(tmp_path):
         json.dumps({"status": "skipped", "reason": "identity over budget"}))
     (base / "grads" / "gaussian" / "r16").mkdir(parents=True)
     (base / "grads" / "gaussian" / "r16" / "manifest.json").write_text(json.dumps({"n": {"train": 123, "test": 7}}))
-    timing_tables([summary], tmp_path / "out")
+    timing_tables(summaries=[summary], out_dir=tmp_path / "out")
     rows = read_rows(tmp_path / "out" / "timing.csv")
     tr = rows[("exp-a", "tracin", "")]
     assert tr["score_seconds_count"] == "0" and tr["score_seconds_note"] == "method skipped by the workflow: identity over budget"
@@ -114,19 +115,19 @@ def test_skipped_method_and_n_train_from_workflow_files(tmp_path):
 def test_two_experiments_and_cli(tmp_path):
     a = write_summary(tmp_path / "a" / "summary.csv", "exp-a")
     b = write_summary(tmp_path / "b" / "summary.csv", "exp-b", device="NVIDIA H100")
-    assert main(["--out", str(tmp_path / "out"), str(a), str(b)]) == 0
+    assert main(["timing", "--out", str(tmp_path / "out"), str(a), str(b)]) == 0
     rows = read_rows(tmp_path / "out" / "timing.csv")
     assert rows[("exp-b", "orig", "")]["device"] == "NVIDIA H100"
     md = (tmp_path / "out" / "TABLE.md").read_text()
     assert md.index("## exp-a") < md.index("## exp-b")
-    assert main(["--out", str(tmp_path / "out2"), str(a), str(a)]) == 2  # same experiment twice
+    assert main(["timing", "--out", str(tmp_path / "out2"), str(a), str(a)]) == 2  # same experiment twice
     assert not (tmp_path / "out2").exists()
 
 
 def test_missing_column_is_one_clear_error(tmp_path):
     bad = write_summary(tmp_path / "x" / "summary.csv", drop="value")
     with pytest.raises(DropinfError, match=r"x/summary.csv: missing column\(s\) \['value'\]"):
-        timing_tables([bad], tmp_path / "out")
+        timing_tables(summaries=[bad], out_dir=tmp_path / "out")
 
 
 @pytest.mark.parametrize("problem, match", [
@@ -153,7 +154,7 @@ def test_bad_input_writes_nothing(tmp_path, problem, match):
     out.mkdir()
     (out / "TABLE.md").write_text("earlier table\n")
     with pytest.raises(DropinfError, match=match) as err:
-        timing_tables([good, bad], out)
+        timing_tables(summaries=[good, bad], out_dir=out)
     assert str(bad) in str(err.value)
     assert [p.name for p in out.iterdir()] == ["TABLE.md"] and (out / "TABLE.md").read_text() == "earlier table\n"
 
@@ -163,14 +164,14 @@ def test_garbled_workflow_file_beside_summary_is_named(tmp_path):
     (summary.parent / "scores" / "orig" / "full").mkdir(parents=True)
     (summary.parent / "scores" / "orig" / "full" / "manifest.json").write_text("{not json")
     with pytest.raises(DropinfError, match=r"orig/full/manifest.json: unreadable JSON"):
-        timing_tables([summary], tmp_path / "out")
+        timing_tables(summaries=[summary], out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_committed_reference_summaries(tmp_path):
     summaries = sorted((REPO / "results" / "reference").glob("*/summary.csv"))
     assert summaries, "no committed results/reference/*/summary.csv"
-    out = timing_tables(summaries, tmp_path)
+    out = timing_tables(summaries=summaries, out_dir=tmp_path)
     rows = read_rows(tmp_path / "timing.csv")
     direct: dict = {}
     for path in summaries:
@@ -202,5 +203,5 @@ def test_n_train_recorded_by_finetune_wins_over_workflow_files(tmp_path):
              "value": 2000})
     (base / "grads" / "gaussian" / "r16").mkdir(parents=True)
     (base / "grads" / "gaussian" / "r16" / "manifest.json").write_text(json.dumps({"n": {"train": 123}}))
-    timing_tables([summary], tmp_path / "out")
+    timing_tables(summaries=[summary], out_dir=tmp_path / "out")
     assert {r["n_train"] for r in read_rows(tmp_path / "out" / "timing.csv").values()} == {"2000"}

@@ -197,9 +197,9 @@ def test_lds_stage_end_to_end(wf, tmp_path):
     extract_mod.extract(job=extract_mod.ExtractJob(data=res / "data" / "dataset.pt", model=res / "model" / "model.pt",
                                                    out_dir=skipped, compressor="identity", budget_mb=0.01,
                                                    device="cpu", threads=1))
-    got = score_method(res / "data" / "dataset.pt", parts, tmp_path / "m.csv", tmp_path / "p.npz", "tracin",
-                       grads=skipped / "manifest.json", model=res / "model" / "model.pt", device="cpu",
-                       recompute_batch_size=64)
+    got = score_method(data=res / "data" / "dataset.pt", parts=parts, out=tmp_path / "m.csv",
+                       per_test_out=tmp_path / "p.npz", method="tracin", grads=skipped / "manifest.json",
+                       model=res / "model" / "model.pt", device="cpu", recompute_batch_size=64)
     lds_got = [float(r["value"]) for r in got if r["metric"] == "lds"]
     assert lds_got == pytest.approx(lds["tracin"], abs=0.02)
     _, stored = load_npz(lds_dir / "tracin" / "full" / "per_test.npz")

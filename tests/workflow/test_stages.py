@@ -176,12 +176,12 @@ def test_identity_over_budget_is_skipped_with_reason(trained, tmp_path):
     g = tmp_path / "grads" / "identity" / "full"
     m = extract_mod.extract(job=_job(trained, g, "identity", None, budget_mb=0.01))
     assert m["status"] == "skipped" and "budget" in m["reason"]
-    s = score(trained / "data.pt", tmp_path / "scores" / "orig" / "full", "orig", None, g / "manifest.json",
-              device="cpu", threads=1, gradients="stored")
+    s = score(data=trained / "data.pt", out_dir=tmp_path / "scores" / "orig" / "full", method="orig",
+              grads=g / "manifest.json", device="cpu", threads=1, gradients="stored")
     assert s["status"] == "skipped" and "budget" in s["reason"]
     with pytest.raises(DropinfError, match="no --model"):
-        score(trained / "data.pt", tmp_path / "scores" / "tracin" / "full", "tracin", None, g / "manifest.json",
-              device="cpu", threads=1)
+        score(data=trained / "data.pt", out_dir=tmp_path / "scores" / "tracin" / "full", method="tracin",
+              grads=g / "manifest.json", device="cpu", threads=1)
 
 
 @pytest.mark.parametrize("method,passes", [("tracin", 1), ("datainf", 3), ("lissa", 17), ("orig", None)])
@@ -195,9 +195,9 @@ def test_full_space_methods_on_recomputed_gradients_equal_stored(trained, tmp_pa
     stored, skipped = tmp_path / "identity-stored", tmp_path / "identity-skipped"
     extract_mod.extract(job=_job(trained, stored, "identity", None))
     extract_mod.extract(job=_job(trained, skipped, "identity", None, budget_mb=0.01))
-    ref = score(trained / "data.pt", tmp_path / "ref", method, None, stored / "manifest.json", **kw)
+    ref = score(data=trained / "data.pt", out_dir=tmp_path / "ref", method=method, grads=stored / "manifest.json", **kw)
     # chunks of 48 rows: the recomputed batches differ from the stored extraction's (256 rows)
-    got = score(trained / "data.pt", tmp_path / "got", method, None, skipped / "manifest.json",
+    got = score(data=trained / "data.pt", out_dir=tmp_path / "got", method=method, grads=skipped / "manifest.json",
                 model=trained / "model.pt", recompute_batch_size=48, **kw)
     assert ref["status"] == got["status"] == "complete" and "recompute" not in ref
     a = np.asarray(open_array(tmp_path / "ref" / "scores.zarr")[...])
@@ -212,7 +212,7 @@ def test_full_space_methods_on_recomputed_gradients_equal_stored(trained, tmp_pa
         assert got["recompute"]["train_passes"] == passes
     else:  # Woodbury blocks sweep panel by panel; dense blocks two passes
         assert got["recompute"]["train_passes"] >= 2
-    forced = score(trained / "data.pt", tmp_path / "forced", method, None, None, model=trained / "model.pt",
+    forced = score(data=trained / "data.pt", out_dir=tmp_path / "forced", method=method, model=trained / "model.pt",
                    gradients="recompute", recompute_batch_size=300, **kw)
     np.testing.assert_allclose(open_array(tmp_path / "forced" / "scores.zarr")[...], a, rtol=2e-4,
                                atol=1e-6 * np.abs(a).max())
@@ -247,8 +247,8 @@ def test_finetune_from_pretrained_weights_and_retraining_starts_there(trained, t
 
     blob = load_prepared(trained / "data.pt")
     data, pre = trained / "data.pt", trained / "model.pt"  # the fixture's model stands in for a pretraining run
-    finetune(data, tmp_path / "ft.pt", tmp_path / "ft.json", "mlp", {"hidden": [16]}, device="cpu", threads=1,
-             epochs=1, lr=1e-12, init=pre)
+    finetune(data=data, out=tmp_path / "ft.pt", metrics_out=tmp_path / "ft.json", model="mlp",
+             model_options={"hidden": [16]}, settings={"epochs": 1, "lr": 1e-12}, init=pre, device="cpu", threads=1)
     rec = json.loads((tmp_path / "ft.json").read_text())
     assert rec["init"]["path"] == str(pre) and len(rec["init"]["sha256"]) == 64
     assert rec["metrics"]["n_train"] == 300 and rec["metrics"]["n_test"] == 100

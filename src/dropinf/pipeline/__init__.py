@@ -1,4 +1,5 @@
-"""The workflow's stages, each a plain function the CLI (`python -m dropinf <stage>`) calls.
+"""The workflow's stages, each a function with keyword-only parameters and a dataclass of its
+options, registered (`commands.command`) as the CLI's `python -m dropinf <stage>`.
 
 prepare_data -> finetune -> extract -> score -> evaluate -> summarize -> report. The Snakefile
 passes every knob explicitly; outputs are complete or absent (see `common.atomic_path`).

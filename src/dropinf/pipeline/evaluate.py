@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 
 from ..errors import InvalidValueError
 from ..progress import bar
+from .commands import RSIZE, command, option
 from .common import Stage, atomic_path, log
 from .metrics import COLUMNS, mislabel_auc, most_helpful_first
 from .prepare import load_prepared, model_inputs
@@ -78,7 +80,23 @@ def removal_count(fraction: float, n: int) -> int:
     return k
 
 
-def evaluate(data, model, scores, out, method: str, r: int | None = None, experiment: str = "",
+@dataclass(frozen=True, kw_only=True)
+class EvaluateOptions:
+    data: Path = option("prepared data")
+    model: Path = option("fine-tuned model.pt")
+    scores: Path = option("score manifest.json")
+    out: Path = option("metrics.csv to write")
+    method: str = option("method name")
+    r: int | None = option("compressed size ('full' for full-space methods)", default=None, codec=RSIZE)
+    experiment: str = option("experiment name recorded in the rows", default="")
+    fractions: tuple[float, ...] = option("fractions of the training set removed before retraining", default=())
+    retrain: bool = option("retrain after removing the most helpful examples", default=True)
+    device: str = option("torch device, or 'auto'", default="auto")
+    threads: int | None = option("torch CPU threads", default=None)
+
+
+@command("evaluate", EvaluateOptions, help="mislabel AUC and retraining after removing the most helpful examples")
+def evaluate(*, data, model, scores, out, method: str, r: int | None = None, experiment: str = "",
              fractions=(), retrain: bool = True, device: str = "auto", threads: int | None = None) -> list[dict]:
     stage = Stage("evaluate", device=device, threads=threads)
     sm = read_manifest(scores)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ import torch
 from ..errors import BudgetError, DropinfError
 from ..progress import bar
 from . import sharding
+from .commands import RSIZE, command, option
 from .common import Stage, file_sha256, jsonable, log
 from .methods import rtag
 from .storage import RowWriter, is_complete, open_array, read_manifest
@@ -64,18 +65,18 @@ def load_split(grads_dir, manifest: dict, seed, split: str):
 class ExtractJob:
     """What one extraction is: its inputs, output directory, compressor and how to run it."""
 
-    data: Path
-    model: Path
-    out_dir: Path
-    compressor: str
-    r: int | None = None
-    seeds: tuple = (0,)
-    batch_size: int = 256
-    device: str = "auto"
-    threads: int | None = None
-    budget_mb: float | None = None
-    options: dict = field(default_factory=dict)
-    experiment: str = ""
+    data: Path = option("prepared data")
+    model: Path = option("fine-tuned model")
+    out_dir: Path = option("the extraction's directory")
+    compressor: str = option("compressor name")
+    r: int | None = option("compressed size (omit or 'full' for identity)", default=None, codec=RSIZE)
+    seeds: tuple[int, ...] = option("compressor seeds", default=(0,))
+    batch_size: int = option("examples per gradient pass batch", default=256)
+    device: str = option("torch device, or 'auto'", default="auto")
+    threads: int | None = option("torch CPU threads", default=None)
+    budget_mb: float | None = option("identity: skip when n*d*4 bytes exceeds this", default=None)
+    options: dict = option("JSON compressor options", default_factory=dict)
+    experiment: str = option("experiment name recorded in the arrays", default="")
 
 
 # ---- the loaded job --------------------------------------------------------------------------------------
@@ -379,6 +380,15 @@ def _run_part(job: _Job, source, *, shard: int, shards: int) -> dict:
     return rec
 
 
+@dataclass(frozen=True, kw_only=True)
+class FinalizeOptions:
+    out_dir: Path = option("the extraction's directory")
+    parts: tuple[Path, ...] = option("the part records (parts/*.json)")
+    experiment: str = option("experiment name recorded in the manifest", default="")
+
+
+@command("extract_finalize", FinalizeOptions,
+         help="check an extraction's part records, mark its arrays complete, write its manifest")
 def finalize(*, out_dir, parts, experiment: str = "") -> dict:
     """Check the part records `parts`, mark the arrays of `out_dir` complete, write its manifest."""
     stage = Stage("extract_finalize")
@@ -405,17 +415,41 @@ def _extract(spec: ExtractJob, *, name: str, make_source, shard: int | None, sha
     return finalize(out_dir=job.out_dir, parts=parts, experiment=spec.experiment)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExtractOptions:
+    job: ExtractJob = option("the extraction (its fields are the command's flags)")
+    shards: int = option("the extraction's rows are split into this many parts", default=1)
+    shard: int | None = option("run only part K (0..N-1) and write its record; omitted: every part, then the "
+                               "manifest", default=None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NestedOptions(ExtractOptions):
+    source: Path = option("directory of the complete larger-r extraction of the same compressor")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FromIdentityOptions(ExtractOptions):
+    source: Path = option("directory of the complete identity (raw-gradient) extraction")
+
+
+@command("extract", ExtractOptions,
+         help="per-example gradients (train and test splits, every seed) to Zarr, by a gradient pass")
 def extract(*, job: ExtractJob, shard: int | None = None, shards: int = 1) -> dict:
     """A gradient pass: part `shard` of `shards` (its record), or with shard=None the whole
     extraction (every part, then the manifest)."""
     return _extract(job, name="extract", make_source=lambda j: _Pass(), shard=shard, shards=shards)
 
 
+@command("extract_nested", NestedOptions,
+         help="a smaller r of a nesting compressor, sliced from a complete larger-r extraction")
 def extract_nested(*, job: ExtractJob, source, shard: int | None = None, shards: int = 1) -> dict:
     """Serve `job` (a smaller r) by slicing the complete larger-r extraction in directory `source`."""
     return _extract(job, name="extract_nested", make_source=lambda j: _Nested(j, source), shard=shard, shards=shards)
 
 
+@command("extract_from_identity", FromIdentityOptions,
+         help="a compressor served by compressing stored raw gradients (matrix path)")
 def extract_from_identity(*, job: ExtractJob, source, shard: int | None = None, shards: int = 1) -> dict:
     """Serve `job` by compressing the stored raw gradients of the identity extraction in `source`."""
     return _extract(job, name="extract_from_identity", make_source=lambda j: _FromIdentity(j, source), shard=shard,

@@ -25,19 +25,23 @@ Jobs (see workflow/rules/lds.smk):
 * `score`:   one (method, r): per-test-example scores for every seed, LDS against all parts:
              `lds/{method}/{rtag}/metrics.csv` (tidy rows, like `evaluate`) and `per_test.npz`.
 * `summarize`: `lds/summary.csv` and `lds/lds_table.md`.
-
-This module imports only the standard library at the top (the CLI builds its parser from here).
 """
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from ..layout import CURVATURES
+from .commands import DAMPING, RSIZE, command, group, option
 
 #: Metrics of the `score` action, one row per (method, r, seed).
 LDS_METRICS = ("lds", "lds_std_over_test", "lds_n_test", "lds_score_seconds")
 #: the plot `summarize` writes beside summary.csv (`report.lds_figure`)
 LDS_PLOT = "lds_vs_r.png"
+
+group("lds", help="linear datamodeling score: subset models, per-method LDS, summary", description=__doc__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,8 +100,28 @@ def load_npz(path) -> tuple[dict, dict]:
     return meta, arrays
 
 
-def train_part(data, out, model: str, model_options: dict | None, settings: dict, n_models: int,
-               fraction: float = 0.5, subset_seed: int = 0, part: int = 0, parts: int = 1,
+@dataclass(frozen=True, kw_only=True)
+class TrainPartOptions:
+    data: Path = option("prepared data")
+    out: Path = option("the part's .npz to write")
+    model: str = option("registered model name")
+    model_options: dict | None = option("JSON keyword options of the model builder", default=None)
+    settings: dict | None = option("JSON fine-tuning settings (the finetune recipe)", default=None, flag="--train")
+    n_models: int = option("subset models in all parts")
+    fraction: float = option("fraction of the training examples in each subset", default=0.5)
+    subset_seed: int = option("seed of the subsets", default=0)
+    part: int = option("this part (0..parts-1)", default=0)
+    parts: int = option("parts the subset models are split into", default=1)
+    vary_seed: bool = option("model k uses init/order seed finetune.seed + 1 + k", default=False)
+    device: str = option("torch device, or 'auto'", default="auto")
+    threads: int | None = option("torch CPU threads", default=None)
+    experiment: str = option("experiment name recorded in the part", default="")
+    init: Path | None = option("start every subset model from this model.pt (the pretrain stage)", default=None)
+
+
+@command("lds train", TrainPartOptions, help="train the subset models of one part")
+def train_part(*, data, out, model: str, model_options: dict | None = None, settings: dict | None = None,
+               n_models: int, fraction: float = 0.5, subset_seed: int = 0, part: int = 0, parts: int = 1,
                vary_seed: bool = False, device: str = "auto", threads: int | None = None,
                experiment: str = "", init=None) -> dict:
     import numpy as np
@@ -112,7 +136,7 @@ def train_part(data, out, model: str, model_options: dict | None, settings: dict
     stage = Stage("lds_train", device=device, threads=threads)
     blob = load_prepared(data)
     settings = {"epochs": 30, "batch_size": 64, "lr": 1e-2, "weight_decay": 0.0, "optimizer": "adam", "seed": 0,
-                **train_settings(settings)}
+                **train_settings(settings or {})}
     n = next(iter(blob["train"].values())).shape[0]
     models = part_models(n_models, part, parts)
     inputs = device_inputs(blob, stage.device)
@@ -189,7 +213,31 @@ def load_parts(paths) -> dict:
 # Stage: LDS of one (method, r), every seed
 # ----------------------------------------------------------------------------------------------
 
-def score_method(data, parts, out, per_test_out, method: str, r: int | None = None, grads: str | None = None,
+@dataclass(frozen=True, kw_only=True)
+class ScoreMethodOptions:
+    data: Path = option("prepared data")
+    parts: tuple[Path, ...] = option("every subset part (.npz)")
+    out: Path = option("metrics.csv to write")
+    per_test_out: Path = option("per_test.npz to write", flag="--per-test")
+    method: str = option("method name")
+    r: int | None = option("compressed size ('full' for full-space methods)", default=None, codec=RSIZE)
+    grads: Path | None = option("extract manifest.json (not for random)", default=None)
+    seeds: tuple[int, ...] = option("compressor seeds", default=(0,))
+    damping: str | float | list = option("'paper', a number, or a JSON list (one per block)", default="paper",
+                                         codec=DAMPING)
+    options: dict | None = option("JSON options for dropinf.influence", default=None)
+    device: str = option("torch device, or 'auto'", default="auto")
+    threads: int | None = option("torch CPU threads", default=None)
+    experiment: str = option("experiment name recorded in the rows", default="")
+    model: Path | None = option("fine-tuned model.pt: full-space methods recompute raw gradients from it when they "
+                                "were not stored", default=None)
+    recompute_batch_size: int = option("rows per recomputed chunk", default=64)
+    curvature: str = option("curvature blocks of every method (docs/curvature.md)", default="layer",
+                            choices=CURVATURES)
+
+
+@command("lds score", ScoreMethodOptions, help="LDS of one method at one r, every seed")
+def score_method(*, data, parts, out, per_test_out, method: str, r: int | None = None, grads: str | None = None,
                  seeds=(0,), damping="paper", options: dict | None = None, device: str = "auto",
                  threads: int | None = None, experiment: str = "", model: str | None = None,
                  recompute_batch_size: int = 64, curvature: str = "layer") -> list[dict]:
@@ -298,7 +346,17 @@ def _fmt(values) -> str:
     return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
 
 
-def summarize(inputs, parts, out, table, experiment: str = "") -> list[dict]:
+@dataclass(frozen=True, kw_only=True)
+class SummarizeOptions:
+    inputs: tuple[Path, ...] = option("the methods' metrics.csv files")
+    parts: tuple[Path, ...] = option("every subset part (.npz)")
+    out: Path = option("summary.csv to write")
+    table: Path = option("lds_table.md to write")
+    experiment: str = option("experiment name of the subset rows", default="")
+
+
+@command("lds summarize", SummarizeOptions, help="summary.csv and lds_table.md")
+def summarize(*, inputs, parts, out, table, experiment: str = "") -> list[dict]:
     """summary.csv: every (method, r, seed) row of `inputs` plus the subset models' rows; lds_table.md."""
     import csv
 
@@ -367,83 +425,3 @@ def summarize(inputs, parts, out, table, experiment: str = "") -> list[dict]:
 
     lds_plot(out, Path(out).with_name(LDS_PLOT), experiment)
     return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: `python -m dropinf lds {train,score,summarize} ...`
-# ----------------------------------------------------------------------------------------------
-
-def add_parser(sub) -> None:
-    """Adds the `lds` stage to the CLI's subparsers."""
-    import argparse
-
-    def _json(text):
-        return json.loads(text)
-
-    def _ints(text):
-        return [] if text.strip() in ("", "none") else [int(t) for t in text.replace(",", " ").split()]
-
-    def _r(text):
-        return None if text in ("full", "none", "") else int(text)
-
-    def _damping(text):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
-
-    s = sub.add_parser("lds", help="linear datamodeling score: subset models, per-method LDS, summary",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    acts = s.add_subparsers(dest="lds_action", required=True, metavar="<action>")
-    t = acts.add_parser("train", help="train the subset models of one part")
-    t.add_argument("--data", required=True)
-    t.add_argument("--model", required=True, help="registered model name")
-    t.add_argument("--model-options", type=_json, default={})
-    t.add_argument("--train", type=_json, default={}, help="JSON fine-tuning settings (the finetune recipe)")
-    t.add_argument("--n-models", type=int, required=True)
-    t.add_argument("--fraction", type=float, default=0.5)
-    t.add_argument("--subset-seed", type=int, default=0)
-    t.add_argument("--part", type=int, default=0)
-    t.add_argument("--parts", type=int, default=1)
-    t.add_argument("--vary-seed", action="store_true", help="model k uses init/order seed finetune.seed + 1 + k")
-    t.add_argument("--init", default=None, help="start every subset model from this model.pt (the pretrain stage)")
-    t.add_argument("--out", required=True)
-    c = acts.add_parser("score", help="LDS of one method at one r, every seed")
-    c.add_argument("--data", required=True)
-    c.add_argument("--parts", nargs="+", required=True, help="every subset part (.npz)")
-    c.add_argument("--method", required=True)
-    c.add_argument("--r", type=_r, default=None)
-    c.add_argument("--grads", default=None, help="extract manifest.json (not for random)")
-    c.add_argument("--model", default=None, help="fine-tuned model.pt: full-space methods recompute raw gradients "
-                                                  "from it when they were not stored")
-    c.add_argument("--recompute-batch-size", type=int, default=64)
-    c.add_argument("--seeds", type=_ints, default=[0])
-    c.add_argument("--damping", type=_damping, default="paper")
-    c.add_argument("--curvature", default="layer", choices=["layer", "tensor", "global"],
-                   help="curvature blocks of every method (docs/curvature.md)")
-    c.add_argument("--options", type=_json, default={})
-    c.add_argument("--out", required=True, help="metrics.csv")
-    c.add_argument("--per-test", required=True, help="per_test.npz")
-    m = acts.add_parser("summarize", help="summary.csv and lds_table.md")
-    m.add_argument("--inputs", nargs="+", required=True)
-    m.add_argument("--parts", nargs="+", required=True)
-    m.add_argument("--out", required=True)
-    m.add_argument("--table", required=True)
-    for a in (t, c, m):
-        a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-        a.add_argument("--experiment", default="")
-    for a in (t, c):
-        a.add_argument("--device", default="auto")
-
-
-def run(args) -> None:
-    if args.lds_action == "train":
-        train_part(args.data, args.out, args.model, args.model_options, args.train, args.n_models, args.fraction,
-                   args.subset_seed, args.part, args.parts, args.vary_seed, args.device, args.threads, args.experiment,
-                   init=args.init)
-    elif args.lds_action == "score":
-        score_method(args.data, args.parts, args.out, args.per_test, args.method, args.r, args.grads, args.seeds,
-                     args.damping, args.options, args.device, args.threads, args.experiment, model=args.model,
-                     recompute_batch_size=args.recompute_batch_size, curvature=args.curvature)
-    else:
-        summarize(args.inputs, args.parts, args.out, args.table, args.experiment)

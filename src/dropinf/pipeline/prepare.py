@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import DropinfError, IntegrityError, NonFiniteError
+from .commands import command, option
 from .common import Stage, atomic_path, jsonable, log
 
 SPLIT_EXTRAS = ("labels_clean", "flipped")
@@ -45,7 +48,19 @@ def flip_labels(labels: torch.Tensor, num_classes: int, rate: float, seed: int) 
     return noisy, torch.from_numpy(flipped)
 
 
-def prepare_data(out, dataset: str, dataset_options: dict | None = None, label_noise: float = 0.0,
+@dataclass(frozen=True, kw_only=True)
+class PrepareOptions:
+    out: Path = option("the prepared data file to write")
+    dataset: str = option("registered dataset name")
+    dataset_options: dict | None = option("JSON keyword options of the dataset loader", default=None)
+    label_noise: float = option("fraction of training labels flipped", default=0.0)
+    noise_seed: int = option("seed of the flipped labels", default=0)
+    threads: int | None = option("torch CPU threads", default=None)
+
+
+@command("prepare_data", PrepareOptions,
+       help="load a dataset, flip a fraction of training labels (seeded), save tensors")
+def prepare_data(*, out, dataset: str, dataset_options: dict | None = None, label_noise: float = 0.0,
                  noise_seed: int = 0, threads: int | None = None) -> dict:
     from ..data import load_dataset
 

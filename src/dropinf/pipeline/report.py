@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+from .commands import Codec, command, option
 from .common import atomic_path, log, read_json
 from .methods import FULL_SPACE, METHODS
 from .metrics import COLUMNS, PROVENANCE, TIMING_METRICS
@@ -23,7 +25,17 @@ STATS = ["mean", "std", "count"]
 
 # ---- summarize ----------------------------------------------------------------------------------
 
-def summarize(inputs, out, finetune_metrics=None, experiment: str = "") -> int:
+@dataclass(frozen=True, kw_only=True)
+class SummarizeOptions:
+    inputs: tuple[Path, ...] = option("the evaluation rows (metrics.csv files)")
+    out: Path = option("summary.csv to write")
+    finetune_metrics: Path | None = option("finetune's metrics JSON, added as rows of method 'finetune'",
+                                           default=None)
+    experiment: str = option("experiment name of the finetune rows", default="")
+
+
+@command("summarize", SummarizeOptions, help="concatenate evaluation rows into the tidy summary.csv")
+def summarize(*, inputs, out, finetune_metrics=None, experiment: str = "") -> int:
     import pandas as pd
 
     text = {c: str for c in COLUMNS if c not in ("r", "seed", "value", "stage_seconds")}
@@ -476,7 +488,25 @@ def _savefig(fig, path: Path) -> None:
 
 # ---- the stage ----------------------------------------------------------------------------------------
 
-def report(summary, out_dir, experiment: str = "", scored=()) -> None:
+def method_rtag(text: str) -> tuple[str, ...]:
+    return tuple(text.split("/", 1))
+
+
+#: a (method, rtag) pair on the command line: METHOD/RTAG
+METHOD_RTAG = Codec(method_rtag, "/".join, "METHOD/RTAG")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportOptions:
+    summary: Path = option("summary.csv")
+    out_dir: Path = option("directory for the tables and plots")
+    experiment: str = option("experiment name in titles", default="")
+    scored: tuple[tuple[str, str], ...] = option("METHOD/RTAG pairs, to list skipped methods", default=(),
+                                                 codec=METHOD_RTAG)
+
+
+@command("report", ReportOptions, help="tables and plots from summary.csv")
+def report(*, summary, out_dir, experiment: str = "", scored=()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -32,13 +32,15 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import DropinfError
-from ..layout import Layout, check_curvature
+from ..layout import CURVATURES, Layout, check_curvature
+from .commands import DAMPING, RSIZE, command, option
 from .common import Stage, clean_stale, file_sha256, jsonable, log, remove, tmp_path
 from .extract import load_split
 from .methods import BASELINES, FULL_SPACE, solver_of
@@ -85,7 +87,35 @@ def block_summary(curvature: str, blocks: dict) -> dict:
     return out
 
 
-def score(data, out_dir, method: str, r: int | None = None, grads: str | None = None, seeds=(0,),
+@dataclass(frozen=True, kw_only=True)
+class ScoreOptions:
+    data: Path = option("prepared data")
+    out_dir: Path = option("the scores' directory")
+    method: str = option("method name")
+    r: int | None = option("compressed size ('full' for full-space methods)", default=None, codec=RSIZE)
+    grads: Path | None = option("extract manifest.json (not for random)", default=None)
+    seeds: tuple[int, ...] = option("compressor seeds", default=(0,))
+    damping: str | float | list = option("'paper', a number, or a JSON list (one per block)", default="paper",
+                                         codec=DAMPING)
+    device: str = option("torch device, or 'auto'", default="auto")
+    threads: int | None = option("torch CPU threads", default=None)
+    options: dict | None = option("JSON options for dropinf.influence", default=None)
+    experiment: str = option("experiment name recorded in the scores", default="")
+    model: Path | None = option("fine-tuned model.pt: full-space methods recompute raw gradients from it",
+                                default=None)
+    gradients: str = option("full-space methods: read stored raw gradients, recompute them, or auto (stored if "
+                            "complete)", default="auto", choices=GRADIENT_SOURCES)
+    recompute_batch_size: int = option("rows per recomputed chunk", default=64)
+    curvature: str = option("curvature blocks of every method (docs/curvature.md)", default="layer",
+                            choices=CURVATURES)
+    pairwise: bool = option("also write the test x train matrix of influence scores (docs/pairwise.md)",
+                            default=False)
+    self_influence: bool = option("also write every training example's self-influence (docs/pairwise.md)",
+                                  default=False)
+
+
+@command("score", ScoreOptions, help="influence scores of one method (all seeds)")
+def score(*, data, out_dir, method: str, r: int | None = None, grads: str | None = None, seeds=(0,),
           damping="paper", device: str = "auto", threads: int | None = None, options: dict | None = None,
           experiment: str = "", model: str | None = None, gradients: str = "auto",
           recompute_batch_size: int = 64, curvature: str = "layer", pairwise: bool = False,

@@ -12,13 +12,13 @@ input is read and checked before anything is written.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DropinfError
+from .commands import command, option
 from .common import atomic_path, log
 from .methods import BASELINES, FULL_SPACE, METHODS
 from .metrics import TIMING_METRICS
@@ -202,7 +202,15 @@ vector products and the scoring (`score_seconds`). *seeds*: runs averaged. Writt
 """
 
 
-def timing_tables(summaries, out_dir) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class TimingOptions:
+    summaries: tuple[Path, ...] = option("per-experiment summary.csv files", positional=True)
+    out_dir: Path = option("directory for timing.csv and TABLE.md", flag="--out")
+
+
+@command("timing", TimingOptions, help="cross-experiment timing tables (compression and iHVP seconds per method) "
+                                       "from summary.csv files")
+def timing_tables(*, summaries, out_dir) -> dict:
     """Write `timing.csv` and `TABLE.md` for `summaries` into `out_dir`; returns what was written."""
     import pandas as pd
 
@@ -233,23 +241,3 @@ def timing_tables(summaries, out_dir) -> dict:
         tmp_md.write_text("\n".join(sections))
     log.info("timing: %d rows from %d experiments -> %s, %s", len(table), len(seen), csv_path, md_path)
     return {"csv": csv_path, "markdown": md_path, "experiments": list(seen), "rows": len(table)}
-
-
-def main(argv=None) -> int:
-    from .common import setup_logging
-
-    ap = argparse.ArgumentParser(prog="python -m dropinf.pipeline.timing", description=__doc__.splitlines()[0])
-    ap.add_argument("summaries", nargs="+", help="per-experiment summary.csv files")
-    ap.add_argument("--out", required=True, help="directory for timing.csv and TABLE.md")
-    args = ap.parse_args(argv)
-    setup_logging()
-    try:
-        timing_tables(args.summaries, args.out)
-    except DropinfError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,12 +7,14 @@ same loop with the same hyperparameters and seed on the remaining rows.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import DropinfError
 from ..progress import bar
+from .commands import command, option
 from .common import Stage, file_sha256, log, write_json
 from .prepare import load_prepared, load_tensors, model_inputs, save_tensors, task_data
 
@@ -240,13 +242,29 @@ def train_settings(finetune: dict) -> dict:
     return {k: finetune[k] for k in keys if k in finetune}
 
 
-def finetune(data, out, metrics_out, model: str, model_options: dict | None = None, device: str = "auto",
-             threads: int | None = None, init=None, **settings) -> dict:
-    """Train `model` on the prepared data; `init`: start from another run's saved weights (pretraining)."""
+@dataclass(frozen=True, kw_only=True)
+class FinetuneOptions:
+    data: Path = option("prepared data")
+    out: Path = option("model.pt to write")
+    metrics_out: Path = option("metrics JSON to write", flag="--metrics")
+    model: str = option("registered model name")
+    model_options: dict | None = option("JSON keyword options of the model builder", default=None)
+    settings: dict | None = option("JSON: epochs, batch_size, lr, weight_decay, optimizer, seed, schedule, "
+                                   "warmup_ratio", default=None, flag="--train")
+    init: Path | None = option("start from this model.pt of an earlier run (the pretrain stage)", default=None)
+    device: str = option("torch device, or 'auto'", default="auto")
+    threads: int | None = option("torch CPU threads", default=None)
+
+
+@command("finetune", FinetuneOptions, help="train the model on the prepared training split")
+def finetune(*, data, out, metrics_out, model: str, model_options: dict | None = None, settings: dict | None = None,
+             init=None, device: str = "auto", threads: int | None = None) -> dict:
+    """Train `model` on the prepared data with `settings` (fit's keywords: epochs, lr, ...); `init`:
+    start from another run's saved weights (pretraining)."""
     stage = Stage("finetune", device=device, threads=threads)
     blob = load_prepared(data)
     settings = {"epochs": 30, "batch_size": 64, "lr": 1e-2, "weight_decay": 0.0, "optimizer": "adam", "seed": 0,
-                **settings}
+                **(settings or {})}
     init = None if init is None else init_record(init)
     spec = build(blob, model, model_options, settings["seed"], init)
     train, test = model_inputs(blob["train"]), model_inputs(blob["test"])

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import math
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .commands import command, option
 from .storage import (MANIFEST, array_problems, arrays_under, chunk_error, chunk_grid, chunk_key, has_checksum,
                       producing_manifest, recover_command)
 
@@ -126,7 +128,15 @@ def verify(results_dir) -> tuple[list[str], dict]:
     return problems, counts
 
 
-def main(results_dir) -> int:
+@dataclass(frozen=True, kw_only=True)
+class VerifyOptions:
+    results_dir: Path = option("an experiment's folder (results/<experiment>) or a results folder", positional=True)
+
+
+@command("verify", VerifyOptions, help="check every manifest, array and chunk of an experiment's results",
+         description="check every manifest, array and chunk of an experiment's results; one line per problem with "
+                     "the command that recomputes it; exit 0 (none) or 2", exit_status=True, threads_flag=False)
+def main(*, results_dir) -> int:
     problems, counts = verify(results_dir)
     for line in problems:
         print(line)
