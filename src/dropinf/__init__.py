@@ -15,6 +15,7 @@ from .compressors import COMPRESSORS, Compressor, compressor  # noqa: E402
 from .errors import DropinfError  # noqa: E402
 from .extraction import extract  # noqa: E402
 from .influence import influence  # noqa: E402  (binds the function over the same-named submodule)
+from .pipeline.query import query  # noqa: E402
 
-__all__ = ["compressor", "extract", "influence", "Compressor", "COMPRESSORS", "DropinfError",
+__all__ = ["compressor", "extract", "influence", "query", "Compressor", "COMPRESSORS", "DropinfError",
            "SIGN_CONVENTION", "__version__"]

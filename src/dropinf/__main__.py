@@ -157,6 +157,8 @@ def parser() -> argparse.ArgumentParser:
 
     from .pipeline.lds import add_parser as add_lds  # `lds {train,score,summarize}` (stdlib-only import)
     add_lds(sub)
+    from .pipeline.query import add_parser as add_query  # `query`, `attribute` (dispatched by their `run`)
+    add_query(sub)
     return p
 
 
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
 
     setup_logging(args.log_level)
     try:
-        return _run(args) or 0
+        return (args.run(args) if hasattr(args, "run") else _run(args)) or 0
     except DropinfError as e:
         log.error("%s: %s", args.stage, e)
         return 2
