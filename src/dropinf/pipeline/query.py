@@ -122,11 +122,8 @@ class Settings:
         explicit arguments win."""
         path = Path(results_dir) / "scores" / method / rtag(r) / "manifest.json"
         rec = read_json(path) if path.exists() else {}
+        # of dropinf.influence's options only `woodbury` changes the exact solve (the others are LiSSA's)
         opts = options if options is not None else rec.get("options") or {}
-        unknown = sorted(set(opts) - {"woodbury"})
-        if unknown:
-            raise QueryError(f"query: options {unknown} do not apply to the exact solver of {method!r} "
-                             f"(only 'woodbury')")
         return cls(curvature=curvature or rec.get("curvature") or "layer",
                    damping=damping if damping is not None else rec.get("damping", "paper"),
                    woodbury=opts.get("woodbury", "auto"))
