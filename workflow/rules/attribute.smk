@@ -21,7 +21,7 @@ rule attribute_topk:
         method="|".join(QUERYABLE),
         seedtag=r"seed[0-9]+|unseeded",
     params:
-        results=RES,
+        results=lambda wc, input: os.path.dirname(os.path.dirname(input.data)),  # results/{exp}
         r=r_of,
         seed=lambda wc: wc.seedtag[4:] if wc.seedtag.startswith("seed") else "0",
         k=ATTRIBUTE_K,
