@@ -198,11 +198,16 @@ class Attribution:
         path = self.cache_path(key)
         why = _cache_problem(path, key)
         if why is None:
-            self._P = np.load(path / "rows.npy")
-            if _crc32(self._P) == read_json(path / "cache.json")["crc32"]:
-                log.info("query: preconditioned rows from the cache %s", path)
-                return self._P
-            why = "its rows do not match their checksum"
+            try:  # mapped, not copied: the checksum and the product read the pages
+                rows = np.load(path / "rows.npy", mmap_mode="r")
+            except (OSError, ValueError) as e:
+                why = f"its rows are unreadable ({e})"
+            else:
+                if rows.shape == (self.n, self.k) and _crc32(rows) == read_json(path / "cache.json")["crc32"]:
+                    log.info("query: preconditioned rows from the cache %s", path)
+                    self._P = rows
+                    return rows
+                why = "its rows do not match their checksum"
         if path.exists():
             log.warning("query: rebuilding the cache %s: %s", path, why)
         t0 = time.perf_counter()
@@ -496,6 +501,7 @@ class _Describer:
             row = {"train_index": i, "train_label": y, "train_label_name": self.label_name(y)}
             if "labels_clean" in tr:
                 row["train_label_clean"] = int(tr["labels_clean"][i])
+                row["train_label_clean_name"] = self.label_name(row["train_label_clean"])
             if "flipped" in tr:
                 row["flipped"] = bool(tr["flipped"][i])
             row["example"] = self.text("train", i)
@@ -627,11 +633,15 @@ def format_table(df, width: int = 70) -> str:
             part = q[q["direction"] == direction]
             lines.append(f"  most {direction} ({'most negative' if direction == 'helpful' else 'most positive'} "
                          f"scores)")
-            lines.append(f"  {'rank':>4} {'train':>6} {'score':>11} {'label':>8} {'flipped':>7}  example")
+            lines.append(f"  {'rank':>4} {'train':>6} {'score':>11} {'label':>8} {'flipped (clean)':>15}  example")
             for _, row in part.iterrows():
-                flipped = "yes" if row.get("flipped") is True else ("no" if row.get("flipped") is False else "")
+                flipped = ""
+                if row.get("flipped") is True:  # the label it was trained with is not its clean one
+                    flipped = f"yes ({_short(str(row['train_label_clean_name']), 8)})"
+                elif row.get("flipped") is False:
+                    flipped = "no"
                 lines.append(f"  {row['rank']:>4} {row['train_index']:>6} {row['score']:>11.4g} "
-                             f"{_short(str(row['train_label_name']), 8):>8} {flipped:>7}  "
+                             f"{_short(str(row['train_label_name']), 8):>8} {flipped:>15}  "
                              f"{_short(str(row['example']), width)}")
     return "\n".join(lines)
 
