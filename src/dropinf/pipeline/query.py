@@ -456,10 +456,24 @@ def text_batch(texts: list[str], blob: dict) -> dict:
     keys = [k for k in blob["test"] if k in ("input_ids", "attention_mask", "token_type_ids")]
     if "input_ids" not in keys or not meta.get("tokenizer"):
         raise QueryError(f"query: dataset {blob['name']!r} is not tokenized text; pass --test-index or --image")
+    pairs = [t.split("\t", 1) for t in texts]
+    if _pair_task(blob["name"]) != all(len(p) == 2 for p in pairs):
+        raise QueryError(f"query: dataset {blob['name']!r} takes " + (
+            "sentence pairs: give each text as 'first sentence<TAB>second sentence'" if _pair_task(blob["name"])
+            else "single texts: a text contains a TAB"))
     tok = load_tokenizer(meta["tokenizer"])
     width = int(blob["train"]["input_ids"].shape[1])
-    enc = encode_splits(tok, {"q": (texts, None)}, int(meta.get("max_length") or width))["q"]
+    first, second = ([p[0] for p in pairs], [p[1] for p in pairs]) if _pair_task(blob["name"]) else (texts, None)
+    enc = encode_splits(tok, {"q": (first, second)}, int(meta.get("max_length") or width))["q"]
     return {k: enc[k] for k in keys if k in enc}
+
+
+def _pair_task(name: str) -> bool:
+    """Whether the dataset's examples are sentence pairs (GLUE's two-sentence tasks)."""
+    from ..data.hf import GLUE_KEYS
+
+    task = name.removeprefix("glue_")
+    return name.startswith("glue_") and bool(GLUE_KEYS.get(task, (None, None))[1])
 
 
 # ---- describing examples -----------------------------------------------------------------------------
@@ -533,7 +547,8 @@ def open_attribution(results_dir, method: str, r=None, seed=0, *, curvature=None
     """An `Attribution` for (results_dir, method, r, seed), kept for the process so that repeated
     queries reuse the loaded rows and model (reloaded when the extraction's manifest changes)."""
     settings = Settings.of_score_stage(results_dir, method, r, curvature, damping, options)
-    key = (str(Path(results_dir).resolve()), method, r, seed, settings, device)
+    key = (str(Path(results_dir).resolve()), method, r, seed, json.dumps(jsonable(settings.__dict__), sort_keys=True),
+           device)
     att = _OPEN.get(key)
     manifest = Path(results_dir) / "grads" / (extraction_of(method) or "") / rtag(None if method == "orig" else r) \
         / "manifest.json"
@@ -592,7 +607,8 @@ def query(results_dir, method: str, r=None, seed=0, *, test_index=None, text=Non
             for rank, (i, info) in enumerate(zip(idx, desc.train_rows(idx)), 1):
                 out.append({"query": j, "query_source": q.source, "query_label": q.label,
                             "query_label_name": desc.label_name(q.label),
-                            "query_predicted": q.predicted, "direction": direction, "rank": rank,
+                            "query_predicted": q.predicted, "query_predicted_name": desc.label_name(q.predicted),
+                            "direction": direction, "rank": rank,
                             "score": float(S[i, j]), **info})
     df = pd.DataFrame(out)
     df.attrs.update(experiment=att.root.name, method=method, r=att.r, seed=att.seed, n_train=att.n, k=int(k),
@@ -626,7 +642,7 @@ def format_table(df, width: int = 70) -> str:
         head = q.iloc[0]
         pred = "" if head["query_predicted"] is None or (isinstance(head["query_predicted"], float)
                                                          and math.isnan(head["query_predicted"])) \
-            else f", predicted {int(head['query_predicted'])}"
+            else f", predicted {head['query_predicted_name']}"
         label = "" if head["query_label_name"] == "" else f" (loss at label {head['query_label_name']}{pred})"
         lines += ["", f"query {j}: {_short(str(head['query_source']), width)}{label}"]
         for direction in DIRECTIONS:
@@ -660,7 +676,8 @@ def write_outputs(df, csv=None, json_path=None) -> None:
         for j, q in df.groupby("query", sort=True):
             head = q.iloc[0]
             entry = {"query": int(j), "source": head["query_source"], "label": _plain(head["query_label"]),
-                     "label_name": head["query_label_name"], "predicted": _plain(head["query_predicted"])}
+                     "label_name": head["query_label_name"], "predicted": _plain(head["query_predicted"]),
+                     "predicted_name": head["query_predicted_name"]}
             cols = [c for c in q.columns if not c.startswith("query") and c != "direction"]
             for direction in DIRECTIONS:
                 entry[direction] = [{c: _plain(v) for c, v in row.items()}

@@ -75,7 +75,8 @@ def main(argv=None) -> None:
     ap.add_argument("--m", type=int, default=100, help="test rows")
     ap.add_argument("--r", type=int, default=4096)
     ap.add_argument("--features", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=128, help="MLP width: d = (features + 1) * hidden + (hidden + 1) * 10")
+    ap.add_argument("--hidden", type=int, default=128,
+                    help="MLP width: d = (features + 1) * hidden + (hidden + 1) * 10")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default="results/bench/query_cpu.csv")
