@@ -254,3 +254,17 @@ def test_text_experiment(minilm, method, r):
     top = df[(df["direction"] == "harmful") & (df["rank"] == 1)].iloc[0]
     assert top["example"] == blob["meta"]["text"]["train"][int(top["train_index"])]
     assert "great" in set(df["train_label_name"]) | set(df["query_label_name"])
+
+
+@pytest.mark.slow
+def test_benchmark_writes_rows_with_provenance(tmp_path):
+    import pandas as pd
+
+    from dropinf.pipeline.query_bench import main
+
+    main(["--n", "300", "--m", "10", "--r", "64", "--hidden", "16", "--repeats", "1", "--out", str(tmp_path / "q.csv")])
+    df = pd.read_csv(tmp_path / "q.csv")
+    assert df["path"].tolist() == ["query_first", "query_cached_test_index", "query_cached_new_input",
+                                   "query_warm_new_input", "build_experiment"]
+    assert (df["seconds"] > 0).all() and (df["n_train"] == 300).all() and (df["r"] == 64).all()
+    assert df["device"].str.startswith("cpu").all() and {"git_commit", "torch_version", "cpu_model"} <= set(df)
