@@ -6,7 +6,8 @@
 # arrays (grads/{compressor}/{rtag}/preconditioned/), where `dropinf query` reuses them.
 
 ATTRIBUTE_K = config.get("attribute", {}).get("k", 10)
-QUERYABLE = list(M.COMPRESSED) + ["orig"]
+# orig reads the stored raw gradients (the identity extraction): not when the config recomputes them
+QUERYABLE = list(M.COMPRESSED) + (["orig"] if config["score"]["gradients"] != "recompute" else [])
 ATTRIBUTED = [f"{RES}/attributions/{m}/{t}/{s}/topk.csv" for m, t in SCORED if m in QUERYABLE
               for s in ([f"seed{x}" for x in SEEDS] if M.uses_seed(m) else ["unseeded"])]
 
@@ -18,7 +19,7 @@ rule attribute_topk:
     output:
         f"{RES}/attributions/{{method}}/{{rtag}}/{{seedtag}}/topk.csv",
     wildcard_constraints:
-        method="|".join(QUERYABLE),
+        method="|".join(list(M.COMPRESSED) + ["orig"]),
         seedtag=r"seed[0-9]+|unseeded",
     params:
         results=lambda wc, input: os.path.dirname(os.path.dirname(input.data)),  # results/{exp}
