@@ -1,4 +1,4 @@
-"""Benchmark of `dropinf query`: n training rows at compressed size r, one query, on this machine.
+"""Benchmark of `dropinf query`: n training rows at compressed size r, one query, on the CPU it runs on.
 
     python -m dropinf.bench query --n 10000 --r 4096 --out results/reference/bench/query_cpu.csv
 
