@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def attributed(wf, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("attribute")
     cfg = wf.default_config()
-    cfg.update(methods=["dropout", "orig", "random"], seeds=[0, 1], attribute={"k": 4})
+    cfg.update(methods=["dropout", "gaussian", "orig", "random"], seeds=[0, 1], attribute={"k": 4})
     path = wf.write_config(workdir / "config.yaml", cfg)
     wf.snakemake(workdir, "attribute", config=path)
     return workdir / cfg["results_dir"] / cfg["experiment"], cfg, path, workdir
@@ -27,7 +27,8 @@ def test_attribute_writes_every_topk(attributed, wf):
     from dropinf.pipeline.score import solve_blocks
 
     res, cfg, path, workdir = attributed
-    want = [f"dropout/r{r}/seed{s}" for r in cfg["r"] for s in cfg["seeds"]] + ["orig/full/unseeded"]
+    want = [f"{m}/r{r}/seed{s}" for m in ("dropout", "gaussian") for r in cfg["r"] for s in cfg["seeds"]] + \
+        ["orig/full/unseeded"]
     for rel in want:
         df = pd.read_csv(res / "attributions" / rel / "topk.csv")
         method, tag, seedtag = rel.split("/")
@@ -64,3 +65,27 @@ def test_query_reuses_the_workflow_cache(attributed):
         b = topk[(topk["test_index"] == 3) & (topk["direction"] == direction)].sort_values("rank")["train_index"]
         assert a == b.tolist()
     assert (cache / "rows.npy").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("method,r", [("dropout", 16), ("gaussian", 64), ("orig", None)])
+def test_new_input_on_served_arrays(attributed, method, r, tmp_path):
+    """The workflow serves these arrays from the raw gradients (and r=16 by slicing r=64): a test image
+    given as a new input at its label still gets its stored row's scores."""
+    import json
+
+    import dropinf
+    from dropinf.pipeline.prepare import load_prepared
+    from dropinf.pipeline.query import open_attribution
+
+    res = attributed[0]
+    manifest = json.loads((res / "grads" / ("identity" if r is None else method) / ("full" if r is None else f"r{r}")
+                           / "manifest.json").read_text())
+    assert method == "orig" or manifest.get("served_from") or manifest.get("sliced_from")
+    blob = load_prepared(res / "data/dataset.pt")
+    np.save(tmp_path / "x.npy", blob["test"]["x"][4].numpy())
+    att = open_attribution(res, method, r, 1 if method != "orig" else 0)
+    want = att.scores(att.test_rows([4]))[:, 0]
+    df = dropinf.query(res, method, r, 1 if method != "orig" else 0, image=tmp_path / "x.npy",
+                       label=int(blob["test"]["labels"][4]), k=att.n)
+    got = df[df["direction"] == "helpful"].set_index("train_index")["score"].sort_index().to_numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
