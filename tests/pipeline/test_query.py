@@ -138,6 +138,12 @@ def test_png_image_is_the_datasets_pixels(digits, tmp_path):
     assert a["train_index"].tolist() == b["train_index"].tolist()
     np.testing.assert_allclose(a["score"], b["score"], rtol=1e-6)
     assert a["query_label"].iloc[0] == a["query_predicted"].iloc[0]
+    # --images: a directory (its image files, sorted) or a file listing paths relative to itself
+    assert Q.image_paths(tmp_path) == [tmp_path / "d.npy", tmp_path / "d.png"]
+    (tmp_path / "list.txt").write_text("d.png\n\nd.npy\n")
+    assert Q.image_paths(tmp_path / "list.txt") == [tmp_path / "d.png", tmp_path / "d.npy"]
+    both = dropinf.query(digits, "dropout", 64, 0, image=Q.image_paths(tmp_path / "list.txt"), k=5)
+    assert both["query"].nunique() == 2
 
 
 @pytest.mark.slow
