@@ -26,6 +26,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/lds.smk"
+include: "workflow/rules/attribute.smk"
 
 
 report: "workflow/report/workflow.rst"

@@ -16,6 +16,7 @@ from .errors import DropinfError  # noqa: E402
 from .extraction import extract  # noqa: E402
 from .influence import influence  # noqa: E402  (binds the function over the same-named submodule)
 from .influence import pairwise_blocks, self_influence  # noqa: E402
+from .pipeline.query import query  # noqa: E402
 
-__all__ = ["compressor", "extract", "influence", "self_influence", "pairwise_blocks", "Compressor", "COMPRESSORS",
-           "DropinfError", "SIGN_CONVENTION", "__version__"]
+__all__ = ["compressor", "extract", "influence", "self_influence", "pairwise_blocks", "query", "Compressor",
+           "COMPRESSORS", "DropinfError", "SIGN_CONVENTION", "__version__"]

@@ -17,7 +17,7 @@ import pytest
 from dropinf.__main__ import main, parser
 from dropinf.errors import DropinfError
 from dropinf.pipeline import commands
-from dropinf.pipeline.commands import (DAMPING, FLOATS, INTS, JSON, OPTIONAL_FLOAT, OPTIONAL_INT, PATH, RSIZE, STR,
+from dropinf.pipeline.commands import (DAMPING, FLOATS, INT, INTS, JSON, OPTIONAL_FLOAT, OPTIONAL_INT, PATH, RSIZE, STR,
                                        command, group, option)
 
 #: The flags of every stage as the workflow's rules (and users) call them: names must not change.
@@ -128,6 +128,8 @@ def _random_value(a: commands.Argument, rng: random.Random):
         items = [word() for _ in range(rng.randint(0 if a.default is not commands._REQUIRED else 1, 3))]
         if a.codec is PATH:
             items = [Path(x) for x in items]
+        elif a.codec is INT:  # query's test rows
+            items = [rng.randint(0, 10**6) for _ in items]
         elif a.codec is not STR:  # METHOD/RTAG pairs
             items = [(x.replace("/", ""), rng.choice(["full", "r8"])) for x in items]
         return a.container(items)

@@ -14,8 +14,9 @@ from packaging.requirements import Requirement
 REPO = Path(__file__).resolve().parents[2]
 GPU_RULES = ("finetune", "extract", "score", "evaluate", "bench_one", "lds_train", "lds_score", "pretrain",
              "extract_nested", "extract_from_identity")
-CPU_RULES = ("prepare_data", "extract_finalize", "summarize", "report", "lds_summarize", "prepare_pretrain_data")
-TARGET_RULES = ("bench", "lds")  # input-only aggregation targets: nothing runs, so no log/resources
+CPU_RULES = ("prepare_data", "extract_finalize", "summarize", "report", "lds_summarize", "prepare_pretrain_data",
+             "attribute_topk")
+TARGET_RULES = ("bench", "lds", "attribute")  # input-only aggregation targets: nothing runs, so no log/resources
 
 
 def test_lint_clean(wf):

@@ -67,7 +67,7 @@ from typing import Any, Callable
 STAGE_MODULES = (
     "dropinf.pipeline.prepare", "dropinf.pipeline.train", "dropinf.pipeline.extract", "dropinf.pipeline.score",
     "dropinf.pipeline.evaluate", "dropinf.pipeline.report", "dropinf.pipeline.timing", "dropinf.pipeline.verify",
-    "dropinf.pipeline.lds",
+    "dropinf.pipeline.lds", "dropinf.pipeline.query",
 )
 
 
