@@ -61,14 +61,14 @@ rule lds_score:
     input:
         unpack(lambda wc: {**stored_gradients(wc), "parts": LDS_PARTS,
                            **({"model": rules.finetune.output.model}
-                              if wc.method in M.FULL_SPACE and config["score"]["gradients"] != "stored" else {})}),
+                              if REG.get(wc.method).full_space and config["score"]["gradients"] != "stored" else {})}),
     output:
         metrics=f"{LDS_DIR}/{{method}}/{{rtag}}/metrics.csv",
         per_test=f"{LDS_DIR}/{{method}}/{{rtag}}/per_test.npz",
     params:
         exp=EXP,
         r=r_of,
-        seeds=lambda wc: ",".join(str(s) for s in SEEDS) if M.uses_seed(wc.method) else "0",
+        seeds=lambda wc: ",".join(str(s) for s in SEEDS) if REG.get(wc.method).uses_seed else "0",
         grads=lambda wc, input: ["--grads", input.grads] if "grads" in input.keys() else [],
         model=lambda wc, input: ["--model", input.model] if "model" in input.keys() else [],
         recompute_batch_size=config["score"]["recompute_batch_size"],
