@@ -372,15 +372,15 @@ def _coerce(value, schema: dict, where: str):
         return value
     for key in ("oneOf", "anyOf"):
         if key in schema and isinstance(value, str):
-            branches = schema[key]
-            if any(b.get("const") == value or b.get("type") == "string" or value in (b.get("enum") or ())
-                   for b in branches):
-                return value
-            for branch in branches:
+            import jsonschema
+
+            for branch in schema[key]:  # the first form the (typed) value satisfies
                 try:
-                    return _coerce(value, branch, where)
+                    typed = _coerce(value, branch, where)
                 except ConfigError:
                     continue
+                if jsonschema.Draft202012Validator(branch).is_valid(typed):
+                    return typed
             raise ConfigError(f"config error at '{where}': {value!r} (from --config) matches none of the allowed "
                               f"forms of this key (see workflow/schemas/config.schema.yaml)")
     kind = schema.get("type")
