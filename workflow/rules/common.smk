@@ -138,14 +138,30 @@ def r_of(wildcards):
 
 
 # ---- resources --------------------------------------------------------------------------------
-RUNTIME = {"prepare_data": 15, "pretrain": 240, "finetune": 120, "extract": 240, "score": 120, "evaluate": 240,
-           "summarize": 10, "report": 15} | config["resources"]["runtime"]
-MEM_MB = {"prepare_data": 4000, "pretrain": 16000, "finetune": 16000, "extract": 32000, "score": 32000, "evaluate": 16000,
-          "summarize": 2000, "report": 4000} | config["resources"]["mem_mb"]
+# Minutes and MB per rule (config `resources.runtime` / `resources.mem_mb` override any of them).
+# A retried job (the slurm profile's `retries`) asks for `attempt` times as much of both: a job
+# killed for time or memory then gets more instead of dying the same way again.
+RUNTIME = {"prepare_data": 15, "pretrain": 240, "finetune": 120, "extract": 240, "extract_finalize": 10, "score": 120,
+           "evaluate": 240, "summarize": 10, "report": 15, "lds_train": 240, "lds_score": 60, "lds_summarize": 10,
+           "bench_one": 60} | config["resources"]["runtime"]
+MEM_MB = {"prepare_data": 4000, "pretrain": 16000, "finetune": 16000, "extract": 32000, "extract_finalize": 2000,
+          "score": 32000, "evaluate": 16000, "summarize": 2000, "report": 4000, "lds_train": 16000, "lds_score": 16000,
+          "lds_summarize": 2000, "bench_one": 64000} | config["resources"]["mem_mb"]
 GPU = config["resources"]["gpu"]
-GPU_MODEL = config["resources"]["gpu_model"] if GPU else ""
+# no GPU model unless the config names one: any GPU the scheduler has (`--gpus=N`)
+GPU_MODEL = config["resources"].get("gpu_model") if GPU else None
 CPUS_PER_GPU = config["resources"]["cpus_per_gpu"]
 THREADS = config["threads"]
+
+
+def job_resources(name, gpu=None):
+    """The resources of the rules sized as `name`; `gpu`: GPUs per job (None: a CPU-only rule)."""
+    out = {}
+    if gpu is not None:
+        out.update(gpu=gpu, **({"gpu_model": GPU_MODEL} if GPU_MODEL and gpu else {}), cpus_per_gpu=CPUS_PER_GPU)
+    out.update(runtime=lambda wildcards, attempt: RUNTIME[name] * attempt,
+               mem_mb=lambda wildcards, attempt: MEM_MB[name] * attempt)
+    return out
 
 
 # ---- input/params functions of the rules ---------------------------------------------------------

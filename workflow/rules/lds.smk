@@ -39,11 +39,7 @@ rule lds_train:
         f"{BENCH}/lds/train-part{{part}}of{LDS['parts']}.tsv"
     threads: THREADS
     resources:
-        gpu=GPU,
-        gpu_model=GPU_MODEL,
-        cpus_per_gpu=CPUS_PER_GPU,
-        runtime=RUNTIME.get("lds_train", 240),
-        mem_mb=MEM_MB.get("lds_train", 16000),
+        **job_resources("lds_train", gpu=GPU),
     conda:
         ENV
     container:
@@ -82,11 +78,7 @@ rule lds_score:
         f"{BENCH}/lds/score-{{method}}-{{rtag}}.tsv"
     threads: THREADS
     resources:
-        gpu=GPU,
-        gpu_model=GPU_MODEL,
-        cpus_per_gpu=CPUS_PER_GPU,
-        runtime=RUNTIME.get("lds_score", 60),
-        mem_mb=MEM_MB.get("lds_score", 16000),
+        **job_resources("lds_score", gpu=GPU),
     conda:
         ENV
     container:
@@ -115,8 +107,7 @@ rule lds_summarize:
         f"{BENCH}/lds/summarize.tsv"
     threads: 1
     resources:
-        runtime=RUNTIME.get("lds_summarize", 10),
-        mem_mb=MEM_MB.get("lds_summarize", 2000),
+        **job_resources("lds_summarize"),
     conda:
         ENV
     container:

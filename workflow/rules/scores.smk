@@ -22,11 +22,7 @@ rule score:
         f"{BENCH}/score/{{method}}-{{rtag}}.tsv"
     threads: THREADS
     resources:
-        gpu=GPU,
-        gpu_model=GPU_MODEL,
-        cpus_per_gpu=CPUS_PER_GPU,
-        runtime=RUNTIME["score"],
-        mem_mb=MEM_MB["score"],
+        **job_resources("score", gpu=GPU),
     conda:
         ENV
     container:
