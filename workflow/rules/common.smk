@@ -38,7 +38,10 @@ def _check_config():
     cli_files = [os.path.abspath(f) for f in settings.configfiles]
     workflow_files = [] if settings.replace_workflow_config else [
         f for f in workflow.configfiles if os.path.abspath(f) not in cli_files]
-    sources = [(str(f), yaml.safe_load(open(f)) or {}) for f in workflow_files + cli_files]
+    sources = []  # lowest precedence first: which one sets r (or compression_sizes) last
+    for path in workflow_files + cli_files:
+        with open(path) as f:
+            sources.append((str(path), yaml.safe_load(f) or {}))
     sources.append(("--config", OPTIONS._plain(settings.config)))
     with open(SCHEMA) as f:
         raw_schema = yaml.safe_load(f)
