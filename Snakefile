@@ -3,10 +3,12 @@
 #
 #   snakemake --cores 2                                   # the embedded default (config.yaml)
 #   snakemake --cores 2 --configfile my.yaml --replace-workflow-config
+#   snakemake --cores 2 --config compression_sizes=[16,64] seeds=[0,1]   # keys on the command line
 #   snakemake --profile slurm                             # on a SLURM cluster
 #   snakemake --report report.html                        # HTML report after a run
 #
-# Rules are thin: each runs `python -m dropinf <stage> ...` (src/dropinf/pipeline/).
+# Rules are thin: each runs `python -m dropinf <stage> ...` (src/dropinf/pipeline/). Methods, and
+# the names the config may use, come from the registries (docs/extending.md).
 
 from snakemake.utils import min_version
 

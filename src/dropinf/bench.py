@@ -508,7 +508,9 @@ def ihvp_timing(argv) -> None:
         rows.append({**base, "path": f"ihvp_{label}", "seconds": statistics.median(times), **extra})
         print(f"ihvp {label:24s} {statistics.median(times):8.3f} s", flush=True)
 
-    for method in ("orig", "lissa", "datainf", "tracin"):
+    from .pipeline.methods import FULL_SPACE
+
+    for method in FULL_SPACE:  # every registered solver on raw gradients
         timed(method, lambda: influence(train, test, method, blocks=blocks, device=dev, dtype=torch.float32))
     for name in ("dropout", "gaussian", "sjlt"):
         c = make(name, dim=a.d, r=a.r, seed=0)

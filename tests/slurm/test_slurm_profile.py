@@ -335,8 +335,9 @@ def test_embedded_default_through_slurm_equals_local(slurm, tmp_path):
                                   stdout=local_log, stderr=subprocess.STDOUT)
     env = dict(slurm, DROPINF_SLURM_PARTITION=PARTITION)
     try:
+        # the documented GPU-type override (the rules name no GPU model of their own)
         proc = _run(SNAKEMAKE + ["--profile", "slurm", "--slurm-keep-successful-logs"]
-                    + FAST_POLL, wf, env)
+                    + ["--config", f"resources={{gpu_model: {GPU_TYPE}}}"] + FAST_POLL, wf, env)
         slurm_s = time.monotonic() - t0
     finally:
         local_rc = local_proc.wait(timeout=1800)

@@ -26,11 +26,7 @@ rule bench_one:
         f"benchmarks/bench/{{arch}}_{{dtype}}.tsv"
     threads: 4
     resources:
-        gpu=1,
-        gpu_model=GPU_MODEL,
-        cpus_per_gpu=CPUS_PER_GPU,
-        runtime=60,
-        mem_mb=64000,
+        **job_resources("bench_one", gpu=1),
     conda:
         ENV
     container:

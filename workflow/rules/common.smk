@@ -4,62 +4,73 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 
-import jsonschema
 import yaml
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 SCHEMA = os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
 
 
-def _config_error_message(config):
-    """One line naming the offending key, or None when the config is valid."""
+def _by_path(name, relpath):
+    """A stdlib-only module of src/dropinf loaded by its path: no torch import at DAG time."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(workflow.basedir, "src", "dropinf", relpath))
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[name] = loaded  # dataclasses look their module up by name
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+# Torch-free checks of the config files and of every name and option key (src/dropinf/pipeline/
+# options.py and methods.py: the registries, read from the registering modules' source).
+OPTIONS = _by_path("dropinf_options", "pipeline/options.py")
+M = _by_path("dropinf_methods", "pipeline/methods.py")
+
+
+def _check_config():
+    """Every check of the config before anything runs: one WorkflowError naming the key."""
+    for file in workflow.configfiles:  # Snakemake's loader silently keeps the last of duplicate keys
+        message = OPTIONS.duplicate_key_error(str(file))
+        if message:
+            raise WorkflowError(message)
+    settings = workflow.config_settings
+    cli_files = [os.path.abspath(f) for f in settings.configfiles]
+    workflow_files = [] if settings.replace_workflow_config else [
+        f for f in workflow.configfiles if os.path.abspath(f) not in cli_files]
+    sources = []  # lowest precedence first: which one sets r (or compression_sizes) last
+    for path in workflow_files + cli_files:
+        with open(path) as f:
+            sources.append((str(path), yaml.safe_load(f) or {}))
+    sources.append(("--config", OPTIONS._plain(settings.config)))
     with open(SCHEMA) as f:
-        schema = yaml.safe_load(f)
-    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(config))
-    if not errors:
-        return None
-    err = jsonschema.exceptions.best_match(errors)
-    path = ""
-    for part in err.absolute_path:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    if err.validator == "additionalProperties":
-        where = f" in '{path}'" if path else ""
-        return f"config error{where}: {err.message} (schema: workflow/schemas/config.schema.yaml)"
-    if err.validator == "required":
-        where = f" '{path}'" if path else ""
-        return f"config error{where}: {err.message}"
-    if err.validator == "pattern" and err.schema.get("x-allowed"):
-        return f"config error at '{path}': {err.instance!r} is not allowed ({err.schema['x-allowed']})"
-    return f"config error at '{path or '<top level>'}': {err.message}"
+        raw_schema = yaml.safe_load(f)
+    try:
+        OPTIONS.apply_command_line(config, settings.config, raw_schema)  # --config seeds=[0,1] gives strings
+        plugins = OPTIONS.plugin_list(config)
+        errors = M.registry(plugins).errors(config.get("methods"))
+        schema = OPTIONS.config_schema(SCHEMA, M.schema_names(plugins))
+    except (OPTIONS.ConfigError, M.MethodError) as e:
+        raise WorkflowError(str(e)) from None
+    message = errors[0] if errors else OPTIONS.schema_error(config, schema)
+    if message:
+        raise WorkflowError(message)
+    try:
+        OPTIONS.resolve_sizes(config, sources)
+    except OPTIONS.ConfigError as e:
+        raise WorkflowError(str(e)) from None
+    if "r" not in config:
+        raise WorkflowError(f"config error: 'r' is a required property (the compression sizes; on the command "
+                            f"line: {OPTIONS.SIZES_KEY}=[16,64])")
+    OPTIONS.fill_defaults(config, schema)
+    for message in OPTIONS.option_errors(config)[:1]:
+        raise WorkflowError(message)
 
 
-# Torch-free checks of the config files and of the option keys (dropinf/pipeline/options.py, by path).
-_spec = importlib.util.spec_from_file_location(
-    "dropinf_options", os.path.join(workflow.basedir, "src", "dropinf", "pipeline", "options.py")
-)
-OPTIONS = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(OPTIONS)
-
-for _file in workflow.configfiles:  # Snakemake's loader silently keeps the last of duplicate keys
-    _message = OPTIONS.duplicate_key_error(str(_file))
-    if _message:
-        raise WorkflowError(_message)
-_message = _config_error_message(config)
-if _message:
-    raise WorkflowError(_message)
-validate(config, SCHEMA)  # fills the schema's defaults
-for _message in OPTIONS.option_errors(config)[:1]:
-    raise WorkflowError(_message)
-
-# The methods table (which extraction each method reads) is loaded by path: no torch at DAG time.
-_spec = importlib.util.spec_from_file_location(
-    "dropinf_methods", os.path.join(workflow.basedir, "src", "dropinf", "pipeline", "methods.py")
-)
-M = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(M)
+_check_config()
+PLUGINS = list(config["plugins"])
+REG = M.registry(PLUGINS)
+COMPRESSORS = OPTIONS.compressor_table(PLUGINS)
 
 EXP = config["experiment"]
 RES = f"{config['results_dir']}/{EXP}"
@@ -98,6 +109,7 @@ SRC = os.path.join(workflow.basedir, "src")
 _env = os.environ
 _env.update(
     DROPINF_CONFIG_SHA256=CONFIG_SHA256,
+    DROPINF_PLUGINS=",".join(PLUGINS),  # every job imports them (dropinf.plugins)
     DROPINF_REPO=workflow.basedir,
     PYTHONPATH=os.pathsep.join([SRC] + [p for p in _env.get("PYTHONPATH", "").split(os.pathsep) if p and p != SRC]),
     PATH=os.pathsep.join([os.path.dirname(sys.executable), _env.get("PATH", "")]),
@@ -116,20 +128,20 @@ if not config["progress"]:  # the jobs' progress bars (environment, not params: 
 # it trains (environment, not params: changing r must not rerun fine-tuning).
 _env["DROPINF_PLANNED_EXTRACTIONS"] = json.dumps(
     {c: {"r": sorted(config["r"]), "options": config["extract"]["compressor_options"].get(c, {})}
-     for c in sorted({M.extraction_of(m) for m in config["methods"]} - {None, "identity"})}, sort_keys=True)
+     for c in sorted({REG.get(m).extraction for m in METHODS} - {None, M.RAW})}, sort_keys=True)
 
 
 def tags(method):
     """Path segments (rtag) at which `method` runs: 'full', or 'r16', 'r64', ..."""
-    return [M.rtag(r) for r in RS] if M.uses_r(method) else ["full"]
+    return [M.rtag(r) for r in RS] if REG.get(method).uses_r else ["full"]
 
 
 SCORED = [(m, t) for m in METHODS for t in tags(m)]  # (method, rtag) pairs that get scored
 
 
 wildcard_constraints:
-    method="|".join(M.METHODS),
-    compressor="identity|" + "|".join(M.COMPRESSED),
+    method="|".join(re.escape(m) for m in REG.names()),
+    compressor="|".join(re.escape(c) for c in COMPRESSORS),
     rtag=r"full|r[1-9][0-9]*",
 
 
@@ -138,21 +150,37 @@ def r_of(wildcards):
 
 
 # ---- resources --------------------------------------------------------------------------------
-RUNTIME = {"prepare_data": 15, "pretrain": 240, "finetune": 120, "extract": 240, "score": 120, "evaluate": 240,
-           "summarize": 10, "report": 15} | config["resources"]["runtime"]
-MEM_MB = {"prepare_data": 4000, "pretrain": 16000, "finetune": 16000, "extract": 32000, "score": 32000, "evaluate": 16000,
-          "summarize": 2000, "report": 4000} | config["resources"]["mem_mb"]
+# Minutes and MB per rule (config `resources.runtime` / `resources.mem_mb` override any of them).
+# A retried job (the slurm profile's `retries`) asks for `attempt` times as much of both: a job
+# killed for time or memory then gets more instead of dying the same way again.
+RUNTIME = {"prepare_data": 15, "pretrain": 240, "finetune": 120, "extract": 240, "extract_finalize": 10, "score": 120,
+           "evaluate": 240, "summarize": 10, "report": 15, "lds_train": 240, "lds_score": 60, "lds_summarize": 10,
+           "bench_one": 60} | config["resources"]["runtime"]
+MEM_MB = {"prepare_data": 4000, "pretrain": 16000, "finetune": 16000, "extract": 32000, "extract_finalize": 2000,
+          "score": 32000, "evaluate": 16000, "summarize": 2000, "report": 4000, "lds_train": 16000, "lds_score": 16000,
+          "lds_summarize": 2000, "bench_one": 64000} | config["resources"]["mem_mb"]
 GPU = config["resources"]["gpu"]
-GPU_MODEL = config["resources"]["gpu_model"] if GPU else ""
+# no GPU model unless the config names one: any GPU the scheduler has (`--gpus=N`)
+GPU_MODEL = config["resources"].get("gpu_model") if GPU else None
 CPUS_PER_GPU = config["resources"]["cpus_per_gpu"]
 THREADS = config["threads"]
+
+
+def job_resources(name, gpu=None):
+    """The resources of the rules sized as `name`; `gpu`: GPUs per job (None: a CPU-only rule)."""
+    out = {}
+    if gpu is not None:
+        out.update(gpu=gpu, **({"gpu_model": GPU_MODEL} if GPU_MODEL and gpu else {}), cpus_per_gpu=CPUS_PER_GPU)
+    out.update(runtime=lambda wildcards, attempt: RUNTIME[name] * attempt,
+               mem_mb=lambda wildcards, attempt: MEM_MB[name] * attempt)
+    return out
 
 
 # ---- input/params functions of the rules ---------------------------------------------------------
 def compressor_options(comp):
     """extract.compressor_options of `comp`; a projection's `blocks` defaults to score.curvature."""
     opts = dict(config["extract"]["compressor_options"].get(comp, {}))
-    if comp in ("gaussian", "sjlt"):
+    if "blocks" in (COMPRESSORS[comp]["options"] or ()):  # a projection: per curvature block by default
         opts.setdefault("blocks", config["score"]["curvature"])
     return opts
 
@@ -169,15 +197,10 @@ def extract_params(wildcards):
 
 
 # Which kind of job fills each extraction directory (src/dropinf/pipeline/serving.py, loaded by path).
-_spec = importlib.util.spec_from_file_location(
-    "dropinf_serving", os.path.join(workflow.basedir, "src", "dropinf", "pipeline", "serving.py")
-)
-SERVING = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = SERVING  # dataclasses look their module up by name
-_spec.loader.exec_module(SERVING)
+SERVING = _by_path("dropinf_serving", "pipeline/serving.py")
 IDENTITY_DIR = f"{RES}/grads/identity/full"
 # the identity extraction is part of the run when a full-space method reads its stored raw gradients
-IDENTITY_IN_RUN = any(M.extraction_of(m) == "identity" for m in METHODS) and config["score"]["gradients"] != "recompute"
+IDENTITY_IN_RUN = any(REG.get(m).full_space for m in METHODS) and config["score"]["gradients"] != "recompute"
 
 
 def identity_manifest():
@@ -193,7 +216,8 @@ def extraction_route(wildcards):
     r = None if wildcards.rtag == "full" else int(wildcards.rtag[1:])
     ex = config["extract"]
     return SERVING.route(compressor=wildcards.compressor, r=r, grads=f"{RES}/grads", rs=RS, nest=ex["nest"],
-                         from_identity=ex["from_identity"], identity=identity_manifest, device=config["device"])
+                         from_identity=ex["from_identity"], identity=identity_manifest, device=config["device"],
+                         nests_in_r=COMPRESSORS[wildcards.compressor]["nests_in_r"])
 
 
 def extraction_parts(wildcards):
@@ -205,7 +229,7 @@ def extraction_parts(wildcards):
 def stored_gradients(wildcards):
     """The data and the extraction a method reads (none for random)."""
     inputs = {"data": f"{RES}/data/dataset.pt"}
-    comp = M.extraction_of(wildcards.method)
+    comp = REG.get(wildcards.method).extraction
     if comp is not None:
         inputs["grads"] = f"{RES}/grads/{comp}/{wildcards.rtag}/manifest.json"
     return inputs
@@ -213,7 +237,7 @@ def stored_gradients(wildcards):
 
 def score_inputs(wildcards):
     inputs = stored_gradients(wildcards)
-    if wildcards.method in M.FULL_SPACE:  # raw gradients are recomputed from the model when not stored
+    if REG.get(wildcards.method).full_space:  # raw gradients are recomputed from the model when not stored
         inputs["model"] = f"{RES}/model/model.pt"
         if config["score"]["gradients"] == "recompute":
             del inputs["grads"]

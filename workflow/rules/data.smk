@@ -13,8 +13,7 @@ rule prepare_data:
         f"{BENCH}/prepare_data.tsv"
     threads: THREADS
     resources:
-        runtime=RUNTIME["prepare_data"],
-        mem_mb=MEM_MB["prepare_data"],
+        **job_resources("prepare_data"),
     conda:
         ENV
     container:

@@ -19,11 +19,7 @@ rule evaluate:
         f"{BENCH}/evaluate/{{method}}-{{rtag}}.tsv"
     threads: THREADS
     resources:
-        gpu=GPU,
-        gpu_model=GPU_MODEL,
-        cpus_per_gpu=CPUS_PER_GPU,
-        runtime=RUNTIME["evaluate"],
-        mem_mb=MEM_MB["evaluate"],
+        **job_resources("evaluate", gpu=GPU),
     conda:
         ENV
     container:

@@ -18,11 +18,7 @@ rule finetune:
         f"{BENCH}/finetune.tsv"
     threads: THREADS
     resources:
-        gpu=GPU,
-        gpu_model=GPU_MODEL,
-        cpus_per_gpu=CPUS_PER_GPU,
-        runtime=RUNTIME["finetune"],
-        mem_mb=MEM_MB["finetune"],
+        **job_resources("finetune", gpu=GPU),
     conda:
         ENV
     container:

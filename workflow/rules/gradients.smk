@@ -49,11 +49,7 @@ rule extract:
         f"{BENCH}/extract/{{compressor}}-{{rtag}}{PART_LOG}.tsv"
     threads: THREADS
     resources:
-        gpu=GPU,
-        gpu_model=GPU_MODEL,
-        cpus_per_gpu=CPUS_PER_GPU,
-        runtime=RUNTIME["extract"],
-        mem_mb=MEM_MB["extract"],
+        **job_resources("extract", gpu=GPU),
     conda:
         ENV
     container:
@@ -84,11 +80,7 @@ rule extract_nested:
         f"{BENCH}/extract/{{compressor}}-{{rtag}}-from-r{{big}}.tsv"
     threads: THREADS
     resources:
-        gpu=GPU,
-        gpu_model=GPU_MODEL,
-        cpus_per_gpu=CPUS_PER_GPU,
-        runtime=RUNTIME["extract"],
-        mem_mb=MEM_MB["extract"],
+        **job_resources("extract", gpu=GPU),
     conda:
         ENV
     container:
@@ -121,11 +113,7 @@ rule extract_from_identity:
         f"{BENCH}/extract/{{compressor}}-{{rtag}}-from-identity{PART_LOG}.tsv"
     threads: THREADS
     resources:
-        gpu=GPU,
-        gpu_model=GPU_MODEL,
-        cpus_per_gpu=CPUS_PER_GPU,
-        runtime=RUNTIME["extract"],
-        mem_mb=MEM_MB["extract"],
+        **job_resources("extract", gpu=GPU),
     conda:
         ENV
     container:
@@ -158,8 +146,7 @@ checkpoint extract_finalize:
     benchmark:
         f"{BENCH}/extract/{{compressor}}-{{rtag}}-finalize.tsv"
     resources:
-        runtime=RUNTIME.get("extract_finalize", 10),
-        mem_mb=MEM_MB.get("extract_finalize", 2000),
+        **job_resources("extract_finalize"),
     conda:
         ENV
     container:

@@ -39,11 +39,7 @@ rule lds_train:
         f"{BENCH}/lds/train-part{{part}}of{LDS['parts']}.tsv"
     threads: THREADS
     resources:
-        gpu=GPU,
-        gpu_model=GPU_MODEL,
-        cpus_per_gpu=CPUS_PER_GPU,
-        runtime=RUNTIME.get("lds_train", 240),
-        mem_mb=MEM_MB.get("lds_train", 16000),
+        **job_resources("lds_train", gpu=GPU),
     conda:
         ENV
     container:
@@ -61,14 +57,14 @@ rule lds_score:
     input:
         unpack(lambda wc: {**stored_gradients(wc), "parts": LDS_PARTS,
                            **({"model": rules.finetune.output.model}
-                              if wc.method in M.FULL_SPACE and config["score"]["gradients"] != "stored" else {})}),
+                              if REG.get(wc.method).full_space and config["score"]["gradients"] != "stored" else {})}),
     output:
         metrics=f"{LDS_DIR}/{{method}}/{{rtag}}/metrics.csv",
         per_test=f"{LDS_DIR}/{{method}}/{{rtag}}/per_test.npz",
     params:
         exp=EXP,
         r=r_of,
-        seeds=lambda wc: ",".join(str(s) for s in SEEDS) if M.uses_seed(wc.method) else "0",
+        seeds=lambda wc: ",".join(str(s) for s in SEEDS) if REG.get(wc.method).uses_seed else "0",
         grads=lambda wc, input: ["--grads", input.grads] if "grads" in input.keys() else [],
         model=lambda wc, input: ["--model", input.model] if "model" in input.keys() else [],
         recompute_batch_size=config["score"]["recompute_batch_size"],
@@ -82,11 +78,7 @@ rule lds_score:
         f"{BENCH}/lds/score-{{method}}-{{rtag}}.tsv"
     threads: THREADS
     resources:
-        gpu=GPU,
-        gpu_model=GPU_MODEL,
-        cpus_per_gpu=CPUS_PER_GPU,
-        runtime=RUNTIME.get("lds_score", 60),
-        mem_mb=MEM_MB.get("lds_score", 16000),
+        **job_resources("lds_score", gpu=GPU),
     conda:
         ENV
     container:
@@ -117,8 +109,7 @@ rule lds_summarize:
         f"{BENCH}/lds/summarize.tsv"
     threads: 1
     resources:
-        runtime=RUNTIME.get("lds_summarize", 10),
-        mem_mb=MEM_MB.get("lds_summarize", 2000),
+        **job_resources("lds_summarize"),
     conda:
         ENV
     container:

@@ -19,8 +19,7 @@ rule prepare_pretrain_data:
         f"{BENCH}/prepare_pretrain_data.tsv"
     threads: THREADS
     resources:
-        runtime=RUNTIME["prepare_data"],
-        mem_mb=MEM_MB["prepare_data"],
+        **job_resources("prepare_data"),
     conda:
         ENV
     container:
@@ -47,11 +46,7 @@ rule pretrain:
         f"{BENCH}/pretrain.tsv"
     threads: THREADS
     resources:
-        gpu=GPU,
-        gpu_model=GPU_MODEL,
-        cpus_per_gpu=CPUS_PER_GPU,
-        runtime=RUNTIME["pretrain"],
-        mem_mb=MEM_MB["pretrain"],
+        **job_resources("pretrain", gpu=GPU),
     conda:
         ENV
     container:

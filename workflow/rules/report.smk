@@ -8,6 +8,11 @@ REPORT_FILES = [
     f"{REPORT_DIR}/retrain_table.md",
 ]
 
+# aggregation of small files: run by snakemake itself, not submitted as cluster jobs
+localrules:
+    summarize,
+    report,
+
 
 rule summarize:
     """One tidy table: experiment, method, r, seed, metric, value + provenance columns."""
@@ -24,8 +29,7 @@ rule summarize:
         f"{BENCH}/summarize.tsv"
     threads: 1
     resources:
-        runtime=RUNTIME["summarize"],
-        mem_mb=MEM_MB["summarize"],
+        **job_resources("summarize"),
     conda:
         ENV
     container:
@@ -55,8 +59,7 @@ rule report:
         f"{BENCH}/report.tsv"
     threads: 1
     resources:
-        runtime=RUNTIME["report"],
-        mem_mb=MEM_MB["report"],
+        **job_resources("report"),
     conda:
         ENV
     container:

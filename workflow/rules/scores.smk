@@ -7,7 +7,7 @@ rule score:
     params:
         exp=EXP,
         r=r_of,
-        seeds=lambda wc: ",".join(str(s) for s in SEEDS) if M.uses_seed(wc.method) else "0",
+        seeds=lambda wc: ",".join(str(s) for s in SEEDS) if REG.get(wc.method).uses_seed else "0",
         grads=lambda wc, input: ["--grads", input.grads] if "grads" in input.keys() else [],
         model=lambda wc, input: ["--model", input.model] if "model" in input.keys() else [],
         gradients=config["score"]["gradients"],
@@ -24,11 +24,7 @@ rule score:
         f"{BENCH}/score/{{method}}-{{rtag}}.tsv"
     threads: THREADS
     resources:
-        gpu=GPU,
-        gpu_model=GPU_MODEL,
-        cpus_per_gpu=CPUS_PER_GPU,
-        runtime=RUNTIME["score"],
-        mem_mb=MEM_MB["score"],
+        **job_resources("score", gpu=GPU),
     conda:
         ENV
     container:

@@ -1,7 +1,8 @@
 """Data sources: a registry of loaders that return `TaskData` (tensors, already tokenized).
 
 A loader is `fn(**opts) -> TaskData`, registered with `@register_dataset("name")`. Each lives in
-its own module under `dropinf.data` and is imported below so that registration happens.
+its own module under `dropinf.data`; every module of the package is imported below, which
+registers it (a new dataset is one new file).
 Label noise is not a loader's business: the `prepare_data` stage injects it.
 """
 from __future__ import annotations
@@ -55,7 +56,14 @@ def load_dataset(name: str, **opts) -> TaskData:
         raise DropinfError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}") from None
     return fn(**opts)
 
-from . import digits  # noqa: E402,F401  (registration)
+
+def _register_all() -> None:
+    """Import every submodule (each registers its loaders): a new dataset is one new file."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
-from . import amazon_reviews, austen, cifar10, fashion_mnist, hf  # noqa: E402,F401  (registration)
+_register_all()

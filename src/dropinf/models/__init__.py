@@ -1,7 +1,8 @@
 """Models: a registry of builders returning a `ModelSpec` (module + how to score a batch).
 
 A builder is `fn(data: TaskData, **opts) -> ModelSpec`, registered with `@register_model("name")`,
-each in its own module under `dropinf.models`, imported below for registration.
+each in its own module under `dropinf.models`; every module of the package is imported below,
+which registers it (a new model is one new file).
 """
 from __future__ import annotations
 
@@ -42,7 +43,14 @@ def build_model(name: str, data, **opts) -> ModelSpec:
         raise DropinfError(f"unknown model {name!r}; known: {sorted(MODELS)}") from None
     return fn(data, **opts)
 
-from . import mlp  # noqa: E402,F401  (registration)
+
+def _register_all() -> None:
+    """Import every submodule (each registers its builders): a new model is one new file."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
-from . import causal_lm, gpt2, resnet9, text_classifier  # noqa: E402,F401  (registration)
+_register_all()

@@ -254,7 +254,7 @@ def score_method(*, data, parts, out, per_test_out, method: str, r: int | None =
     from .evaluate import write_rows
     from .extract import load_split
     from .metrics import lds_per_test
-    from .methods import BASELINES, FULL_SPACE, solver_of
+    from .methods import extraction_of, is_full_space, solver_of
     from .score import block_summary, solve_blocks
     from .storage import MANIFEST, read_manifest
     from ..layout import check_curvature
@@ -282,12 +282,12 @@ def score_method(*, data, parts, out, per_test_out, method: str, r: int | None =
         return out_rows
 
     recomputed = None
-    if method in BASELINES:
+    if extraction_of(method) is None:
         jobs = [(int(s), None) for s in seeds]
     else:
         gm = read_manifest(grads)
         grads_dir = Path(grads).parent if Path(grads).name == MANIFEST else Path(grads)
-        if gm.get("status") != "complete" and method in FULL_SPACE and model is not None:
+        if gm.get("status") != "complete" and is_full_space(method) and model is not None:
             from .score import recomputed_gradients
 
             log.info("%s: raw gradients were not stored (%s); recomputing them from %s", method,
@@ -299,10 +299,10 @@ def score_method(*, data, parts, out, per_test_out, method: str, r: int | None =
             reason = f"{gm.get('compressor')} extraction was skipped: {gm.get('reason', 'unknown reason')}"
             log.warning("SKIPPED lds of %s: %s", method, reason)
             return finish("skipped", reason)
-        jobs = [(None, None)] if method in FULL_SPACE else [(int(s), None) for s in seeds]
+        jobs = [(None, None)] if is_full_space(method) else [(int(s), None) for s in seeds]
     for seed, _ in jobs:
         t0 = time.perf_counter()
-        if method in BASELINES:
+        if extraction_of(method) is None:
             scores = np.random.default_rng(int(seed)).standard_normal((n, m))
         else:
             if recomputed is not None:

@@ -43,7 +43,7 @@ from ..layout import CURVATURES, Layout, check_curvature
 from .commands import DAMPING, RSIZE, command, option
 from .common import Stage, clean_stale, file_sha256, jsonable, log, remove, tmp_path
 from .extract import load_split
-from .methods import BASELINES, FULL_SPACE, solver_of
+from .methods import extraction_of, is_full_space, solver_of
 from .prepare import model_inputs
 from .prepare import load_prepared
 from .storage import MANIFEST, create_array, mark_complete, read_manifest, save_array, write_manifest
@@ -70,7 +70,7 @@ def solve_blocks(method: str, gm: dict, array, curvature: str) -> dict:
     """label -> columns of each curvature block for `method` on one extracted array (manifest `gm`)."""
     from ..compressors.base import column_blocks_from_attrs
 
-    if method in FULL_SPACE:
+    if is_full_space(method):
         if "layout" not in gm:
             raise DropinfError(f"the extract manifest of {method!r} has no 'layout' (which coordinates belong to "
                                f"which parameter), so its curvature blocks are unknown: re-run its extract stage")
@@ -140,7 +140,7 @@ def score(*, data, out_dir, method: str, r: int | None = None, grads: str | None
                     "positive_means": "harmful (raises test loss when up-weighted)",
                     "most_valuable": "most negative", "options": options}
 
-    if method in BASELINES:
+    if extraction_of(method) is None:
         if pairwise or self_influence:
             manifest["not_applicable"] = f"{method} scores use no gradients: no pairwise or self-influence arrays"
             log.info("%s: score.pairwise/score.self do not apply (%s)", method, manifest["not_applicable"])
@@ -165,7 +165,7 @@ def score(*, data, out_dir, method: str, r: int | None = None, grads: str | None
                                f"self-influence need them stored (test gradients whole, train read once per solve): "
                                f"set {key}: false, raise extract.identity_budget_mb, or score a compressed method")
 
-    if method in FULL_SPACE and gradients == "recompute":
+    if is_full_space(method) and gradients == "recompute":
         recomputed("score.gradients is 'recompute'")
         return _score_recomputed(data, model, out_dir, method, damping, options, stage, manifest, common_attrs,
                                  recompute_batch_size, curvature, why="score.gradients is 'recompute'")
@@ -174,7 +174,7 @@ def score(*, data, out_dir, method: str, r: int | None = None, grads: str | None
     gm = read_manifest(grads)
     grads_dir = Path(grads).parent if Path(grads).name == MANIFEST else Path(grads)
     manifest["extract_provenance"] = gm.get("provenance")
-    if gm.get("status") != "complete" and method in FULL_SPACE and gradients == "auto":
+    if gm.get("status") != "complete" and is_full_space(method) and gradients == "auto":
         why = f"the identity extraction was skipped ({gm.get('reason', 'unknown reason')})"
         if model is None:
             raise DropinfError(f"score: {method} needs raw gradients, {why}, and no --model was given to "
@@ -189,7 +189,7 @@ def score(*, data, out_dir, method: str, r: int | None = None, grads: str | None
         return commit(out_dir, [], manifest)
 
     solver = solver_of(method)
-    seeds_here = [None] if method in FULL_SPACE else [int(s) for s in seeds]
+    seeds_here = [None] if is_full_space(method) else [int(s) for s in seeds]
     for seed in seeds_here:
         train = load_split(grads_dir, gm, seed, "train")
         test = torch.from_numpy(np.asarray(load_split(grads_dir, gm, seed, "test")[...]))

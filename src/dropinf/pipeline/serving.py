@@ -73,17 +73,20 @@ def recorded(manifest: dict | None) -> Route | None:
 
 
 def route(*, compressor: str, r: int | None, grads: str, rs, nest: bool, from_identity: bool, identity,
-          device: str) -> Route:
+          device: str, nests_in_r: bool | None = None) -> Route:
     """How `grads/{compressor}/{r}` is made (see the module docstring). `grads`: the grads/ directory;
     `rs`: the configured r values; `identity()`: the identity manifest when it serves this run
-    (None when it is not part of it); called only when needed, since it may wait for that job."""
+    (None when it is not part of it); called only when needed, since it may wait for that job.
+    `nests_in_r`: the compressor's class attribute (default: membership in NESTS_IN_R)."""
+    if nests_in_r is None:
+        nests_in_r = compressor in NESTS_IN_R
     here = f"{grads}/{compressor}/{'full' if r is None else f'r{int(r)}'}"
     kept = recorded(read_manifest(here))
     if kept is not None:
         return kept
     if compressor == "identity" or r is None:
         return Route(PASS)
-    if nest and compressor in NESTS_IN_R and rs and int(r) < max(rs):
+    if nest and nests_in_r and rs and int(r) < max(rs):
         return Route(NESTED, f"{grads}/{compressor}/r{max(rs)}")
     if from_identity:
         m = identity()
