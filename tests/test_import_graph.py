@@ -16,7 +16,7 @@ LAYERS = {
     # no dependencies on the rest: errors, logging/provenance/atomic files, the torch-free registry
     # tables the DAG reads (names and options parsed from source) and the plugin loader
     "errors": "base", "pipeline.common": "base", "pipeline.options": "base", "pipeline.methods": "base",
-    "pipeline.plugins": "base",
+    "pipeline.plugins": "base", "progress": "base", "pipeline.commands": "base", "pipeline.devices": "base",
     "data": "data", "pipeline.prepare": "data",
     "models": "model",
     # which coordinates a model's gradients have, and how each module type's factors are read
@@ -29,8 +29,9 @@ LAYERS = {
     "pipeline.storage": "storage", "pipeline.sharding": "storage", "pipeline.serving": "storage",
     "pipeline.extract": "storage",
     "influence": "influence", "recompute": "influence", "pipeline.score": "influence",
-    "pipeline.metrics": "evaluation", "pipeline.evaluate": "evaluation", "pipeline.lds": "evaluation",
-    "pipeline.verify": "evaluation",
+    "pipeline.metrics": "evaluation", "pipeline.evaluate": "evaluation", "pipeline.verify": "evaluation",
+    "pipeline.lds": "report",  # trains, scores and evaluates subset models, and its summarize draws the LDS plot
+    "pipeline.query": "report", "pipeline.query_bench": "report",  # questions asked of finished results
     "pipeline.report": "report", "pipeline.timing": "report", "bench": "report", "__main__": "report",
     "pipeline": "report",  # the package: its __init__ only loads plugins
     "": "report",  # the package root is the public facade over everything
