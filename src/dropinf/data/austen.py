@@ -38,7 +38,7 @@ import torch
 
 from ..errors import DropinfError
 from . import TaskData, register_dataset
-from .cache import data_home, debian_data_dir, sha256_file, source_info
+from .cache import CONVERSION_MANIFEST, data_home, debian_data_dir, sha256_file, source_info
 from .rlazy import LazyLoadDB
 from .text import chunk_stream
 
@@ -137,14 +137,18 @@ def pretrained_tokenizer(name: str):
 
     if not isinstance(name, str) or not name:
         raise DropinfError(f"austen tokenizer must be 'bpe', 'bytes' or a pretrained tokenizer's name, got {name!r}")
-    tok = load_tokenizer(resolve_name(name))
+    path = resolve_name(name)
+    tok = load_tokenizer(path)
     backend = getattr(tok, "backend_tokenizer", None)
     # what identifies a tokenizer is its vocabulary and rules, not the folder it was read from
     serial = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
-    return PretrainedTokenizer(tok), {
-        "tokenizer": name, "tokenizer_path": tokenizer_name(tok), "tokenizer_class": type(tok).__name__,
-        "tokenizer_sha256": hashlib.sha256(serial.encode()).hexdigest(), "vocab_size": len(tok),
-        "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    info = {"tokenizer": name, "tokenizer_path": tokenizer_name(tok), "tokenizer_class": type(tok).__name__,
+            "tokenizer_sha256": hashlib.sha256(serial.encode()).hexdigest(), "vocab_size": len(tok),
+            "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    conversion = Path(path) / CONVERSION_MANIFEST
+    if conversion.is_file():  # converted from a checkpoint (SmolLM2's GGUF): the file it came from
+        info["tokenizer_source"] = json.loads(conversion.read_text())["source"]
+    return PretrainedTokenizer(tok), info
 
 
 def austen_tokenizer(kind: str = "bpe", vocab_size: int = 4096, holdout: str = "emma", root=None,
