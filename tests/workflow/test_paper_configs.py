@@ -217,3 +217,34 @@ def test_smollm2_dry_run_plans_every_stage_without_data(wf, tmp_path, monkeypatc
     assert jobs.get("score") == jobs.get("evaluate") == len(cfg["methods"]) == 8, jobs
     assert f"results/{cfg['experiment']}/summary.csv" in out
     assert not (tmp_path / "results").exists() and not (tmp_path / "no-data").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_config_runs_end_to_end_on_a_few_windows(wf, tmp_path):
+    """The published config's DAG with the real model, shrunk to run on a CPU in a few minutes:
+    8 training windows, one method (dropout r = 8, one seed), 2 windows removed and retrained.
+    The conversion lands in (or is read from) the data cache, as in a real run."""
+    import math
+
+    import pandas as pd
+
+    from dropinf.data.cache import debian_data_dir, pypi_model_file
+    from dropinf.errors import DropinfError
+
+    try:
+        pypi_model_file("smollm2")
+        root = debian_data_dir("r-cran-janeaustenr")
+    except DropinfError as e:
+        pytest.skip(f"offline source unavailable: {e}")
+    cfg = load(SMOLLM2)
+    cfg.update(experiment="smollm2-tiny", methods=["dropout"], r=[8], seeds=[0], device="cpu")
+    cfg["dataset"]["options"].update(n_train=8, n_test=2, root=str(root))
+    cfg["finetune"]["batch_size"] = 4
+    cfg["extract"]["batch_size"] = 5
+    cfg["evaluate"]["retrain_fractions"] = [0.25]
+    wf.snakemake(tmp_path, config=wf.write_config(tmp_path / "c.yaml", cfg), cores=1, timeout=1200)
+    df = pd.read_csv(tmp_path / "results" / "smollm2-tiny" / "summary.csv")
+    value = lambda method, metric: float(df[(df.method == method) & (df.metric == metric)].value.iloc[0])  # noqa: E731
+    assert value("finetune", "n_train") == 8
+    assert value("finetune", "test_loss") < 6.0  # a pretrained model: far below log(49,152) = 10.8
+    assert math.isfinite(value("dropout", "retrain_test_loss@0.25"))
