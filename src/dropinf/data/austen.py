@@ -15,7 +15,16 @@ Tokenizer (`tokenizer=`):
   `$DROPINF_DATA/austen/` and its path is in `meta["tokenizer_file"]` (load it with
   `tokenizers.Tokenizer.from_file` or `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`).
 * "bytes": UTF-8 bytes, id = byte + 2 (vocabulary 258), no training.
-Special ids (both): 0 = `<pad>`, 1 = `<|endoftext|>`. Windows are full, so attention_mask is all ones.
+  Special ids (both): 0 = `<pad>`, 1 = `<|endoftext|>`.
+* any other name: a pretrained model's own tokenizer, so the windows are in that model's
+  vocabulary: an alias ("smollm2": SmolLM2-135M's, see `dropinf.models.causal_lm`), a local
+  folder or a hub id (`dropinf.data.text.load_tokenizer`). The text is encoded as is, without the
+  special tokens a tokenizer adds around a sequence (no BOS); `austen_pretrain` separates novels with
+  the tokenizer's eos token. Its identity is in the meta: `tokenizer` (the name given),
+  `tokenizer_path` and `tokenizer_sha256` (of its serialized vocabulary and rules, the same for
+  the same tokenizer wherever it is loaded from); `vocab_size`, `pad_token_id` and `eos_token_id`
+  are the tokenizer's.
+Windows are full, so attention_mask is all ones.
 """
 from __future__ import annotations
 
@@ -29,7 +38,7 @@ import torch
 
 from ..errors import DropinfError
 from . import TaskData, register_dataset
-from .cache import data_home, debian_data_dir, sha256_file, source_info
+from .cache import CONVERSION_MANIFEST, data_home, debian_data_dir, sha256_file, source_info
 from .rlazy import LazyLoadDB
 from .text import chunk_stream
 
@@ -108,13 +117,49 @@ def train_bpe(texts: list[str], vocab_size: int):
     return tok
 
 
+class PretrainedTokenizer:
+    """A Hugging Face tokenizer encoding running text: no special tokens added, no warning that the
+    whole novel is longer than the model's context (it is cut into windows afterwards)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+
+def pretrained_tokenizer(name: str):
+    """(tokenizer, info) of a pretrained model's tokenizer (alias, local folder or hub id)."""
+    from .text import load_tokenizer, resolve_name, tokenizer_name
+
+    if not isinstance(name, str) or not name:
+        raise DropinfError(f"austen tokenizer must be 'bpe', 'bytes' or a pretrained tokenizer's name, got {name!r}")
+    path = resolve_name(name)
+    tok = load_tokenizer(path)
+    backend = getattr(tok, "backend_tokenizer", None)
+    # what identifies a tokenizer is its vocabulary and rules, not the folder it was read from
+    serial = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    info = {"tokenizer": name, "tokenizer_path": tokenizer_name(tok), "tokenizer_class": type(tok).__name__,
+            "tokenizer_sha256": hashlib.sha256(serial.encode()).hexdigest(), "vocab_size": len(tok),
+            "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    conversion = Path(path) / CONVERSION_MANIFEST
+    if conversion.is_file():  # converted from a checkpoint (SmolLM2's GGUF): the file it came from
+        info["tokenizer_source"] = json.loads(conversion.read_text())["source"]
+    return PretrainedTokenizer(tok), info
+
+
 def austen_tokenizer(kind: str = "bpe", vocab_size: int = 4096, holdout: str = "emma", root=None,
                      fetch=None, novels: dict[str, str] | None = None, folder: Path | None = None):
-    """(tokenizer, info) for the given recipe; a BPE is trained once and cached as JSON."""
+    """(tokenizer, info) for the given recipe; a BPE is trained once and cached as JSON; any name other
+    than 'bpe' and 'bytes' is a pretrained tokenizer (`pretrained_tokenizer`)."""
+    special = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID}
     if kind == "bytes":
-        return ByteTokenizer(), {"tokenizer": "bytes", "vocab_size": ByteTokenizer.vocab_size}
+        return ByteTokenizer(), {"tokenizer": "bytes", "vocab_size": ByteTokenizer.vocab_size, **special}
     if kind != "bpe":
-        raise DropinfError(f"austen tokenizer must be 'bpe' or 'bytes', got {kind!r}")
+        return pretrained_tokenizer(kind)
     pretrain = _check_holdout(holdout)
     if novels is None:
         novels, folder = read_novels(root, fetch)
@@ -135,7 +180,7 @@ def austen_tokenizer(kind: str = "bpe", vocab_size: int = 4096, holdout: str = "
     if tok.token_to_id(PAD) != PAD_ID or tok.token_to_id(EOS) != EOS_ID:
         raise DropinfError(f"cached tokenizer {path} has unexpected special ids; delete it")
     return tok, {"tokenizer": "bpe", "vocab_size": int(tok.get_vocab_size()), "tokenizer_file": str(path),
-                 "tokenizer_sha256": sha256_file(path)}
+                 "tokenizer_sha256": sha256_file(path), **special}
 
 
 def _encode(tok, text: str) -> torch.Tensor:
@@ -149,14 +194,14 @@ def _lm_split(windows: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _meta(folder, info, **extra) -> dict:
-    return {"source": source_info(PACKAGE, folder, ["Rdata.rdx", "Rdata.rdb"]), **info,
-            "pad_token_id": PAD_ID, "eos_token_id": EOS_ID, **extra}
+    return {"source": source_info(PACKAGE, folder, ["Rdata.rdx", "Rdata.rdb"]), **info, **extra}
 
 
 @register_dataset("austen")
 def austen(holdout: str = "emma", seq_len: int = 64, n_train: int = 2000, n_test: int = 50, seed: int = 0,
            tokenizer: str = "bpe", vocab_size: int = 4096, root=None, fetch: bool | None = None) -> TaskData:
-    """The held-out novel as `n_train` + `n_test` disjoint windows of `seq_len` tokens."""
+    """The held-out novel as `n_train` + `n_test` disjoint windows of `seq_len` tokens
+    (`vocab_size`: of the 'bpe' tokenizer only)."""
     _check_holdout(holdout)
     novels, folder = read_novels(root, fetch)
     tok, info = austen_tokenizer(tokenizer, vocab_size, holdout, novels=novels, folder=folder)
@@ -187,7 +232,10 @@ def austen_pretrain(holdout: str = "emma", seq_len: int = 128, stride: int | Non
     pretrain = _check_holdout(holdout)
     novels, folder = read_novels(root, fetch)
     tok, info = austen_tokenizer(tokenizer, vocab_size, holdout, novels=novels, folder=folder)
-    eos = torch.tensor([EOS_ID])
+    if info["eos_token_id"] is None:
+        raise DropinfError(f"austen_pretrain separates the novels with an end-of-text token, and tokenizer "
+                           f"{tokenizer!r} has none (no eos_token)")
+    eos = torch.tensor([int(info["eos_token_id"])])
     stream = torch.cat([t for n in pretrain for t in (_encode(tok, novels[n]), eos)])
     seq_len = int(seq_len)
     stride = int(stride or seq_len)

