@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "workflow" / "configs"
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 ALL_METHODS = {"orig", "lissa", "datainf", "tracin", "gaussian", "logra", "dropout", "sjlt", "random"}
-COMPRESSED = {"gaussian", "logra", "dropout", "sjlt"}
+COMPRESSED = {"gaussian", "logra", "dropout", "sjlt", "importance_dropout"}
 
 GLUE = [(task, rank) for task in ("mrpc", "qnli", "sst2", "rte") for rank in (2, 8)]
 MISLABEL = {f"mislabel-glue-{t}-roberta-lora{k}.yaml": (f"glue_{t}", k) for t, k in GLUE}
@@ -98,7 +98,8 @@ def test_offline_mislabel_configs():
         cfg = load(name)
         assert cfg["dataset"]["name"] == "amazon_reviews" and cfg["model"]["options"]["lora_r"] == rank
         assert cfg["label_noise"] == 0.2 and 16 in cfg["r"] and {1, 2, 3, 4} <= set(cfg["r"])
-        assert cfg["seeds"] == list(range(10)) and set(cfg["methods"]) == ALL_METHODS
+        # the offline runs also carry importance-sampled dropout (beyond the paper)
+        assert cfg["seeds"] == list(range(10)) and set(cfg["methods"]) == ALL_METHODS | {"importance_dropout"}
 
 
 def test_cola_sweep():
