@@ -65,21 +65,6 @@ class _CallCounter(Compressor):
     def add_outer(self, out, slot, rows, cols):
         self.calls[slot.name] += 1
 
-    def _add_outer_diagonal(self, slot, rows, cols) -> None:
-        """sum over (b, t) of R[b,t]^2 (outer) C[b,t]^2 into the slot's matrix view."""
-        nrow, ncol = slot.matrix_shape
-        C2 = cols.full().square().reshape(-1, ncol)  # (B*T, ncol)
-        buf = self._buffer(C2)
-        view = buf[slot.offset:slot.stop].view(nrow, ncol)
-        if isinstance(rows, OneHot):  # one-hot rows square to themselves: add each position's C^2 to its row
-            view.index_add_(0, rows.ids.reshape(-1), C2.to(buf.dtype))
-            return
-        step = max(1, self.chunk_elems // max(1, rows.batch * rows.length))
-        for r0 in range(0, nrow, step):
-            ri = torch.arange(r0, min(nrow, r0 + step), device=C2.device)
-            R2 = acc(rows.gather(ri)).square().reshape(-1, ri.numel())
-            view[r0:r0 + ri.numel()] += (R2.T @ C2).to(buf.dtype)
-
     def add_vector(self, out, slot, values):
         self.calls[slot.name] += 1
 

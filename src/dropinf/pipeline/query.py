@@ -735,11 +735,16 @@ def attribute(results_dir, method: str, r=None, seed=0, *, k: int = 10, out=None
 # ---- command line ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
-class QueryOptions:
+class ArraysOptions:
+    """Which stored arrays a query or an attribution reads."""
     results_dir: Path = option("the experiment's results folder (results/<experiment>)", positional=True)
     method: str = option(f"one of {', '.join(QUERYABLE)}")
     r: int | None = option("compressed size (not for orig)", default=None, codec=RSIZE)
     seed: int = option("compressor seed (not for orig)", default=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueryOptions(ArraysOptions):
     test_index: tuple[int, ...] | None = option("rows of the test split", default=None, codec=INT)
     text: tuple[str, ...] | None = option("new texts (text models)", default=None)
     text_file: Path | None = option("a file of new texts, one per line", default=None)
@@ -779,11 +784,7 @@ def query_command(*, results_dir, method, r=None, seed=0, test_index=None, text=
 
 
 @dataclass(frozen=True, kw_only=True)
-class AttributeOptions:
-    results_dir: Path = option("the experiment's results folder (results/<experiment>)", positional=True)
-    method: str = option(f"one of {', '.join(QUERYABLE)}")
-    r: int | None = option("compressed size (not for orig)", default=None, codec=RSIZE)
-    seed: int = option("compressor seed (not for orig)", default=0)
+class AttributeOptions(ArraysOptions):
     k: int = option("how many training examples in each direction", default=10)
     curvature: str = option("curvature blocks (docs/curvature.md)", default="layer",
                             choices=("layer", "tensor", "global"))
