@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..layout import CURVATURES
-from .commands import DAMPING, RSIZE, command, group, option
+from .commands import command, group, option
+from .score import MethodOptions
 
 #: Metrics of the `score` action, one row per (method, r, seed).
 LDS_METRICS = ("lds", "lds_std_over_test", "lds_n_test", "lds_score_seconds")
@@ -214,17 +214,10 @@ def load_parts(paths) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
-class ScoreMethodOptions:
-    data: Path = option("prepared data")
+class ScoreMethodOptions(MethodOptions):
     parts: tuple[Path, ...] = option("every subset part (.npz)")
     out: Path = option("metrics.csv to write")
     per_test_out: Path = option("per_test.npz to write", flag="--per-test")
-    method: str = option("method name")
-    r: int | None = option("compressed size ('full' for full-space methods)", default=None, codec=RSIZE)
-    grads: Path | None = option("extract manifest.json (not for random)", default=None)
-    seeds: tuple[int, ...] = option("compressor seeds", default=(0,))
-    damping: str | float | list = option("'paper', a number, or a JSON list (one per block)", default="paper",
-                                         codec=DAMPING)
     options: dict | None = option("JSON options for dropinf.influence", default=None)
     device: str = option("torch device, or 'auto'", default="auto")
     threads: int | None = option("torch CPU threads", default=None)
@@ -232,8 +225,6 @@ class ScoreMethodOptions:
     model: Path | None = option("fine-tuned model.pt: full-space methods recompute raw gradients from it when they "
                                 "were not stored", default=None)
     recompute_batch_size: int = option("rows per recomputed chunk", default=64)
-    curvature: str = option("curvature blocks of every method (docs/curvature.md)", default="layer",
-                            choices=CURVATURES)
 
 
 @command("lds score", ScoreMethodOptions, help="LDS of one method at one r, every seed")

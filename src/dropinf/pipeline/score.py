@@ -88,15 +88,22 @@ def block_summary(curvature: str, blocks: dict) -> dict:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScoreOptions:
+class MethodOptions:
+    """Which method scores, from which arrays (shared by `score` and `lds score`)."""
     data: Path = option("prepared data")
-    out_dir: Path = option("the scores' directory")
     method: str = option("method name")
     r: int | None = option("compressed size ('full' for full-space methods)", default=None, codec=RSIZE)
     grads: Path | None = option("extract manifest.json (not for random)", default=None)
     seeds: tuple[int, ...] = option("compressor seeds", default=(0,))
     damping: str | float | list = option("'paper', a number, or a JSON list (one per block)", default="paper",
                                          codec=DAMPING)
+    curvature: str = option("curvature blocks of every method (docs/curvature.md)", default="layer",
+                            choices=CURVATURES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreOptions(MethodOptions):
+    out_dir: Path = option("the scores' directory")
     device: str = option("torch device, or 'auto'", default="auto")
     threads: int | None = option("torch CPU threads", default=None)
     options: dict | None = option("JSON options for dropinf.influence", default=None)
@@ -106,8 +113,6 @@ class ScoreOptions:
     gradients: str = option("full-space methods: read stored raw gradients, recompute them, or auto (stored if "
                             "complete)", default="auto", choices=GRADIENT_SOURCES)
     recompute_batch_size: int = option("rows per recomputed chunk", default=64)
-    curvature: str = option("curvature blocks of every method (docs/curvature.md)", default="layer",
-                            choices=CURVATURES)
     pairwise: bool = option("also write the test x train matrix of influence scores (docs/pairwise.md)",
                             default=False)
     self_influence: bool = option("also write every training example's self-influence (docs/pairwise.md)",
