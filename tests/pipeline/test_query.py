@@ -265,6 +265,29 @@ def test_text_experiment(minilm, method, r):
 
 
 @pytest.mark.slow
+def test_attribute_on_the_text_experiment(minilm, tmp_path):
+    """attribute's topk.csv on a text model: every test review's k most helpful and most harmful
+    training reviews, in the order and with the scores of the reference, with their labels."""
+    import pandas as pd
+
+    from dropinf.pipeline.prepare import load_prepared
+
+    out = tmp_path / "topk.csv"
+    Q.attribute(minilm, "dropout", 16, 0, k=3, out=out, threads=1)
+    df = pd.read_csv(out)
+    ref = reference(Q.Attribution(minilm, "dropout", 16, 0))  # (n, m)
+    labels = load_prepared(minilm / "data/dataset.pt")["train"]["labels"]
+    assert sorted(df["test_index"].unique()) == list(range(ref.shape[1]))
+    for j in range(ref.shape[1]):
+        for direction, order in (("helpful", np.argsort(ref[:, j], kind="stable")[:3]),
+                                 ("harmful", np.argsort(-ref[:, j], kind="stable")[:3])):
+            rows = df[(df["test_index"] == j) & (df["direction"] == direction)].sort_values("rank")
+            assert rows["train_index"].tolist() == order.tolist()
+            close(rows["score"].to_numpy(), ref[order, j], 1e-9)
+            assert rows["train_label"].tolist() == [int(labels[i]) for i in order]
+
+
+@pytest.mark.slow
 def test_benchmark_writes_rows_with_provenance(tmp_path):
     import pandas as pd
 
