@@ -239,11 +239,12 @@ def test_finetune_stage_on_eight_windows_of_emma(converted, tmp_path, monkeypatc
     except DropinfError as e:
         pytest.skip(f"offline source unavailable: {e}")
     monkeypatch.setenv("DROPINF_DATA", str(home))
-    prepare_data(tmp_path / "data.pt", "austen", {"tokenizer": "smollm2", "n_train": 8, "n_test": 4, "root": str(root)},
-                 0.0, 0, threads=2)
-    finetune(tmp_path / "data.pt", tmp_path / "model.pt", tmp_path / "model.json", "causal_lm",
-             {"model": "smollm2", "dtype": "float32"}, device="cpu", threads=2, epochs=1, batch_size=8,
-             lr=5e-5, weight_decay=0.01, optimizer="adamw")
+    prepare_data(out=tmp_path / "data.pt", dataset="austen",
+                 dataset_options={"tokenizer": "smollm2", "n_train": 8, "n_test": 4, "root": str(root)},
+                 label_noise=0.0, noise_seed=0, threads=2)
+    finetune(data=tmp_path / "data.pt", out=tmp_path / "model.pt", metrics_out=tmp_path / "model.json",
+             model="causal_lm", model_options={"model": "smollm2", "dtype": "float32"}, device="cpu", threads=2,
+             settings={"epochs": 1, "batch_size": 8, "lr": 5e-5, "weight_decay": 0.01, "optimizer": "adamw"})
     metrics = json.loads((tmp_path / "model.json").read_text())["metrics"]
     _, trained = load_weights(tmp_path / "model.pt")
     moved = (trained["model.layers.0.mlp.down_proj.weight"] - state["model.layers.0.mlp.down_proj.weight"]).abs()
