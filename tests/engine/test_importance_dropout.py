@@ -324,6 +324,23 @@ def _diagonal_reference(model, batches, rows):
     return total / rows.numel()
 
 
+def _probe_batch_sizes(monkeypatch, check_flushed=False) -> list[int]:
+    """The row count of every probe batch, with the held-memory cap at one byte (rebatching forced)."""
+    from dropinf import probe
+
+    sizes = []
+    real = probe.SquareAccumulator.end_batch
+
+    def spy(self, start, out):
+        if check_flushed:
+            assert not self.pending
+        sizes.append(out.shape[0])
+        real(self, start, out)
+    monkeypatch.setattr(probe, "HELD_BYTES", 1)
+    monkeypatch.setattr(probe.SquareAccumulator, "end_batch", spy)
+    return sizes
+
+
 def test_diagonal_estimator_equals_its_per_position_reference():
     """Sequence layers (Linear, HF Conv1D, padded Embedding, a one-position head, norms): the fused
     diagonal probe == the per-position float64 reference; it differs from the exact probe there."""
@@ -341,20 +358,10 @@ def test_diagonal_estimator_equals_its_per_position_reference():
 def test_diagonal_estimator_needs_no_counting_pass_or_held_sums(monkeypatch):
     """Tied weights: the diagonal probe squares each contribution on its own (no pending sums, full
     batches even under a 1-byte cap) and is recorded in the compressor's provenance."""
-    from dropinf import probe
-
     make, loss, data = CASES["tied"]
     torch.manual_seed(3)
     model, batches = make(), _double(data())
-    sizes = []
-    real = probe.SquareAccumulator.end_batch
-
-    def spy(self, start, out):
-        assert not self.pending
-        sizes.append(out.shape[0])
-        real(self, start, out)
-    monkeypatch.setattr(probe, "HELD_BYTES", 1)
-    monkeypatch.setattr(probe.SquareAccumulator, "end_batch", spy)
+    sizes = _probe_batch_sizes(monkeypatch, check_flushed=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opts = ImportanceDropout.prepare_options({"probe": 5, "probe_estimator": "diagonal"}, model=model,
@@ -369,20 +376,11 @@ def test_diagonal_estimator_needs_no_counting_pass_or_held_sums(monkeypatch):
 
 def test_probe_rebatches_under_the_held_memory_cap(monkeypatch):
     """Tied weights hold a per-example gradient per batch; a tiny cap forces one-row probe batches."""
-    from dropinf import probe
-
     make, loss, data = CASES["tied"]
     torch.manual_seed(3)
     model, batches = make(), _double(data())
     G = reference_grads(model, loss, batches, [n for n, _ in model.named_parameters()])
-    sizes = []
-    real = probe.SquareAccumulator.end_batch
-
-    def spy(self, start, out):
-        sizes.append(out.shape[0])
-        real(self, start, out)
-    monkeypatch.setattr(probe, "HELD_BYTES", 1)
-    monkeypatch.setattr(probe.SquareAccumulator, "end_batch", spy)
+    sizes = _probe_batch_sizes(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         w = second_moments(model, loss, batches, 5, 4, estimator="exact")
