@@ -438,11 +438,14 @@ class Reference:
 
 class SlotRecorder:
     """Wraps a compressor: every contribution also goes, per parameter tensor, into its batch sum,
-    the sum of its rows' norms (the scale of rounding) and the rows of the checked examples."""
+    the sum of its rows' norms (the scale of rounding) and the rows of the checked examples, each on
+    the columns the compressor says the tensor can reach (`slot_columns`); a write outside them is
+    recorded as a failure of the check."""
 
     def __init__(self, comp, picks):
         self.comp, self.picks = comp, list(picks)
         self.sums, self.scale, self.rows = {}, {}, {}
+        self.outside: set[str] = set()
 
     def __getattr__(self, key):
         return getattr(self.comp, key)
@@ -451,10 +454,13 @@ class SlotRecorder:
         tmp = torch.zeros_like(out)
         add(tmp)
         out += tmp
-        n = slot.name
-        self.sums[n] = self.sums.get(n, 0) + tmp.sum(0)
-        self.scale[n] = self.scale.get(n, 0) + tmp.norm(dim=1).sum()
-        self.rows[n] = self.rows.get(n, 0) + tmp[self.picks]
+        n, cols = slot.name, self.comp.slot_columns(slot)
+        if any(part.numel() and bool(part.ne(0).any()) for part in (tmp[:, :cols.start], tmp[:, cols.stop:])):
+            self.outside.add(n)
+        mine = tmp[:, cols]
+        self.sums[n] = self.sums.get(n, 0) + mine.sum(0)
+        self.scale[n] = self.scale.get(n, 0) + mine.norm(dim=1).sum()
+        self.rows[n] = self.rows.get(n, 0) + mine[self.picks]
 
     def add_outer(self, out, slot, rows, cols):
         self._record(out, slot, lambda t: self.comp.add_outer(t, slot, rows, cols))
@@ -528,12 +534,15 @@ def checked_step(ex, batch, out_dtype, start: int, ref: Reference | None) -> tor
     def compressed(g, slot):
         y = torch.zeros(1, comp.out_dim, dtype=out_dtype, device=ex.device)
         comp.add_vector(y, slot, g.detach().reshape(1, 1, -1).to(out_dtype))
-        return y[0]
+        return y[0, comp.slot_columns(slot)]
 
-    zero = torch.zeros(comp.out_dim, dtype=out_dtype, device=ex.device)
     for k, (name, _) in enumerate(ex.named):
         slot = ex.layout[name]
+        if name in rec.outside:
+            bad.append((name, f"writes outside its columns {comp.slot_columns(slot)}", float("inf")))
+            continue
         want = compressed(ref.sum[k], slot)
+        zero = torch.zeros_like(want)
         got = rec.sums.get(name, zero)
         err = judge(got, want, float(rec.scale.get(name, 0.0)) + float(want.norm()), whole)
         if err is not None:

@@ -233,3 +233,54 @@ def test_packed_sequence_reason_is_given():
     model, loss, data, _ = build("lstm_packed", 0)
     with pytest.warns(UserWarning, match="LSTM's inputs or outputs have no batch axis"):
         Extractor(model, loss, "identity").run(data)
+
+
+def test_self_check_records_only_the_columns_each_tensor_reaches(monkeypatch):
+    """Raw gradients: the check's per-tensor records hold dim values in all (each tensor's own columns),
+    not (number of tensors) x dim, which on a 135M-parameter model was hundreds of GiB."""
+    model, loss, data = text_setup(3)
+    seen = []
+    real = selfcheck.checked_step
+
+    def spy(ex, batch, out_dtype, start, ref):
+        real_recorder = selfcheck.SlotRecorder
+
+        class Keep(real_recorder):
+            def __init__(self, comp, picks):
+                super().__init__(comp, picks)
+                seen.append(self)
+
+        monkeypatch.setattr(selfcheck, "SlotRecorder", Keep)
+        try:
+            return real(ex, batch, out_dtype, start, ref)
+        finally:
+            monkeypatch.setattr(selfcheck, "SlotRecorder", real_recorder)
+
+    monkeypatch.setattr(selfcheck, "checked_step", spy)
+    ex = Extractor(model, loss, "identity")
+    quiet_run(ex, data)
+    (rec,) = seen
+    dim = ex.layout.dim
+    assert len(rec.sums) == len(ex.named) > 1
+    assert sum(v.numel() for v in rec.sums.values()) == dim
+    assert sum(v.shape[1] for v in rec.rows.values()) == dim
+
+
+def test_write_outside_the_declared_columns_is_caught(monkeypatch):
+    """A compressor whose tensor lands in another tensor's columns: the per-tensor records would not
+    see it, so the recorder checks the rest of the row is untouched."""
+    from dropinf.compressors.identity import Identity
+
+    model, loss, data = text_setup(4)
+    real = Identity.add_vector
+    victim = "fc.bias"
+
+    def misplaced(self, out, slot, values):
+        if slot.name == victim:
+            out[:, :slot.numel] += values.flatten(2).sum(1, dtype=out.dtype)  # the first tensor's columns
+        else:
+            real(self, out, slot, values)
+
+    monkeypatch.setattr(Identity, "add_vector", misplaced)
+    with pytest.raises(GradientCheckError, match=r"fc\.bias .*writes outside its columns"):
+        dropinf.extract(model, loss, data, "identity")

@@ -290,6 +290,12 @@ class Compressor:
         `dropinf.influence(..., blocks=...)`. Never finer than the compression keeps apart."""
         return self.column_map().blocks(self.require_layout(), curvature)
 
+    def slot_columns(self, slot: Slot) -> slice:
+        """The output columns `add_outer`/`add_vector` may write for `slot` (default: all of them).
+        The self-check keeps per-slot records on these columns only: with raw gradients a record of
+        every column per slot would cost (number of slots) x dim values."""
+        return slice(0, self.out_dim)
+
     # ---- matrix path ---------------------------------------------------------------------
     def compress(self, G: torch.Tensor) -> torch.Tensor:
         if G.dim() != 2 or G.shape[1] != self.dim:

@@ -33,6 +33,9 @@ class Identity(Compressor):
         self.check_budget(G.shape[0])
         return G.clone()
 
+    def slot_columns(self, slot):
+        return slice(slot.offset, slot.stop)
+
     def add_outer(self, out, slot, rows, cols):
         g = torch.einsum("bti,btj->bij", rows.full(), cols.full())
         out[:, slot.offset:slot.stop] += g.reshape(g.shape[0], -1).to(out.dtype)

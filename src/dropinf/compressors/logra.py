@@ -88,6 +88,9 @@ class LoGra(Compressor):
             out[:, c0:c1] = self._project_matrix(G[:, slot.offset:slot.stop], slot)
         return out
 
+    def slot_columns(self, slot):
+        return slice(*self.columns[slot.name])
+
     def add_outer(self, out, slot, rows, cols):
         P_row, P_col = self.factors(slot, out.device, out.dtype)
         pr, pc = rows.project(P_row), cols.project(P_col)
