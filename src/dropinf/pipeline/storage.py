@@ -469,12 +469,16 @@ class BackgroundRowWriter:
                         event.synchronize()  # the block's copies are done
                     t1 = self._time()
                     self._stats["writer_wait_seconds"] += t1 - t0
-                    self.arr[first:first + count] = view[:count]
+                    self._write_block(first, count, view)
                     self._stats["write_seconds"] += self._time() - t1
                     self._stats["blocks_written"] += 1
                 except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                     self._error = (e, first, count)
             self._free.put(index)
+
+    def _write_block(self, first: int, count: int, view) -> None:
+        """Rows [first, first + count) of the array (whole chunks, the last may end at n) from a block."""
+        self.arr[first:first + count] = view[:count]
 
 
 @contextlib.contextmanager
