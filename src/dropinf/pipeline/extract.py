@@ -151,7 +151,8 @@ class _Job:
 # ---- the three kinds of part: how rows [a, b) of every (seed, split) array are filled -----------------------
 
 class _Pass:
-    """A gradient pass over the rows, one seed at a time."""
+    """A gradient pass over the rows, one seed at a time; a background writer stores each split's rows
+    while the next batches compute (its waits go to the part record's `writer`)."""
 
     kind, part_kind, source_dir = "pass", "pass", None
 
