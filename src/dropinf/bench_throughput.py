@@ -77,8 +77,9 @@ def writer_summary(records: list[dict]) -> dict:
     out.update(blocks_written=int(sum(st["blocks_written"] for st in stats)), block_rows=stats[0]["block_rows"],
                writer_depth=stats[0]["depth"], pinned=stats[0]["pinned"],
                span_seconds=max(st["closed_at"] for st in stats) - min(st["opened_at"] for st in stats))
-    starts = [min(st["opened_at"] for seed in rec["writer"].values() for st in seed.values())
-              for rec in records if rec.get("writer")]
+    opened = [[st["opened_at"] for seed in (rec.get("writer") or {}).values() for st in seed.values()]
+              for rec in records]
+    starts = [min(times) for times in opened if times]  # parts with rows
     out["start_skew_seconds"] = max(starts) - min(starts)  # parts that began later lengthen the span
     out["stall_seconds"] = out["compute_wait_seconds"] + out["drain_seconds"]
     return out

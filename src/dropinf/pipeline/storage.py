@@ -33,8 +33,11 @@ import contextlib
 import json
 import math
 import os
+import queue
 import shlex
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -306,14 +309,11 @@ class BackgroundRowWriter:
 
     `stats()`: seconds the caller waited for a free block (`compute_wait_seconds`) and for the last
     blocks at `close` (`drain_seconds`), seconds the writer waited for rows (`writer_wait_seconds`)
-    and spent writing them (`write_seconds`), and the blocks' size and count."""
+    and spent writing them (`write_seconds`), the blocks' size and count, and the wall-clock times
+    (`time.time()`) the writer was opened and its thread ended (`opened_at`, `closed_at`)."""
 
     def __init__(self, arr, start: int = 0, stop: int | None = None, *, path=None, depth: int | None = None,
                  block_bytes: int | None = None):
-        import queue
-        import threading
-        import time
-
         self._time = time.perf_counter
         self.arr, self.path = arr, path if path is not None else getattr(arr, "store_path", "<array>")
         self.n = int(arr.shape[0])
@@ -453,8 +453,6 @@ class BackgroundRowWriter:
     _closed_at = None
 
     def _write_loop(self) -> None:
-        import time
-
         while True:
             t0 = self._time()
             item = self._work.get()
