@@ -27,6 +27,7 @@ Rows are CSV with provenance (`bench.provenance`, `bench.write_csv`).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import subprocess
@@ -55,7 +56,8 @@ def make_inputs(root: Path, *, arch: str, n_train: int, n_test: int, seq: int, v
     split = lambda a, b: {"input_ids": ids[a:b].contiguous(), "attention_mask": torch.ones(b - a, seq,  # noqa: E731
                                                                                             dtype=torch.long)}
     header = {"name": "random_tokens", "task": "lm", "num_classes": None,
-              "meta": {"vocab_size": vocab, "seq_len": seq, "eos_token_id": vocab - 1}, "label_noise": 0.0, "noise_seed": 0,
+              "meta": {"vocab_size": vocab, "seq_len": seq, "eos_token_id": vocab - 1}, "label_noise": 0.0,
+              "noise_seed": 0,
               "dataset_options": {"n_train": n_train, "n_test": n_test, "seq": seq, "vocab": vocab},
               "provenance": Stage("prepare_data").provenance()}
     save_tensors(root / "data.pt", {"train": split(0, n_train), "test": split(n_train, n_train + n_test)}, header)
@@ -127,8 +129,9 @@ def floor_and_repeatability(data: Path, model: Path, *, device, batch: int, comp
     first, again = (ex.run([inputs], progress=False) for _ in range(2))
     repeatable = bool(torch.equal(first.view(torch.int32), again.view(torch.int32)))
     del spec, ex, inputs, params
+    gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the shard processes get the device's memory
     return {"floor_seconds_per_batch": floor, "repeatable_batch": repeatable}
 
 
@@ -145,7 +148,8 @@ def run_shards(root: Path, out: Path, *, shards: int, args, device: str) -> tupl
     logs.mkdir(exist_ok=True)
     base = [sys.executable, "-m", "dropinf", "--no-progress", "extract", "--data", str(root / "data.pt"),
             "--model", str(root / "model.pt"), "--out-dir", str(out), "--compressor", args.compressor,
-            "--r", "full" if args.compressor == "identity" else str(args.r), "--seeds", str(SEED), "--batch-size", str(args.batch),
+            "--r", "full" if args.compressor == "identity" else str(args.r), "--seeds", str(SEED),
+            "--batch-size", str(args.batch),
             "--device", device, "--experiment", "throughput", "--shards", str(shards)]
     if args.threads:
         base += ["--threads", str(args.threads)]

@@ -91,7 +91,8 @@ def test_failed_write_is_raised_in_the_caller_naming_the_file(tmp_path, monkeypa
     arr = create_array(tmp_path / "a.zarr", 64, 4, {}, chunk_rows=8)
     _fail_writes_from_threads(monkeypatch, after=1)
     w = BackgroundRowWriter(arr, path=tmp_path / "a.zarr", block_bytes=1, depth=2)
-    with pytest.raises(DropinfError, match=r"writing rows 8-15 of .*a\.zarr failed \(OSError: \[Errno 28\] No space left"):
+    failed = r"writing rows 8-15 of .*a\.zarr failed \(OSError: \[Errno 28\] No space left"
+    with pytest.raises(DropinfError, match=failed):
         for a in range(0, 64, 4):  # the caller is never blocked for good by the failed writer
             w(a, torch.ones(4, 4))
         w.close()
