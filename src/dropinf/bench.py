@@ -624,6 +624,9 @@ def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "query":  # dropinf.pipeline.query_bench
         from .pipeline.query_bench import main as query_bench
         return query_bench(sys.argv[2:])
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "throughput":  # dropinf.bench_throughput
+        from .bench_throughput import main as throughput
+        return throughput(sys.argv[2:])
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "probe":
         probe_timing(sys.argv[2:])
         return

@@ -116,15 +116,16 @@ KILLER = textwrap.dedent("""
     # Run one shard, SIGKILL this process right after its second chunk write of seed 1 (mid-array).
     import os, signal, sys
     from dropinf.pipeline import storage
+    storage.WRITER_BLOCK_BYTES = 1  # one chunk per write
     writes = {"n": 0}
-    real = storage.RowWriter._flush
-    def flush(self, count):
-        real(self, count)
+    real = storage.BackgroundRowWriter._write_block
+    def write(self, first, count, view):
+        real(self, first, count, view)
         if "seed1" in str(self.arr.store_path):
             writes["n"] += 1
             if writes["n"] == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
-    storage.RowWriter._flush = flush
+    storage.BackgroundRowWriter._write_block = write
     from dropinf.__main__ import main
     sys.exit(main(sys.argv[1:]))
 """)

@@ -36,7 +36,7 @@ from . import sharding
 from .commands import RSIZE, command, option
 from .common import Stage, file_sha256, jsonable, log
 from .methods import rtag
-from .storage import RowWriter, is_complete, open_array, read_manifest
+from .storage import BackgroundRowWriter, RowWriter, is_complete, open_array, read_manifest
 
 SPLITS = sharding.SPLITS
 #: rows of raw gradients read per block when compressing them
@@ -151,7 +151,8 @@ class _Job:
 # ---- the three kinds of part: how rows [a, b) of every (seed, split) array are filled -----------------------
 
 class _Pass:
-    """A gradient pass over the rows, one seed at a time."""
+    """A gradient pass over the rows, one seed at a time; a background writer stores each split's rows
+    while the next batches compute (its waits go to the part record's `writer`)."""
 
     kind, part_kind, source_dir = "pass", "pass", None
 
@@ -161,25 +162,34 @@ class _Pass:
     def extra_attrs(self, job, seed, split) -> dict:
         return {}
 
+    #: how a pass writes its rows: overlapped with the next batches' compute (`BackgroundRowWriter`)
+    writer = BackgroundRowWriter
+
     def fill(self, job, arrays, rows) -> dict:
         from ..extraction import Extractor
         from .train import Batches
 
         m, seconds = job.model_spec, {}
+        self.writer_stats = {}
         for seed in job.seeds:
             ex = Extractor(m.module, m.loss_fn, arrays[seed]["comp"], params=m.params, device=job.stage.device)
-            seconds[str(seed)] = {}
+            seconds[str(seed)], self.writer_stats[str(seed)] = {}, {}
             for split in SPLITS:
                 a, b = rows[split]
                 t0 = time.perf_counter()
                 if b > a:
-                    writer = RowWriter(arrays[seed][split], a, b)
-                    ex.run(Batches(job.splits[split], job.batch_size, indices=torch.arange(a, b)), sink=writer,
-                           desc=f"extract {job.compressor} {rtag(job.r)} seed {seed} {split}")
-                    writer.close()
+                    path = job.out_dir / array_relpath(job.compressor, seed, split)
+                    with self.writer(arrays[seed][split], a, b, path=path) as writer:
+                        ex.run(Batches(job.splits[split], job.batch_size, indices=torch.arange(a, b)), sink=writer,
+                               desc=f"extract {job.compressor} {rtag(job.r)} seed {seed} {split}")
+                    self.writer_stats[str(seed)][split] = writer.stats()
                 seconds[str(seed)][split] = time.perf_counter() - t0
-            log.info("%s %s seed %s: pass over train rows %s, test rows %s in %.2fs", job.compressor, rtag(job.r),
-                     seed, rows["train"], rows["test"], sum(seconds[str(seed)].values()))
+            stalls = self.writer_stats[str(seed)].values()
+            log.info("%s %s seed %s: pass over train rows %s, test rows %s in %.2fs (compute waited %.2fs on the "
+                     "writer, the writer %.2fs on compute)", job.compressor, rtag(job.r), seed, rows["train"],
+                     rows["test"], sum(seconds[str(seed)].values()),
+                     sum(s["compute_wait_seconds"] + s["drain_seconds"] for s in stalls),
+                     sum(s["writer_wait_seconds"] for s in stalls))
         return seconds
 
 
@@ -376,6 +386,8 @@ def _run_part(job: _Job, source, *, shard: int, shards: int) -> dict:
                                     for split in SPLITS], shards=shards)
     rec.update(status="complete", rows={sp: list(rows[sp]) for sp in SPLITS}, seconds=jsonable(seconds),
                provenance=job.stage.provenance())
+    if getattr(source, "writer_stats", None) is not None:
+        rec["writer"] = jsonable(source.writer_stats)
     sharding.write_record(record_path, rec)  # the part's commit
     return rec
 

@@ -148,6 +148,8 @@ def check_records(recs: list[dict]) -> None:
 SOURCE_FIELD = {"pass": None, "nested": "sliced_from", "identity": "served_from"}
 SECONDS_FIELD = {"pass": "seconds", "nested": "seconds", "identity": "compress_seconds"}
 ARRAY_SECONDS_ATTR = {"pass": "extract_seconds", "nested": None, "identity": "compress_seconds"}
+#: a pass's writer statistics summed into the manifest's `writer_seconds` (`BackgroundRowWriter.stats`)
+WRITER_SECONDS = ("compute_wait_seconds", "drain_seconds", "writer_wait_seconds", "write_seconds")
 
 
 def finalize(*, out_dir, parts, provenance: dict, array_relpath) -> dict:
@@ -167,8 +169,8 @@ def finalize(*, out_dir, parts, provenance: dict, array_relpath) -> dict:
     manifest["parts"] = [f"{PARTS_DIR}/{Path(p).name}" for p in parts]
     if shards > 1:
         manifest["shards"] = shards
-    records = [{k: rec.get(k) for k in ("shard", "rows", "kind", "source_dir", "seconds", "provenance", "status")}
-               for rec in recs]
+    records = [{k: rec.get(k) for k in ("shard", "rows", "kind", "source_dir", "seconds", "provenance", "status",
+                                        "writer")} for rec in recs]
     if shards > 1:
         manifest["shard_records"] = records
     keep = {Path(p).name for p in parts}
@@ -201,6 +203,10 @@ def finalize(*, out_dir, parts, provenance: dict, array_relpath) -> dict:
                                           for rec in recs]
             arr.attrs.update(jsonable(extra))
             manifest["arrays"].setdefault(key, {})[split] = rel
+            stats = [rec["writer"][key][split] for rec in recs if split in (rec.get("writer") or {}).get(key, {})]
+            if stats:  # a pass's writer: how long compute and writing waited on each other, over the parts
+                manifest.setdefault("writer_seconds", {}).setdefault(key, {})[split] = {
+                    field: float(sum(st[field] for st in stats)) for field in WRITER_SECONDS}
         manifest[seconds_field][key] = float(sum(sum(rec["seconds"][key].values()) for rec in recs))
     if SOURCE_FIELD[kind]:
         manifest[SOURCE_FIELD[kind]] = first["source_dir"]

@@ -2,9 +2,10 @@
 
 One Zarr v3 array per (experiment, compressor, r, seed, split): shape (n, out_dim) float32,
 chunks of whole rows (`chunk_rows` rows each, recorded in the attributes). Rows are written by
-`RowWriter`, which buffers so that every write covers whole chunks; a writer may own any
-chunk-aligned row range, so several writers (shards) can fill one array without touching each
-other's chunks.
+`RowWriter`, which buffers so that every write covers whole chunks, or by `BackgroundRowWriter`
+(what a gradient pass uses), which does the same from a thread while the next rows compute; a
+writer may own any chunk-aligned row range, so several writers (shards) can fill one array
+without touching each other's chunks.
 
 Completion: an array is written under a temporary name and renamed into place when complete
 (`write_array`), and its attributes carry `"complete": true`. A directory of arrays is complete
@@ -32,8 +33,11 @@ import contextlib
 import json
 import math
 import os
+import queue
 import shlex
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -280,6 +284,199 @@ class RowWriter:
         if self._next != self.stop:
             raise ValueError(f"wrote rows [{self.start}, {self._next}) but the range is [{self.start}, {self.stop})")
         return self._next - self.start
+
+
+#: host memory of one block of the background writer (a whole number of chunks, at least one)
+WRITER_BLOCK_BYTES = 16 << 20
+#: blocks in flight: the one being filled, one being written and the rest queued (bounds the memory)
+WRITER_DEPTH = 3
+
+
+class BackgroundRowWriter:
+    """Writes rows [start, stop) of `arr` in order, like `RowWriter`, from a background thread, so
+    that the caller computes the next rows while earlier ones are compressed and written.
+
+    The caller's rows (CUDA or CPU tensors, or arrays) are copied into `depth` host blocks of a
+    whole number of chunks each: pinned memory and non-blocking copies with an event per block for
+    CUDA rows, plain memory for CPU rows. A full block (or the last, at `stop`) goes to the writer
+    thread, which waits for its event, writes it to the array in one chunk-aligned assignment and
+    hands the block back. When no block is free the caller waits: memory stays at `depth` blocks.
+
+    A failed write is raised in the caller's thread (at its next call, or at `close`) as one
+    `DropinfError` naming `path` and the rows; the thread then discards what is still queued, so
+    the caller never blocks on it. Use it as a context manager: a normal exit closes it (flush,
+    wait, raise a write error), an exception stops the thread and drops the unwritten rows.
+
+    `stats()`: seconds the caller waited for a free block (`compute_wait_seconds`) and for the last
+    blocks at `close` (`drain_seconds`), seconds the writer waited for rows (`writer_wait_seconds`)
+    and spent writing them (`write_seconds`), the blocks' size and count, and the wall-clock times
+    (`time.time()`) the writer was opened and its thread ended (`opened_at`, `closed_at`)."""
+
+    def __init__(self, arr, start: int = 0, stop: int | None = None, *, path=None, depth: int | None = None,
+                 block_bytes: int | None = None):
+        self._time = time.perf_counter
+        self.arr, self.path = arr, path if path is not None else getattr(arr, "store_path", "<array>")
+        self.n = int(arr.shape[0])
+        self.start = int(start)
+        self.stop = self.n if stop is None else int(stop)
+        self.chunk = int(arr.chunks[0])
+        if self.start % self.chunk or (self.stop % self.chunk and self.stop != self.n):
+            raise ValueError(f"row range [{self.start}, {self.stop}) is not aligned to chunks of {self.chunk} rows")
+        self.row_shape = tuple(int(s) for s in arr.shape[1:])
+        row_bytes = max(1, int(np.prod(self.row_shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize)
+        per_block = max(1, int(WRITER_BLOCK_BYTES if block_bytes is None else block_bytes) // (self.chunk * row_bytes))
+        span = max(1, self.stop - self.start)
+        self.block_rows = self.chunk * min(per_block, -(-span // self.chunk))  # no block beyond the range
+        self.depth = max(1, int(WRITER_DEPTH if depth is None else depth))
+        self._blocks: list = []  # (torch host tensor, its numpy view, CUDA event or None), made at first use
+        self._free: queue.Queue = queue.Queue()
+        self._work: queue.Queue = queue.Queue()
+        self._cur = None  # [block index, first array row, rows filled] of the block being filled
+        self._received = 0  # rows handed in, relative to start
+        self._error = None  # (exception, first row, rows) of the first failed write
+        self._closed = False
+        self._device = None  # the CUDA device the rows come from (None: CPU rows)
+        self._stats = {"compute_wait_seconds": 0.0, "drain_seconds": 0.0, "writer_wait_seconds": 0.0,
+                       "write_seconds": 0.0, "blocks_written": 0}
+        self._opened_at = time.time()
+        self._thread = threading.Thread(target=self._write_loop, name=f"dropinf-writer {self.path}", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side -------------------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self._stop()
+
+    def __call__(self, start_row: int, rows) -> None:
+        self._raise_write_error()
+        if self._closed:
+            raise ValueError("rows given to a closed writer")
+        k = int(rows.shape[0])
+        if int(start_row) != self._received:
+            raise ValueError(f"rows arrive out of order: got start {start_row}, expected {self._received}")
+        if self.start + self._received + k > self.stop:
+            raise ValueError(f"more rows than the range [{self.start}, {self.stop}) holds")
+        is_tensor = hasattr(rows, "detach")
+        if is_tensor:
+            rows = rows.detach()
+        else:
+            rows = np.asarray(rows)
+        i = 0
+        while i < k:
+            if self._cur is None:
+                self._cur = [self._take(rows if is_tensor else None), self.start + self._received + i, 0]
+            index, first, filled = self._cur
+            host, view, _ = self._blocks[index]
+            m = min(k - i, self.block_rows - filled, self.stop - first - filled)
+            if is_tensor:
+                host[filled:filled + m].copy_(rows[i:i + m], non_blocking=True)
+            else:
+                view[filled:filled + m] = rows[i:i + m]
+            self._cur[2] = filled = filled + m
+            i += m
+            if filled == self.block_rows or first + filled == self.stop:
+                self._submit()
+        self._received += k
+
+    def _take(self, rows) -> int:
+        """A free block: a new one while fewer than `depth` exist, else the next one the writer returns."""
+        if len(self._blocks) < self.depth:
+            import torch
+
+            cuda = rows is not None and rows.is_cuda
+            if cuda:
+                self._device = rows.device
+            dtype = torch.from_numpy(np.empty(0, dtype=self.arr.dtype)).dtype
+            host = torch.empty((self.block_rows, *self.row_shape), dtype=dtype, pin_memory=cuda)
+            self._blocks.append((host, host.numpy(), torch.cuda.Event() if cuda else None))
+            return len(self._blocks) - 1
+        t0 = self._time()
+        index = self._free.get()
+        self._stats["compute_wait_seconds"] += self._time() - t0
+        self._raise_write_error()
+        return index
+
+    def _submit(self) -> None:
+        index, first, filled = self._cur
+        event = self._blocks[index][2]
+        if event is not None:  # the copies into this block were queued on the rows' device's stream
+            import torch
+
+            event.record(torch.cuda.current_stream(self._device))
+        self._work.put((index, first, filled))
+        self._cur = None
+
+    def close(self) -> int:
+        """Wait for the writer to write every block, raise a write error; returns the rows written.
+        Raises if rows are missing."""
+        if self._closed:
+            return self._received
+        t0 = self._time()
+        self._finish()
+        self._stats["drain_seconds"] += self._time() - t0
+        self._raise_write_error()
+        if self.start + self._received != self.stop:
+            raise ValueError(f"wrote rows [{self.start}, {self.start + self._received}) but the range is "
+                             f"[{self.start}, {self.stop})")
+        return self._received
+
+    def _stop(self) -> None:
+        """After an error in the caller: end the thread without writing what is still queued."""
+        if self._error is None:
+            self._error = (None, 0, 0)  # discard the queue: the caller's error is the one that counts
+        self._finish()
+
+    def _finish(self) -> None:
+        self._closed = True
+        self._work.put(None)
+        self._thread.join()
+
+    def _raise_write_error(self) -> None:
+        if self._error is not None and self._error[0] is not None:
+            err, first, count = self._error
+            from ..errors import DropinfError
+
+            raise DropinfError(f"writing rows {first}-{first + count - 1} of {self.path} failed "
+                               f"({type(err).__name__}: {err})") from err
+
+    def stats(self) -> dict:
+        return {**self._stats, "block_rows": self.block_rows, "depth": self.depth,
+                "pinned": bool(self._blocks and self._blocks[0][2] is not None),
+                "opened_at": self._opened_at, "closed_at": self._closed_at}
+
+    # ---- the writer thread ---------------------------------------------------------------------------
+    _closed_at = None
+
+    def _write_loop(self) -> None:
+        while True:
+            t0 = self._time()
+            item = self._work.get()
+            if item is None:
+                self._closed_at = time.time()
+                return
+            index, first, count = item
+            if self._error is None:
+                _, view, event = self._blocks[index]
+                try:
+                    if event is not None:
+                        event.synchronize()  # the block's copies are done
+                    t1 = self._time()
+                    self._stats["writer_wait_seconds"] += t1 - t0
+                    self._write_block(first, count, view)
+                    self._stats["write_seconds"] += self._time() - t1
+                    self._stats["blocks_written"] += 1
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = (e, first, count)
+            self._free.put(index)
+
+    def _write_block(self, first: int, count: int, view) -> None:
+        """Rows [first, first + count) of the array (whole chunks, the last may end at n) from a block."""
+        self.arr[first:first + count] = view[:count]
 
 
 @contextlib.contextmanager
