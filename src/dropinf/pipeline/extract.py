@@ -77,9 +77,10 @@ class ExtractJob:
     budget_mb: float | None = option("identity: skip when n*d*4 bytes exceeds this", default=None)
     options: dict = option("JSON compressor options", default_factory=dict)
     experiment: str = option("experiment name recorded in the arrays", default="")
-    cuda_graph: str = option("CUDA graphs of the gradient pass (dropinf.extract)", default="auto",
+    cuda_graph: str = option("CUDA graphs of a gradient pass (dropinf.extract)", default="auto",
                              choices=["auto", "true", "false"])
-    bucket: int = option("pad or cut each batch's sequence length to a multiple of this (0: off)", default=0)
+    bucket: int = option("a gradient pass pads or cuts each batch's sequence length to a multiple of this (0: off)",
+                         default=0)
 
 
 # ---- the loaded job --------------------------------------------------------------------------------------
