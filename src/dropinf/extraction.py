@@ -193,7 +193,7 @@ class Extractor:
         self.forced = self._forced_modules(fallback)
         self.plan: selfcheck.Plan | None = None
         self._batches = 0  # batches extracted so far, over every run
-        self.timings: dict[str, float] = {}
+        self.timings: dict = {}  # seconds, and "cuda_graph": `graph_report()`
 
     def _forced_modules(self, fallback) -> set:
         names = dict(self.model.named_modules())
@@ -400,10 +400,17 @@ class Extractor:
     def _graph_capable(self) -> bool:
         return self.device.type == "cuda"
 
-    def _graph_obstacle(self, comp) -> str | None:
+    #: auto: a graph keeps its batch's rows in its pool besides the copy each replay returns, so
+    #: rows larger than this (raw gradients of a large model) stay eager
+    _GRAPH_ROWS_BYTES = 256 << 20
+
+    def _graph_obstacle(self, comp, batch) -> str | None:
         """Why this extraction cannot be replayed as a CUDA graph, or None."""
         if self.plan.sites or self.plan.whole:
             return "torch.func fallback parameters"
+        rows = _batch_size(batch) * comp.out_dim * (8 if self.named[0][1].dtype == torch.float64 else 4)
+        if self.cuda_graph == "auto" and rows > self._GRAPH_ROWS_BYTES:
+            return f"a batch's rows ({rows / 2**20:.0f} MiB) would be held twice"
         safe = getattr(comp, "graph_safe", None)
         if safe is None:  # the package's compressors only write tensors; another must say so itself
             safe = self.cuda_graph is True or type(comp).__module__.startswith("dropinf.compressors.")
@@ -498,7 +505,7 @@ class Extractor:
         trial = self._trial(batch, comp)
         if trial.decision == "eager":
             return self._eager(batch, out_dtype, trial)
-        why = self._graph_obstacle(comp)
+        why = self._graph_obstacle(comp, batch)
         if why is None and (self._graph_key(batch, comp) not in self._graphs and not self._make_room(comp)):
             why = f"more than {self._MAX_GRAPHS} batch shapes"
         if why is not None:

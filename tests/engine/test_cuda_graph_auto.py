@@ -182,3 +182,14 @@ def test_bucket_values_are_checked(bad):
 
 def test_graph_mode_reads_command_line_spellings():
     assert [graph_mode(v) for v in ("auto", "true", "False", True, False)] == ["auto", True, False, True, False]
+
+
+def test_auto_keeps_large_rows_eager():
+    """Raw gradients of a large model: a graph would hold a batch's rows besides each replay's copy."""
+    model, batches = model_and_data(sizes=(4,), n_each=8)
+    ex = Extractor(model, text_loss, "identity")
+    ex._GRAPH_ROWS_BYTES = 4 * ex.compressor.out_dim * 8 - 1  # just below one batch of float64 rows
+    log = faked(ex, {(4, "eager"): 0.01, (4, "graph"): 0.001})
+    ex.run(batches)
+    (s,) = ex.timings["cuda_graph"]["shapes"]
+    assert s["decision"] == "eager" and "held twice" in s["reason"] and log["captures"] == 0
