@@ -515,18 +515,18 @@ class Extractor:
             if trial.decision is None:
                 trial.decide("eager", why)
             return self._eager(batch, out_dtype, trial)
-        if self.cuda_graph is True or trial.decision == "graph":
+        if self.cuda_graph is True:
             if trial.decision is None:
                 trial.decide("graph", "cuda_graph=True")
             out, _ = self._graphed(batch, out_dtype, comp, trial)
             trial.batches["graph"] += 1
             return out
-        # auto, still timing this shape: eager steps first, then replays
-        if len(trial.eager) < GRAPH_WARMUP + GRAPH_TRIALS:
+        # auto: a shape still being timed runs its eager steps first, then (captured) replays
+        if trial.decision is None and len(trial.eager) < GRAPH_WARMUP + GRAPH_TRIALS:
             return self._eager(batch, out_dtype, trial, timed=True)
         key = self._graph_key(batch, comp)
         try:
-            if key not in self._graphs:
+            if key not in self._graphs:  # a new shape, or the next seed's compressor
                 t = self._clock()
                 self._graphs[key] = self._capture(batch, out_dtype, comp)
                 trial.captures.append(self._clock() - t)
@@ -541,16 +541,17 @@ class Extractor:
                           stacklevel=3)
             trial.decide("eager", f"{type(err).__name__}: {err}"[:300])
             return self._eager(batch, out_dtype, trial)
-        if self._graphs[key].replays > 1:  # the first replay is followed by its check against eager
-            trial.graph.append(seconds)
         trial.batches["graph"] += 1
-        if len(trial.graph) >= GRAPH_TRIALS:
-            eager_s, graph_s = statistics.median(trial.eager[GRAPH_WARMUP:]), statistics.median(trial.graph)
-            if graph_s < eager_s:
-                trial.decide("graph", f"replay {1e3 * graph_s:.3f} ms < eager {1e3 * eager_s:.3f} ms per batch")
-            else:
-                trial.decide("eager", f"replay {1e3 * graph_s:.3f} ms >= eager {1e3 * eager_s:.3f} ms per batch")
-                del self._graphs[key]  # its memory goes back
+        if trial.decision is None:
+            if self._graphs[key].replays > 1:  # the first replay's time includes its check against eager
+                trial.graph.append(seconds)
+            if len(trial.graph) >= GRAPH_TRIALS:
+                eager_s, graph_s = statistics.median(trial.eager[GRAPH_WARMUP:]), statistics.median(trial.graph)
+                faster = graph_s < eager_s
+                trial.decide("graph" if faster else "eager", f"replay {1e3 * graph_s:.3f} ms {'<' if faster else '>='} "
+                             f"eager {1e3 * eager_s:.3f} ms per batch")
+                if not faster:
+                    del self._graphs[key]  # its memory goes back
         return out
 
     def graph_report(self) -> dict:
