@@ -352,9 +352,33 @@ def run(args) -> list[dict]:
         for p in params:
             p.grad = None
 
+    if args.graph == "auto" and device.type == "cuda":
+        graph_modes(args, model, loss_fn, make, names, emit)
     if args.e2e:
         rows.extend(end_to_end(args, model, loss_fn, make, names, base))
     return rows
+
+
+def graph_modes(args, model, loss_fn, make, names, emit) -> None:
+    """dropout r=args.r[0] through the public API over `--graph-batches` distinct batches, with
+    cuda_graph False, True and "auto": seconds per batch of a first run (plan, self-check, captures
+    and auto's timing included, as a short job sees them) and of a second run of the same extractor
+    (graphs kept), and what auto decided."""
+    g = torch.Generator().manual_seed(3)
+    batches = [make(args.batch, g) for _ in range(args.graph_batches)]
+    r = args.r[0]
+    for mode in (False, True, "auto"):
+        ex = Extractor(model, loss_fn, "dropout", r=r, seed=0, params=names, cuda_graph=mode)
+        for run_ in ("first", "second"):
+            ex.run(batches, progress=False)
+            rep = ex.timings["cuda_graph"]
+            shape = rep["shapes"][0] if rep["shapes"] else {}
+            emit(f"api_dropout_r{r}_graph_{str(mode).lower()}_{run_}_run", r,
+                 ex.timings["extract_seconds"] / len(batches), float("nan"), n_batches=len(batches),
+                 graph_decision=shape.get("decision", ""), graph_eager_ms=shape.get("eager_ms"),
+                 graph_replay_ms=shape.get("graph_ms"), graph_capture_s=shape.get("capture_seconds"))
+        del ex
+        torch.cuda.empty_cache()
 
 
 def self_check_cost(model, loss_fn, batch, names, r, batch_seconds, base, emit, n_examples=2000,
@@ -645,7 +669,10 @@ def main(argv=None):
     ap.add_argument("--e2e-examples", type=int, default=2000)
     ap.add_argument("--score-train", type=int, default=10000)
     ap.add_argument("--score-test", type=int, default=1000)
-    ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays (floor and extraction)")
+    ap.add_argument("--graph", nargs="?", const="replay", choices=["replay", "auto"], default=None,
+                    help="also time CUDA-graph replays (floor and extraction); 'auto' also times whole "
+                         "dropinf.extract runs with cuda_graph False, True and 'auto'")
+    ap.add_argument("--graph-batches", type=int, default=24, help="batches of the --graph auto runs")
     ap.add_argument("--no-check", dest="check", action="store_false")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)

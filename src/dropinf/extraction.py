@@ -19,8 +19,11 @@ per example. The self-check (`dropinf.selfcheck`) then proves the fused rows aga
 """
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -29,7 +32,8 @@ from torch.nn.utils import stateless
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from .compressors.base import Compressor, compressor as make_compressor
-from .errors import DropinfError, ShapeError, check_finite
+from .data.text import bucket_batch
+from .errors import DropinfError, GradientCheckError, InvalidValueError, ShapeError, check_finite
 from .layout import Layout, select_parameters
 from .modules import handler_for
 from .progress import bar
@@ -61,21 +65,114 @@ def _check_every(self_check) -> int:
     raise DropinfError(f"self_check must be True, False or a positive int k (every k-th batch), got {self_check!r}")
 
 
+GRAPH_MODES = ("auto", True, False)
+
+
+def graph_mode(value) -> bool | str:
+    """cuda_graph as "auto", True or False (the strings "true"/"false" too, as a command line gives them)."""
+    if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[value.lower()]
+    if value is True or value is False:
+        return value
+    raise InvalidValueError(f"cuda_graph must be 'auto', True or False, got {value!r}")
+
+
+def _bucket_size(bucket) -> int:
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 0:
+        raise InvalidValueError(f"bucket must be 0 (off) or a positive int (sequence lengths are padded to a "
+                                f"multiple of it), got {bucket!r}")
+    return int(bucket)
+
+
+def _device_clock(device: torch.device) -> Callable[[], float]:
+    """Seconds, after the device's queued work is done (a step's time includes its kernels)."""
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def clock():
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return clock
+
+
+def _shape_of(batch) -> str:
+    """The batch's tensor shapes and dtypes, as a key and for the record ("input_ids 32x128 int64, ...")."""
+    if isinstance(batch, dict):
+        items = [(f"{k} ", v) for k, v in batch.items()]
+    else:
+        items = [("", v) for v in tree_leaves(batch)]
+    return ", ".join(f"{k}{'x'.join(map(str, v.shape))} {str(v.dtype).removeprefix('torch.')}"
+                     for k, v in items if isinstance(v, torch.Tensor))
+
+
+@dataclass
+class _ShapeTrial:
+    """auto: the eager and graph-replay step times of one batch shape and compressor kind, and the choice."""
+
+    shape: str
+    compressor: str
+    eager: list = field(default_factory=list)  # seconds of the timed eager steps
+    graph: list = field(default_factory=list)  # seconds of the timed replays
+    captures: list = field(default_factory=list)  # seconds of each capture (warm-up + capture)
+    decision: str | None = None  # "graph" | "eager" (None: still timing)
+    reason: str = ""
+    batches: dict = field(default_factory=lambda: {"eager": 0, "graph": 0})
+
+    def decide(self, decision: str, reason: str) -> None:
+        self.decision, self.reason = decision, reason
+
+    def summary(self) -> dict:
+        timed = self.eager[GRAPH_WARMUP:]
+        ms = lambda xs: round(1e3 * statistics.median(xs), 4) if xs else None  # noqa: E731
+        return {"shape": self.shape, "compressor": self.compressor, "decision": self.decision or "undecided",
+                "reason": self.reason, "eager_ms": ms(timed), "graph_ms": ms(self.graph),
+                "capture_seconds": round(sum(self.captures), 4), "captures": len(self.captures),
+                "batches_eager": self.batches["eager"], "batches_graph": self.batches["graph"]}
+
+
+@dataclass
+class _Graph:
+    graph: object  # torch.cuda.CUDAGraph
+    static: object  # the batch the graph reads (inputs are copied into it before each replay)
+    out: torch.Tensor  # the rows the graph writes
+    B: int
+    comp: Compressor  # held, so that id(comp) in the key stays this compressor's
+    replays: int = 0
+
+
+#: auto: per batch shape, GRAPH_WARMUP untimed and GRAPH_TRIALS timed eager steps, then the capture
+#: (timed apart), then GRAPH_TRIALS timed replays; the faster median stays for the rest of the job
+GRAPH_WARMUP, GRAPH_TRIALS = 1, 3
+
+
+class GraphReplayError(GradientCheckError):
+    """A CUDA graph replay whose rows differ from the eager step's on the same batch."""
+
+
 class Extractor:
     """Reusable extraction state for one (model, tracked params, compressor).
 
     fallback: module names (as in `named_modules()`), module classes or class names whose
     handler is not used: their parameters take the per-module torch.func fallback.
     self_check: True (first batch), False, or k (every k-th batch): see `extract`.
+    cuda_graph: "auto" (default), True or False; bucket, bucket_mask: sequence-length bucketing;
+    both: see `extract`. `use(compressor)` switches to another compressor (the next seed) and keeps
+    the plan, the CUDA graphs and their decisions.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, compressor: str | Compressor, r: int | None = None,
-                 seed: int = 0, params=None, device=None, cuda_graph: bool = False, self_check=True,
-                 fallback=(), **compressor_opts):
+                 seed: int = 0, params=None, device=None, cuda_graph: bool | str = "auto", self_check=True,
+                 fallback=(), bucket: int = 0, bucket_mask: str = "attention_mask", **compressor_opts):
         self.model, self.loss_fn = model, loss_fn
-        self.cuda_graph = cuda_graph
+        self.cuda_graph = graph_mode(cuda_graph)
+        self.bucket, self.bucket_mask = _bucket_size(bucket), bucket_mask
+        self._bucket_checked = False
+        self._self_check = self_check
         self.check_every = _check_every(self_check)
-        self._graphs: dict = {}
+        self._graphs: OrderedDict = OrderedDict()  # (batch shape, id(compressor)) -> _Graph
+        self._trials: dict = {}  # (batch shape, compressor name, out_dim) -> _ShapeTrial
+        self._graph_pool = None
+        self._clock = _device_clock(torch.device(device) if device is not None else next(model.parameters()).device)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
         self.named = select_parameters(model, params)
@@ -96,7 +193,7 @@ class Extractor:
         self.forced = self._forced_modules(fallback)
         self.plan: selfcheck.Plan | None = None
         self._batches = 0  # batches extracted so far, over every run
-        self.timings: dict[str, float] = {}
+        self.timings: dict = {}  # seconds, and "cuda_graph": `graph_report()`
 
     def _forced_modules(self, fallback) -> set:
         names = dict(self.model.named_modules())
@@ -111,6 +208,17 @@ class Extractor:
             else:
                 raise DropinfError(f"fallback: {f!r} is neither a module name nor a module type of this model")
         return forced
+
+    def use(self, compressor: Compressor) -> "Extractor":
+        """Extract with `compressor` (of the same tracked coordinates, e.g. the next seed) from now on,
+        keeping the plan, the CUDA graphs captured so far and the per-shape graph decisions. Its first
+        batch is self-checked as a new extractor's would be."""
+        if compressor.dim != self.layout.dim:
+            raise ShapeError(f"compressor dim {compressor.dim} != {self.layout.dim} tracked coordinates")
+        self.compressor = compressor
+        self.check_every = _check_every(self._self_check) if compressor.linear else -1
+        self._batches = 0
+        return self
 
     # ---- compatibility views of the plan ------------------------------------------------------
     @property
@@ -285,44 +393,204 @@ class Extractor:
         return out, B
 
     # ---- CUDA graphs: replay the whole fused step, no per-layer Python in the loop --------------
-    _MAX_GRAPHS = 4  # one per batch shape (full batches + the last partial one, typically)
+    #: graphs kept at once (they share one memory pool); a new compressor's capture first drops
+    #: the graphs of compressors no longer in use (the seeds before)
+    _MAX_GRAPHS = 8
 
-    def _graph_ok(self) -> bool:
-        if not (self.cuda_graph and self.device.type == "cuda"):
-            return False
-        why = None
+    def _graph_capable(self) -> bool:
+        return self.device.type == "cuda"
+
+    #: auto: a graph keeps its batch's rows in its pool besides the copy each replay returns, so
+    #: rows larger than this (raw gradients of a large model) stay eager
+    _GRAPH_ROWS_BYTES = 256 << 20
+
+    def _graph_obstacle(self, comp, batch) -> str | None:
+        """Why this extraction cannot be replayed as a CUDA graph, or None."""
         if self.plan.sites or self.plan.whole:
-            why = "torch.func fallback parameters"
-        elif not getattr(self.compressor, "graph_safe", True):
-            why = f"{self.compressor.name} draws random numbers per batch"
-        elif len(self._graphs) >= self._MAX_GRAPHS:
-            why = f"more than {self._MAX_GRAPHS} batch shapes"
-        if why:
-            if not getattr(self, "_graph_warned", False):
-                warnings.warn(f"dropinf.extract: cuda_graph disabled ({why}); running eagerly", stacklevel=4)
-                self._graph_warned = True
-            return False
-        return True
+            return "torch.func fallback parameters"
+        rows = _batch_size(batch) * comp.out_dim * (8 if self.named[0][1].dtype == torch.float64 else 4)
+        if self.cuda_graph == "auto" and rows > self._GRAPH_ROWS_BYTES:
+            return f"a batch's rows ({rows / 2**20:.0f} MiB) would be held twice"
+        safe = getattr(comp, "graph_safe", None)
+        if safe is None:  # the package's compressors only write tensors; another must say so itself
+            safe = self.cuda_graph is True or type(comp).__module__.startswith("dropinf.compressors.")
+        if not safe:
+            return f"{comp.name} is not marked graph_safe (it may run Python or draw random numbers per batch)"
+        return None
 
-    def _graphed(self, batch, out_dtype) -> tuple[torch.Tensor, int]:
-        key = str(tree_map(lambda t: (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t, batch))
+    def _graph_key(self, batch, comp) -> tuple:
+        return str(tree_map(lambda t: (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t, batch)), id(comp)
+
+    def _make_room(self, comp) -> bool:
+        """Room for one more graph: drop those of other compressors first (oldest first)."""
+        for key in [k for k, g in self._graphs.items() if g.comp is not comp]:
+            if len(self._graphs) < self._MAX_GRAPHS:
+                break
+            del self._graphs[key]
+        return len(self._graphs) < self._MAX_GRAPHS
+
+    def _capture(self, batch, out_dtype, comp) -> _Graph:
+        static = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, batch)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: plans, kernel selection, allocator
+            for _ in range(2):
+                self._fused(static, out_dtype, comp)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # one pool for all graphs: they never run at once, and each holds only its rows live
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            out, B = self._fused(static, out_dtype, comp)
+        return _Graph(graph, static, out, B, comp)
+
+    def _replay(self, entry: _Graph, batch) -> torch.Tensor:
+        tree_map(lambda d, s: d.copy_(s) if isinstance(d, torch.Tensor) else None, entry.static, batch)
+        entry.graph.replay()
+        return entry.out.clone()
+
+    def _graphed(self, batch, out_dtype, comp=None, trial: _ShapeTrial | None = None) -> tuple[torch.Tensor, int]:
+        """The batch's rows by replaying its shape's graph (captured on first use; the capture's
+        seconds go to `trial`). The first replay of every graph is compared with the eager step."""
+        comp = comp if comp is not None else self.compressor
+        key = self._graph_key(batch, comp)
         entry = self._graphs.get(key)
         if entry is None:
-            static = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, batch)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: plans, kernel selection, allocator
-                for _ in range(2):
-                    self._fused(static, out_dtype)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out, B = self._fused(static, out_dtype)
-            entry = self._graphs[key] = (graph, static, out, B)
-        graph, static, out, B = entry
-        torch.utils._pytree.tree_map(lambda d, s: d.copy_(s) if isinstance(d, torch.Tensor) else None, static, batch)
-        graph.replay()
-        return out.clone(), B
+            t = self._clock()
+            entry = self._graphs[key] = self._capture(batch, out_dtype, comp)
+            if trial is not None:
+                trial.captures.append(self._clock() - t)
+        self._graphs.move_to_end(key)
+        out = self._replay(entry, batch)
+        entry.replays += 1
+        if entry.replays == 1:
+            self._check_replay(key, out, batch, out_dtype, comp)
+        return out, entry.B
+
+    def _check_replay(self, key, out, batch, out_dtype, comp) -> None:
+        """A graph replays what was captured: a model whose step depends on the batch through Python
+        (a data-dependent branch, a shape read from values) would replay stale work. Checked once
+        per graph against the eager step."""
+        ref, _ = self._fused(batch, out_dtype, comp)
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(self.named[0][1].dtype, 3e-2)
+        err = ((out - ref).norm() / ref.norm().clamp_min(torch.finfo(ref.dtype).tiny)).item()
+        if not err <= tol:
+            del self._graphs[key]
+            raise GraphReplayError(f"cuda_graph: the CUDA graph replay of batch shape {_shape_of(batch)} differs "
+                                   f"from the eager step (relative error {err:.2e} > {tol:g}); the model's step "
+                                   f"depends on the batch in a way a graph cannot replay; use cuda_graph=False")
+
+    def _trial(self, batch, comp) -> _ShapeTrial:
+        shape = _shape_of(batch)
+        key = (shape, comp.name, comp.out_dim)
+        if key not in self._trials:
+            self._trials[key] = _ShapeTrial(shape, f"{comp.name} out_dim={comp.out_dim}")
+        return self._trials[key]
+
+    def _eager(self, batch, out_dtype, trial: _ShapeTrial | None, timed: bool = False) -> torch.Tensor:
+        t = self._clock() if timed else 0.0
+        out, _ = self._step(batch, out_dtype)
+        if timed:
+            trial.eager.append(self._clock() - t)
+        if trial is not None:
+            trial.batches["eager"] += 1
+        return out
+
+    def _extract_batch(self, batch, out_dtype) -> torch.Tensor:
+        """One unchecked batch: eagerly, or as a CUDA graph (`cuda_graph`: see `extract`)."""
+        if self.cuda_graph is False or not self._graph_capable():
+            return self._step(batch, out_dtype)[0]
+        comp = self.compressor
+        trial = self._trial(batch, comp)
+        if trial.decision == "eager":
+            return self._eager(batch, out_dtype, trial)
+        why = self._graph_obstacle(comp, batch)
+        if why is None and (self._graph_key(batch, comp) not in self._graphs and not self._make_room(comp)):
+            why = f"more than {self._MAX_GRAPHS} batch shapes"
+        if why is not None:
+            if self.cuda_graph is True and not getattr(self, "_graph_warned", False):
+                warnings.warn(f"dropinf.extract: cuda_graph disabled ({why}); running eagerly", stacklevel=4)
+                self._graph_warned = True
+            if trial.decision is None:
+                trial.decide("eager", why)
+            return self._eager(batch, out_dtype, trial)
+        if self.cuda_graph is True:
+            if trial.decision is None:
+                trial.decide("graph", "cuda_graph=True")
+            out, _ = self._graphed(batch, out_dtype, comp, trial)
+            trial.batches["graph"] += 1
+            return out
+        # auto: a shape still being timed runs its eager steps first, then (captured) replays
+        if trial.decision is None and len(trial.eager) < GRAPH_WARMUP + GRAPH_TRIALS:
+            return self._eager(batch, out_dtype, trial, timed=True)
+        key = self._graph_key(batch, comp)
+        try:
+            if key not in self._graphs:  # a new shape, or the next seed's compressor
+                t = self._clock()
+                self._graphs[key] = self._capture(batch, out_dtype, comp)
+                trial.captures.append(self._clock() - t)
+            t = self._clock()
+            out, _ = self._graphed(batch, out_dtype, comp, trial)
+            seconds = self._clock() - t
+        except (GraphReplayError, torch.OutOfMemoryError, RuntimeError) as err:
+            self._graphs.pop(key, None)
+            if isinstance(err, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            warnings.warn(f"dropinf.extract: cuda_graph='auto' runs batch shape {trial.shape} eagerly: {err}",
+                          stacklevel=3)
+            trial.decide("eager", f"{type(err).__name__}: {err}"[:300])
+            return self._eager(batch, out_dtype, trial)
+        trial.batches["graph"] += 1
+        if trial.decision is None:
+            if self._graphs[key].replays > 1:  # the first replay's time includes its check against eager
+                trial.graph.append(seconds)
+            if len(trial.graph) >= GRAPH_TRIALS:
+                eager_s, graph_s = statistics.median(trial.eager[GRAPH_WARMUP:]), statistics.median(trial.graph)
+                faster = graph_s < eager_s
+                trial.decide("graph" if faster else "eager", f"replay {1e3 * graph_s:.3f} ms {'<' if faster else '>='} "
+                             f"eager {1e3 * eager_s:.3f} ms per batch")
+                if not faster:
+                    del self._graphs[key]  # its memory goes back
+        return out
+
+    def graph_report(self) -> dict:
+        """What the CUDA-graph setting did over this extractor's lifetime: per batch shape and
+        compressor kind, the decision, its reason, the median eager and replay step times (ms),
+        the capture seconds, and how many batches ran each way."""
+        shapes = [t.summary() for t in self._trials.values()]
+        return {"mode": {True: "true", False: "false"}.get(self.cuda_graph, self.cuda_graph),
+                "device_type": self.device.type, "bucket": self.bucket,
+                "used": any(t["batches_graph"] for t in shapes), "shapes": shapes}
+
+    # ---- sequence-length bucketing -----------------------------------------------------------
+    def _bucketed(self, batch, start: int):
+        """The batch cut or padded to a multiple of `bucket` tokens (`dropinf.data.text.bucket_batch`).
+        The first batch whose width changes is checked: every example's loss must stay the same
+        (the model ignores padded positions), else bucketing would change the gradients."""
+        try:
+            out = bucket_batch(batch, self.bucket, self.bucket_mask)
+        except DropinfError as e:
+            raise DropinfError(f"bucket={self.bucket}: {e}") from None
+        if out is not batch and not self._bucket_checked:
+            self._check_bucketed(batch, out, start)
+        return out
+
+    def _check_bucketed(self, batch, bucketed, start: int) -> None:
+        with torch.no_grad():
+            a = self.loss_fn(self.model, _to_device(batch, self.device))
+            b = self.loss_fn(self.model, _to_device(bucketed, self.device))
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(self.named[0][1].dtype, 3e-2)
+        scale = a.abs().clamp_min(1.0)
+        bad = torch.nonzero(((a - b).abs() > tol * scale)).flatten()
+        if len(bad):
+            i = int(bad[0])
+            raise DropinfError(f"bucket={self.bucket}: the loss of example {start + i} changes from "
+                               f"{a[i].item():.6g} to {b[i].item():.6g} when its batch's sequence length goes from "
+                               f"{batch[self.bucket_mask].shape[1]} to {bucketed[self.bucket_mask].shape[1]} "
+                               f"(padded positions, mask {self.bucket_mask!r} = 0, are not ignored by the model "
+                               f"or the loss); set bucket to 0")
+        self._bucket_checked = True
 
     def _checked_batch(self, index: int) -> bool:
         """`index` counts batches over this extractor's lifetime (several `run`s, as recompute makes):
@@ -347,6 +615,8 @@ class Extractor:
         with _tracked_state(self), shown:
             for batch in loader:
                 index, self._batches = self._batches, self._batches + 1
+                if self.bucket:
+                    batch = self._bucketed(batch, start)
                 batch = _to_device(batch, self.device)
                 B = _batch_size(batch)
                 with torch.enable_grad():
@@ -359,10 +629,8 @@ class Extractor:
                         t = time.perf_counter()
                         out = selfcheck.checked_step(self, batch, out_dtype, start, ref)
                         self.timings["self_check_seconds"] += _elapsed(t, self.device)
-                    elif self._graph_ok():
-                        out, _ = self._graphed(batch, out_dtype)
                     else:
-                        out, _ = self._step(batch, out_dtype)
+                        out = self._extract_batch(batch, out_dtype)
                 check_finite(out, "compressed per-example gradients", offset=start)
                 if sink is not None:
                     sink(start, out)
@@ -371,6 +639,7 @@ class Extractor:
                 start += B
                 shown.update(B)
         self.timings["extract_seconds"] = _elapsed(t0, self.device)
+        self.timings["cuda_graph"] = self.graph_report()
         self.n = start
         if sink is not None:
             return None
@@ -423,7 +692,18 @@ def extract(model: nn.Module, loss_fn: Callable, loader: Iterable, compressor: s
         .grad) is never changed.
       fallback=[module names, types or type names]: do not use the fused handler for these
         modules; their parameters take the per-module torch.func fallback.
-      cuda_graph=True: replay the fused step as a CUDA graph (checked batches run eagerly).
+      cuda_graph="auto" (default): on a CUDA device, for each new batch shape (and compressor kind)
+        time a few eager steps, capture the fused step as a CUDA graph, time a few replays, and keep
+        the faster way for that shape for the rest of the job (shapes seen too rarely stay eager);
+        on the CPU, or where a graph cannot replay the step (torch.func fallback parameters, a
+        compressor not marked `graph_safe`), eager. True: always replay (checked batches run
+        eagerly); False: never. Each graph's first replay is checked against the eager step. The
+        decisions, step times and capture seconds: `Extractor.timings["cuda_graph"]`.
+      bucket=0 (default, off) or a multiple m: cut or pad each batch's sequence length to the
+        smallest multiple of m holding every real token (`dropinf.data.text.bucket_batch`: padded
+        positions get mask 0 in `bucket_mask`, default "attention_mask"), so variable-length text
+        has few batch shapes for CUDA graphs. Exact when the model ignores padded positions, as
+        the first changed batch checks (every example's loss must stay the same).
       progress: a bar over the examples (`dropinf.progress`): True, False, or None (default: shown
         unless the environment variable DROPINF_PROGRESS is 0).
     """

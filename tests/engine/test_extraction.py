@@ -200,3 +200,55 @@ def test_cuda_graph_replay_equals_eager(name):
     eager = dropinf.extract(model, loss, data, name, r=9, seed=3)
     graphed = dropinf.extract(model, loss, data, name, r=9, seed=3, cuda_graph=True)
     assert rel_err(graphed, eager) < 1e-6
+
+
+def _many_text_batches(n=62, batch_size=4, seed=11):
+    """Enough batches of one shape for cuda_graph='auto' to time, capture and decide (and a last,
+    partial batch of another shape)."""
+    return [{k: (v.to(DEVICE, torch.float32) if v.is_floating_point() else v.to(DEVICE)) for k, v in b.items()}
+            for b in text_batches(n=n, batch_size=batch_size, seed=seed)]
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU (run with DROPINF_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("name", ["dropout", "sjlt", "logra", "identity"])
+def test_cuda_graph_auto_equals_eager(name):
+    model, loss, _, _ = setup("text", torch.float32, 11)
+    data = _many_text_batches()
+    r = None if name == "identity" else 9
+    eager = dropinf.extract(model, loss, data, name, r=r, seed=3, cuda_graph=False)
+    ex = Extractor(model, loss, name, r=r, seed=3)  # auto: the default
+    auto = ex.run(data)
+    assert rel_err(auto, eager) < 1e-6
+    rep = ex.timings["cuda_graph"]
+    full = next(s for s in rep["shapes"] if s["shape"].startswith("ids 4x"))
+    assert full["decision"] in ("graph", "eager") and full["captures"] == 1 and full["graph_ms"] > 0
+    assert rep["used"] is True and full["batches_graph"] >= 4  # the timed replays (and all after, if kept)
+    print(name, rep)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU (run with DROPINF_TEST_DEVICE=cuda)")
+def test_cuda_graphs_of_many_shapes_and_seeds_share_a_pool():
+    """Bucketed variable-length batches give several graph shapes (one memory pool); `use` moves to
+    the next seed's compressor with new graphs: every row equals the eager step's."""
+    model, loss, _, _ = setup("text", torch.float32, 5)
+    data = _many_text_batches(n=41, batch_size=3, seed=5)
+    opts = dict(bucket=2, bucket_mask="mask")
+    dim = sum(p.numel() for p in model.parameters())
+    comps = [dropinf.compressor("dropout", dim=dim, r=9, seed=s) for s in (0, 1)]
+    ex = Extractor(model, loss, comps[0], cuda_graph=True, **opts)
+    for comp in comps:
+        got = ex.use(comp).run(data)
+        want = dropinf.extract(model, loss, data, comp, cuda_graph=False, **opts)
+        assert rel_err(got, want) < 1e-6
+    shapes = ex.timings["cuda_graph"]["shapes"]
+    assert len(shapes) >= 3 and all(s["decision"] == "graph" for s in shapes)
+    assert sum(g.comp is comps[1] for g in ex._graphs.values()) == len(shapes)  # the last seed's, all kept
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU (run with DROPINF_TEST_DEVICE=cuda)")
+def test_cuda_graph_auto_with_buckets_equals_eager_without():
+    model, loss, _, _ = setup("text", torch.float32, 7)
+    data = _many_text_batches(n=80, batch_size=4, seed=7)
+    eager = dropinf.extract(model, loss, data, "dropout", r=9, seed=1, cuda_graph=False)
+    auto = dropinf.extract(model, loss, data, "dropout", r=9, seed=1, bucket=4, bucket_mask="mask")
+    assert rel_err(auto, eager) < 1e-5

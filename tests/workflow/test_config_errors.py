@@ -18,6 +18,9 @@ CASES = {
     "unknown-method": ({"methods": ["orig", "magic"]}, "'methods[1]': 'magic' is not one of"),
     "unknown-dataset": ({"dataset": {"name": "imagenet"}}, "'dataset.name': 'imagenet' is not one of"),
     "missing-key": ({"experiment": None}, "'experiment'"),
+    "cuda-graph-value": ({"extract": {"cuda_graph": "yes"}},
+                         "'extract.cuda_graph': 'yes' is not allowed (auto, true or false)"),
+    "bucket-negative": ({"extract": {"bucket": -8}}, "'extract.bucket': -8 is less than the minimum of 0"),
 }
 
 

@@ -124,6 +124,8 @@ if "lock_dir" in _binding:
     _env["DROPINF_DEVICE_LOCK_DIR"] = os.path.abspath(_binding["lock_dir"])
 if not config["progress"]:  # the jobs' progress bars (environment, not params: it changes no result)
     _env["DROPINF_PROGRESS"] = "0"
+# CUDA graphs of the gradient passes (environment, not params: replays compute what eager steps do)
+_env["DROPINF_CUDA_GRAPH"] = {True: "true", False: "false"}.get(config["extract"]["cuda_graph"], "auto")
 # The compressed extractions this config plans, checked by `finetune` against the model's d before
 # it trains (environment, not params: changing r must not rerun fine-tuning).
 _env["DROPINF_PLANNED_EXTRACTIONS"] = json.dumps(

@@ -43,6 +43,7 @@ rule extract:
         **EXTRACT_PARAMS,
         shards=SHARDS,
         shard=lambda wc: wc.get("shard", 0),
+        bucket=config["extract"]["bucket"],
     log:
         f"{LOGS}/extract/{{compressor}}-{{rtag}}{PART_LOG}.log",
     benchmark:
@@ -59,7 +60,8 @@ rule extract:
         "--data {input.data:q} --model {input.model:q} --compressor {wildcards.compressor} --r {params.r}"
         " --seeds {params.seeds} --options {params.options:q} --budget-mb {params.budget}"
         " --batch-size {params.batch_size} --device {params.device} --experiment {params.exp:q}"
-        " --threads {threads} --out-dir {params.out_dir:q} --shards {params.shards} --shard {params.shard} > {log:q} 2>&1"
+        " --threads {threads} --out-dir {params.out_dir:q} --shards {params.shards} --shard {params.shard}"
+        " --bucket {params.bucket} --cuda-graph \"$DROPINF_CUDA_GRAPH\" > {log:q} 2>&1"
 
 
 rule extract_nested:

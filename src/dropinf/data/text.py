@@ -107,3 +107,46 @@ def pad_documents(seqs: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> d
         ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+#: label value of a padded position that holds no label to copy (the losses' ignore index)
+IGNORE_LABEL = -100
+
+
+def bucket_batch(batch: dict, multiple: int, mask_key: str = "attention_mask") -> dict:
+    """`batch` with its sequence axis cut or right-padded to the smallest multiple of `multiple` that
+    keeps every real token (mask != 0 in `batch[mask_key]`, shape (batch, sequence)), so that
+    batches of variable-length text come in a few shapes (CUDA graphs replay one per shape).
+
+    Every tensor whose first two dimensions are the mask's is cut or padded alike; only columns
+    that are padding in every row are cut. A padded position gets mask 0 and, in every other
+    tensor, the value that tensor already holds at a padded position of this batch (else 0, and
+    IGNORE_LABEL for "labels"), i.e. the padding the data already uses. Rows keep their order.
+    The batch itself is returned when its width is already the bucketed one."""
+    mask = batch.get(mask_key) if isinstance(batch, dict) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise DropinfError(f"bucketing needs dict batches with a {mask_key!r} tensor of shape (batch, sequence) "
+                           f"marking real tokens; got {keys}")
+    B, T = mask.shape
+    real = torch.nonzero(mask.ne(0).any(0)).flatten()
+    length = int(real[-1]) + 1 if len(real) else 1
+    width = -(-length // int(multiple)) * int(multiple)
+    if width == T:
+        return batch
+    pads = mask == 0
+    out = {}
+    for key, v in batch.items():
+        if not (isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (B, T)):
+            out[key] = v
+        elif width < T:
+            out[key] = v[:, :width].contiguous()
+        else:
+            if key == mask_key:
+                fill = 0
+            elif v.dim() == 2 and bool(pads.any()):
+                fill = v[pads][0].item()
+            else:
+                fill = IGNORE_LABEL if key == "labels" else 0
+            out[key] = torch.cat([v, v.new_full((B, width - T, *v.shape[2:]), fill)], dim=1)
+    return out

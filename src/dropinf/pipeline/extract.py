@@ -77,6 +77,10 @@ class ExtractJob:
     budget_mb: float | None = option("identity: skip when n*d*4 bytes exceeds this", default=None)
     options: dict = option("JSON compressor options", default_factory=dict)
     experiment: str = option("experiment name recorded in the arrays", default="")
+    cuda_graph: str = option("CUDA graphs of a gradient pass (dropinf.extract)", default="auto",
+                             choices=["auto", "true", "false"])
+    bucket: int = option("a gradient pass pads or cuts each batch's sequence length to a multiple of this (0: off)",
+                         default=0)
 
 
 # ---- the loaded job --------------------------------------------------------------------------------------
@@ -160,7 +164,7 @@ class _Pass:
         pass  # each seed's pass is logged as it ends
 
     def extra_attrs(self, job, seed, split) -> dict:
-        return {}
+        return {"cuda_graph": job.spec.cuda_graph, "bucket": job.spec.bucket}  # settings; what ran: the record
 
     #: how a pass writes its rows: overlapped with the next batches' compute (`BackgroundRowWriter`)
     writer = BackgroundRowWriter
@@ -169,10 +173,12 @@ class _Pass:
         from ..extraction import Extractor
         from .train import Batches
 
-        m, seconds = job.model_spec, {}
+        m, seconds, ex = job.model_spec, {}, None
         self.writer_stats = {}
-        for seed in job.seeds:
-            ex = Extractor(m.module, m.loss_fn, arrays[seed]["comp"], params=m.params, device=job.stage.device)
+        for seed in job.seeds:  # one extractor: its plan and CUDA graphs serve every seed
+            ex = ex.use(arrays[seed]["comp"]) if ex else Extractor(
+                m.module, m.loss_fn, arrays[seed]["comp"], params=m.params, device=job.stage.device,
+                cuda_graph=job.spec.cuda_graph, bucket=job.spec.bucket)
             seconds[str(seed)], self.writer_stats[str(seed)] = {}, {}
             for split in SPLITS:
                 a, b = rows[split]
@@ -190,6 +196,7 @@ class _Pass:
                      rows["test"], sum(seconds[str(seed)].values()),
                      sum(s["compute_wait_seconds"] + s["drain_seconds"] for s in stalls),
                      sum(s["writer_wait_seconds"] for s in stalls))
+        self.cuda_graph = ex.graph_report()
         return seconds
 
 
@@ -385,9 +392,11 @@ def _run_part(job: _Job, source, *, shard: int, shards: int) -> dict:
     sharding.end_part(job.out_dir, [array_relpath(job.compressor, seed, split) for seed in job.seeds
                                     for split in SPLITS], shards=shards)
     rec.update(status="complete", rows={sp: list(rows[sp]) for sp in SPLITS}, seconds=jsonable(seconds),
-               provenance=job.stage.provenance())
+               provenance=job.stage.provenance(), cuda_graph=getattr(source, "cuda_graph", None))
     if getattr(source, "writer_stats", None) is not None:
         rec["writer"] = jsonable(source.writer_stats)
+    if shards == 1 and rec["cuda_graph"]:  # whether graphs were used (several parts: in each part's record)
+        rec["manifest"]["cuda_graph"] = rec["cuda_graph"]
     sharding.write_record(record_path, rec)  # the part's commit
     return rec
 

@@ -340,7 +340,7 @@ def schema_error(config: dict, schema: dict) -> str | None:
     if err.validator == "required":
         where = f" '{path}'" if path else ""
         return f"config error{where}: {err.message}"
-    if err.validator == "pattern" and err.schema.get("x-allowed"):
+    if err.validator in ("pattern", "oneOf", "anyOf") and err.schema.get("x-allowed"):
         return f"config error at '{path}': {err.instance!r} is not allowed ({err.schema['x-allowed']})"
     return f"config error at '{path or '<top level>'}': {err.message}"
 
