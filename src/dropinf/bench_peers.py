@@ -4,13 +4,14 @@
     python -m dropinf.bench peers --arch gpt2-tiny --examples 8 --seq 32 --batch 4 --device cpu --table
 
 Runs, one process each and one at a time (`dropinf.bench_peers_worker`): dropinf's dropout (each
---r), SJLT and LoGra, and, where they are installed, dattri (BlockProjectedIF with a random-mask
-sparsifier, LoGra, FactGraSS), TRAK (traker: featurize with its JL projector) and LogIX (logix-ai:
-LoGra). Every process builds the same model (random weights from its config, seed 0) and the same
-seeded token batches, times its own floor (batched forward + backward with every weight gradient,
-no optimizer) and then the peer's compression of all the examples, and records both peak memories.
-A peer that is not importable is a row with status "not installed"; one that fails is a row with
-its error; neither stops the others. Rows are CSV with provenance and each peer's package version.
+--r, and the first --r on the nn.Linear layers alone: the scope of dattri and LogIX), SJLT and
+LoGra, and, where they are installed, dattri (BlockProjectedIF with a random-mask sparsifier, LoGra,
+FactGraSS), TRAK (traker: featurize with its JL projector) and LogIX (logix-ai: LoGra). Every
+process builds the same model (random weights from its config, seed 0) and the same seeded token
+batches, times its own floor (batched forward + backward with every weight gradient, no optimizer)
+and then the peer's compression of all the examples, and records both peak memories. A peer that
+is not importable is a row with status "not installed"; one that fails is a row with its error;
+neither stops the others. Rows are CSV with provenance and each peer's package version.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from .bench_peers_worker import PEERS
 
 def default_runs(args) -> list[tuple[str, dict]]:
     """(peer, settings) for every row, in order; --peers keeps a subset."""
-    runs = [("dropinf-dropout", {"r": r}) for r in args.r]
+    runs = [("dropinf-dropout", {"r": r}) for r in args.r] + [("dropinf-dropout-linear", {"r": args.r[0]})]
     runs += [("dropinf-sjlt", {"r": args.sjlt_r}), ("dropinf-logra", {"r": args.logra_r}),
              ("dattri-bpif-random-mask", {"k": args.dattri_k}), ("dattri-logra", {"proj_dim": args.dattri_k ** 2}),
              ("dattri-factgrass", {"proj_dim": args.dattri_k ** 2, "blowup": args.factgrass_blowup}),

@@ -92,11 +92,15 @@ def _linear_scope(model) -> int:
 # ---- dropinf ------------------------------------------------------------------------------------
 
 
-def _dropinf(name):
+def _dropinf(name, linear_only=False):
     def setup(w: Workload, opts):
         from .extraction import Extractor
 
-        names = [n for n, _ in select_parameters(w.model, None)]
+        # linear_only: the weights and biases of the nn.Linear layers, the scope of dattri and LogIX
+        # (GPT-2's lm_head weight is the tied input embedding: tracked whole)
+        chosen = ([p for m in w.model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)]
+                  if linear_only else None)
+        names = [n for n, _ in select_parameters(w.model, chosen)]
         ex = Extractor(w.model, w.loss_fn, name, r=int(opts["r"]), seed=0, params=names, self_check=False)
         key = "dropout" if name == "dropout" else name
         err = bench.check_against_autograd(w.model, w.loss_fn, w.batches[0], names, {key: ex}, w.device)[key]
@@ -105,7 +109,7 @@ def _dropinf(name):
             rows = []
             ex.run(w.batches, sink=lambda start, x: rows.append(x), progress=False)
             return torch.cat(rows)
-        settings = {"compressor": name, "r": int(opts["r"]), "params": "all"}
+        settings = {"compressor": name, "r": int(opts["r"]), "params": "nn.Linear layers" if linear_only else "all"}
         return compress_all, settings, {"rel_err_vs_autograd": err, "tracked_params": ex.layout.dim}
     return setup
 
@@ -258,6 +262,8 @@ def _logix(w: Workload, opts):
 
 PEERS: dict[str, Peer] = {
     "dropinf-dropout": Peer("dropinf", ("dropinf",), "dropinf dropout (fused, all parameters)", _dropinf("dropout")),
+    "dropinf-dropout-linear": Peer("dropinf", ("dropinf",), "dropinf dropout (fused, nn.Linear layers only)",
+                                   _dropinf("dropout", linear_only=True), linear=True),
     "dropinf-sjlt": Peer("dropinf", ("dropinf",), "dropinf SJLT (fused, all parameters)", _dropinf("sjlt")),
     "dropinf-logra": Peer("dropinf", ("dropinf",), "dropinf LoGra (fused, all parameters)", _dropinf("logra")),
     "dattri-bpif-random-mask": Peer("dattri", ("dattri",), "dattri BlockProjectedIF, random-mask sparsifier, "
