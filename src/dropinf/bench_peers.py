@@ -124,7 +124,7 @@ def main(argv) -> None:
     ap.add_argument("--trak-proj-dim", type=int, default=2048)
     ap.add_argument("--logix-rank", type=int, default=8)
     ap.add_argument("--peers", nargs="+", default=None, help=f"only these, of {sorted(PEERS)}")
-    ap.add_argument("--warmup", type=int, default=1, help="warm-up passes over all examples")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up passes over all examples (dattri compiles in them)")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes (median)")
     ap.add_argument("--no-compile", action="store_true",
                     help="TORCHDYNAMO_DISABLE=1 in the workers (dattri compiles its compressor with torch.compile)")
@@ -134,6 +134,9 @@ def main(argv) -> None:
     ap.add_argument("--table", action="store_true", help="also print the markdown table")
     ap.add_argument("--out", default=None, help="CSV path (default results/bench/peers_<arch>_<dtype>.csv)")
     args = ap.parse_args(argv)
+    if args.examples % args.batch:
+        raise SystemExit(f"--examples {args.examples} is not a multiple of --batch {args.batch}: every peer "
+                         "gets the same full batches")
     rows = run(args)
     out = args.out or f"results/bench/peers_{args.arch}_{args.dtype}.csv"
     bench.write_csv(rows, out)

@@ -101,7 +101,7 @@ def _dropinf(name, linear_only=False):
         chosen = ([p for m in w.model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)]
                   if linear_only else None)
         names = [n for n, _ in select_parameters(w.model, chosen)]
-        ex = Extractor(w.model, w.loss_fn, name, r=int(opts["r"]), seed=0, params=names, self_check=False)
+        ex = Extractor(w.model, w.loss_fn, name, r=int(opts["r"]), seed=0, params=names)  # self-check as default
         key = "dropout" if name == "dropout" else name
         err = bench.check_against_autograd(w.model, w.loss_fn, w.batches[0], names, {key: ex}, w.device)[key]
 
@@ -284,6 +284,8 @@ PEERS: dict[str, Peer] = {
 def measure(args) -> dict:
     peer = PEERS[args.peer]
     opts = json.loads(args.opts)
+    if args.examples % args.batch:
+        raise ValueError(f"--examples {args.examples} is not a multiple of --batch {args.batch}")
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -293,8 +295,6 @@ def measure(args) -> dict:
     model.eval()
     if peer.linear:
         conv1d_to_linear(model)
-    if args.examples % args.batch:
-        raise SystemExit(f"--examples {args.examples} is not a multiple of --batch {args.batch}")
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(vocab, (args.batch, args.seq), generator=g).to(device)}
@@ -350,7 +350,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", required=True, help="JSON file for the row")
     args = ap.parse_args(argv)
