@@ -5,7 +5,7 @@
 
 Runs, one process each and one at a time (`dropinf.bench_peers_worker`): dropinf's dropout (each
 --r, and the first --r on the nn.Linear layers alone: the scope of dattri and LogIX), SJLT and
-LoGra, and, where they are installed, dattri (BlockProjectedIF with a random-mask sparsifier, LoGra,
+LoGra (all parameters, and the nn.Linear layers alone), and, where they are installed, dattri (BlockProjectedIF with a random-mask sparsifier, LoGra,
 FactGraSS), TRAK (traker: featurize with its JL projector) and LogIX (logix-ai: LoGra). Every
 process builds the same model (random weights from its config, seed 0) and the same seeded token
 batches, times its own floor (batched forward + backward with every weight gradient, no optimizer)
@@ -35,6 +35,7 @@ def default_runs(args) -> list[tuple[str, dict]]:
     """(peer, settings) for every row, in order; --peers keeps a subset."""
     runs = [("dropinf-dropout", {"r": r}) for r in args.r] + [("dropinf-dropout-linear", {"r": args.r[0]})]
     runs += [("dropinf-sjlt", {"r": args.sjlt_r}), ("dropinf-logra", {"r": args.logra_r}),
+             ("dropinf-logra-linear", {"r": args.logra_r}),
              ("dattri-bpif-random-mask", {"k": args.dattri_k}), ("dattri-logra", {"proj_dim": args.dattri_k ** 2}),
              ("dattri-factgrass", {"proj_dim": args.dattri_k ** 2, "blowup": args.factgrass_blowup}),
              ("traker", {"proj_dim": args.trak_proj_dim}), ("logix-logra", {"rank": args.logix_rank})]

@@ -266,6 +266,8 @@ PEERS: dict[str, Peer] = {
                                    _dropinf("dropout", linear_only=True), linear=True),
     "dropinf-sjlt": Peer("dropinf", ("dropinf",), "dropinf SJLT (fused, all parameters)", _dropinf("sjlt")),
     "dropinf-logra": Peer("dropinf", ("dropinf",), "dropinf LoGra (fused, all parameters)", _dropinf("logra")),
+    "dropinf-logra-linear": Peer("dropinf", ("dropinf",), "dropinf LoGra (fused, nn.Linear layers only)",
+                                 _dropinf("logra", linear_only=True), linear=True),
     "dattri-bpif-random-mask": Peer("dattri", ("dattri",), "dattri BlockProjectedIF, random-mask sparsifier, "
                                     "Linear layers", _dattri("bpif-random-mask"), linear=True),
     "dattri-logra": Peer("dattri", ("dattri",), "dattri LoGra, Linear layers", _dattri("logra"), linear=True),
