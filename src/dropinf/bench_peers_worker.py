@@ -34,10 +34,6 @@ from .layout import select_parameters
 from .models.lm import per_example_lm_loss
 
 
-class PeerUnavailable(Exception):
-    """The peer is installed but a part it needs on this device is not (e.g. a CUDA extension)."""
-
-
 @dataclass
 class Peer:
     package: str  # the distribution whose version is recorded
@@ -45,6 +41,7 @@ class Peer:
     method: str  # what is run, in words
     setup: Callable = field(repr=False)  # (workload, opts) -> (compress_all, settings)
     linear: bool = False  # needs nn.Linear layers (transformers' Conv1D converted first)
+    missing: Callable | None = None  # device -> why a part it needs on this device is absent, or None
 
 
 @dataclass
@@ -146,6 +143,17 @@ def _dattri_cached(attributor, w: Workload, loader):
     return compress_all
 
 
+def _sjlt_missing(device: torch.device) -> str | None:
+    """dattri's FactGraSS projects with SJLT on CUDA: the `sjlt` package with its compiled extension."""
+    if device.type != "cuda":
+        return None
+    try:
+        import sjlt
+    except ImportError as e:
+        return f"sjlt (dattri's FactGraSS on CUDA needs it): {e}"
+    return None if sjlt.EXTENSION_AVAILABLE else "sjlt without its CUDA extension (dattri's FactGraSS on CUDA needs it)"
+
+
 def _dattri(kind):
     def setup(w: Workload, opts):
         from dattri.algorithm import BlockProjectedIFAttributor, FactGraSSAttributor, LoGraAttributor
@@ -164,14 +172,6 @@ def _dattri(kind):
             k = math.isqrt(int(opts["proj_dim"]))
             settings = {"sparsifier": f"normal {k}x{k} per layer", "projector": "identity"}
         else:  # FactGraSS: random mask, then SJLT (a CUDA extension) on CUDA, a Gaussian on the CPU
-            if dev == "cuda":
-                try:
-                    import sjlt
-                except ImportError as e:
-                    raise PeerUnavailable(f"sjlt (dattri's FactGraSS on CUDA needs it): {e}") from None
-                if not sjlt.EXTENSION_AVAILABLE:
-                    raise PeerUnavailable("sjlt is installed without its CUDA extension (dattri's FactGraSS on CUDA "
-                                          "needs it)")
             p, b = int(opts["proj_dim"]), int(opts["blowup"])
             attributor = FactGraSSAttributor(**common, proj_dim=p, blowup_factor=b)
             k = math.isqrt(p * b)
@@ -211,7 +211,7 @@ def _traker(w: Workload, opts):
                     load_from_save_dir=False, device=w.device.type, proj_dim=int(opts["proj_dim"]),
                     use_half_precision=w.model.dtype == torch.float16, proj_max_batch_size=min(32, B),
                     logging_level=40)
-    checkpoint = {k: v.clone() for k, v in w.model.state_dict().items()}
+    checkpoint = w.model.state_dict()  # the model's own weights (random init), as for dattri
     model_id = [0]
 
     def compress_all():
@@ -272,7 +272,7 @@ PEERS: dict[str, Peer] = {
                                     "Linear layers", _dattri("bpif-random-mask"), linear=True),
     "dattri-logra": Peer("dattri", ("dattri",), "dattri LoGra, Linear layers", _dattri("logra"), linear=True),
     "dattri-factgrass": Peer("dattri", ("dattri",), "dattri FactGraSS, Linear layers", _dattri("factgrass"),
-                             linear=True),
+                             linear=True, missing=_sjlt_missing),
     "traker": Peer("traker", ("trak",), "TRAK featurize (vmap per-example gradients + JL projector), "
                    "all parameters", _traker),
     "logix-logra": Peer("logix-ai", ("logix", "einops"), "LogIX LoGra (LoRA bottleneck gradients), Linear layers",
@@ -289,6 +289,14 @@ def measure(args) -> dict:
     if args.examples % args.batch:
         raise ValueError(f"--examples {args.examples} is not a multiple of --batch {args.batch}")
     device = torch.device(args.device)
+    row = {"peer": args.peer, "path": args.peer, "package": peer.package, "package_version": _version(peer.package),
+           "method": peer.method, "arch": args.arch, "dtype": args.dtype, "examples": args.examples,
+           "batch": args.batch, "seq_len": args.seq, "worker_pid": os.getpid(),
+           "model_layers": "nn.Linear" if peer.linear else "as built",
+           "torch_compile": "off" if os.environ.get("TORCHDYNAMO_DISABLE") == "1" else "on"}
+    why = peer.missing(device) if peer.missing else None
+    if why:
+        return {**row, "status": f"not installed: {why}"}
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dtype = getattr(torch, args.dtype)
@@ -302,11 +310,7 @@ def measure(args) -> dict:
     batches = [{"input_ids": torch.randint(vocab, (args.batch, args.seq), generator=g).to(device)}
                for _ in range(args.examples // args.batch)]
     n = args.examples
-    row = {"peer": args.peer, "path": args.peer, "package": peer.package, "package_version": _version(peer.package),
-           "method": peer.method, "arch": args.arch, "dtype": args.dtype, "examples": n, "batch": args.batch,
-           "seq_len": args.seq, "worker_pid": os.getpid(), "model_layers": "nn.Linear" if peer.linear else "as built",
-           "torch_compile": "off" if os.environ.get("TORCHDYNAMO_DISABLE") == "1" else "on",
-           **bench.provenance(device)}
+    row.update(bench.provenance(device))
     params = list(model.parameters())
 
     def floor_pass():
@@ -320,10 +324,7 @@ def measure(args) -> dict:
                floor_params=sum(p.numel() for p in params))
     with tempfile.TemporaryDirectory(prefix="dropinf-peer-") as tmp:
         w = Workload(model, loss_fn, batches, device, Path(tmp))
-        try:
-            compress_all, settings, extra = peer.setup(w, opts)
-        except PeerUnavailable as e:
-            return {**row, "status": f"not installed: {e}"}
+        compress_all, settings, extra = peer.setup(w, opts)
         row.update(settings=json.dumps(settings, sort_keys=True), **extra)
         held = []
 

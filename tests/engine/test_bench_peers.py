@@ -115,3 +115,19 @@ def test_conv1d_to_linear_computes_the_same_function():
     assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 9  # 4 per block + lm_head
     assert sum(p.numel() for p in model.parameters()) == n_params
     torch.testing.assert_close(model(input_ids=batch["input_ids"]).logits, want, rtol=1e-12, atol=1e-12)
+
+
+def test_worker_reports_a_missing_device_part_before_timing(tmp_path, monkeypatch):
+    """A peer installed without a part it needs on this device (FactGraSS's SJLT extension on CUDA)
+    is a "not installed" row, written before any model is built or floor is timed."""
+    from dropinf import bench_peers_worker
+
+    monkeypatch.setitem(PEERS, "needs-extension", Peer("dattri", ("dattri",), "a peer missing a CUDA extension",
+                                                       None, missing=lambda device: f"ext (on {device.type})"))
+    monkeypatch.setattr(bench_peers_worker.bench, "build_arch", lambda *a: pytest.fail("built a model"))
+    out = tmp_path / "row.json"
+    bench_peers_worker.main(["--peer", "needs-extension", "--arch", "gpt2-tiny", "--examples", "8", "--batch", "4",
+                             "--device", "cpu", "--out", str(out)])
+    row = json.loads(out.read_text())
+    assert row["status"] == "not installed: ext (on cpu)" and "floor_ms_per_example" not in row
+    assert bench_peers_worker._sjlt_missing(torch.device("cpu")) is None  # SJLT is only needed on CUDA
