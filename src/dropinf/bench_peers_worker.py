@@ -39,7 +39,8 @@ class Peer:
     package: str  # the distribution whose version is recorded
     modules: tuple[str, ...]  # importable modules it needs (checked before a process is started)
     method: str  # what is run, in words
-    setup: Callable = field(repr=False)  # (workload, opts) -> (compress_all, settings)
+    # (workload, opts) -> (compress_all, settings, extra columns); compress_all() -> (examples, width)
+    setup: Callable = field(repr=False)
     linear: bool = False  # needs nn.Linear layers (transformers' Conv1D converted first)
     missing: Callable | None = None  # device -> why a part it needs on this device is absent, or None
 
@@ -99,8 +100,7 @@ def _dropinf(name, linear_only=False):
                   if linear_only else None)
         names = [n for n, _ in select_parameters(w.model, chosen)]
         ex = Extractor(w.model, w.loss_fn, name, r=int(opts["r"]), seed=0, params=names)  # self-check as default
-        key = "dropout" if name == "dropout" else name
-        err = bench.check_against_autograd(w.model, w.loss_fn, w.batches[0], names, {key: ex}, w.device)[key]
+        err = bench.check_against_autograd(w.model, w.loss_fn, w.batches[0], names, {name: ex}, w.device)[name]
 
         def compress_all():
             rows = []
