@@ -654,6 +654,9 @@ def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "probe":
         probe_timing(sys.argv[2:])
         return
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "peers":  # dropinf.bench_peers
+        from .bench_peers import main as peers_bench
+        return peers_bench(sys.argv[2:])
     ap = argparse.ArgumentParser(prog="python -m dropinf.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="gpt2", help="gpt2 | gpt2-tiny | pythia-1.4b | llama-3.2-1b | resnet9")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
