@@ -638,25 +638,33 @@ def _timed_call(fn, dev) -> float:
     return time.perf_counter() - t0
 
 
+def _table(argv) -> None:
+    print(markdown_table(argv))
+
+
+def _lazy(module: str, name: str = "main"):
+    """The entry point of a benchmark module, imported only when its subcommand runs."""
+    def load():
+        import importlib
+
+        return getattr(importlib.import_module(module, __package__), name)
+    return load
+
+
+#: `python -m dropinf.bench <name> ...`: the other benchmarks, each with its own flags
+SUBCOMMANDS = {
+    "table": lambda: _table,
+    "ihvp": lambda: ihvp_timing,
+    "probe": lambda: probe_timing,
+    "query": _lazy(".pipeline.query_bench"),
+    "throughput": _lazy(".bench_throughput"),
+    "peers": _lazy(".bench_peers"),
+}
+
+
 def main(argv=None):
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "table":
-        print(markdown_table(sys.argv[2:]))
-        return
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "ihvp":
-        ihvp_timing(sys.argv[2:])
-        return
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "query":  # dropinf.pipeline.query_bench
-        from .pipeline.query_bench import main as query_bench
-        return query_bench(sys.argv[2:])
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "throughput":  # dropinf.bench_throughput
-        from .bench_throughput import main as throughput
-        return throughput(sys.argv[2:])
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "probe":
-        probe_timing(sys.argv[2:])
-        return
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "peers":  # dropinf.bench_peers
-        from .bench_peers import main as peers_bench
-        return peers_bench(sys.argv[2:])
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        return SUBCOMMANDS[sys.argv[1]]()(sys.argv[2:])
     ap = argparse.ArgumentParser(prog="python -m dropinf.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="gpt2", help="gpt2 | gpt2-tiny | pythia-1.4b | llama-3.2-1b | resnet9")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
