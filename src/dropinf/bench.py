@@ -115,15 +115,18 @@ def cuda_time(fn, warmup=2, repeats=5) -> float:
     return statistics.median(times)
 
 
-def peak_mem(fn) -> float:
+def peak_mem(fn, reserved: bool = False):
+    """Peak GiB allocated while `fn` runs; reserved=True: (allocated, reserved). A CUDA graph's
+    private pool is reserved, not allocated, while it replays: only the reserved peak counts it."""
     if not torch.cuda.is_available():
-        return float("nan")
+        return (float("nan"),) * 2 if reserved else float("nan")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
+    alloc = torch.cuda.max_memory_allocated() / 2**30
+    return (alloc, torch.cuda.max_memory_reserved() / 2**30) if reserved else alloc
 
 
 def provenance(device) -> dict:

@@ -77,7 +77,7 @@ def run_peer(peer: str, opts: dict, args, tmp: Path, index: int) -> dict:
     return {"status": f"error: worker exited with status {proc.returncode} and wrote no row"}
 
 
-def run(args) -> list[dict]:
+def run(args, out: str | None = None) -> list[dict]:
     device = torch.device(args.device)
     if args.jobs > 1 and device.type == "cuda":
         raise SystemExit("--jobs > 1 is for CPU smoke runs: peers sharing a GPU would time each other")
@@ -99,13 +99,16 @@ def run(args) -> list[dict]:
 
     with tempfile.TemporaryDirectory(prefix="dropinf-peers-") as tmp, \
             ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(lambda job: one(job[0], *job[1], Path(tmp)), enumerate(runs)))
-    for r in rows:
-        if r["status"] == "ok":
-            print(f"{r['peer']:24s} {r['ms_per_example']:9.3f} ms/ex  {r['ratio_floor']:5.2f}x its floor "
-                  f"(floor {r['floor_ms_per_example']:.3f} ms/ex)  out dim {r['r']}", flush=True)
-        else:
-            print(f"{r['peer']:24s} {r['status']}", flush=True)
+        rows = []
+        for r in pool.map(lambda job: one(job[0], *job[1], Path(tmp)), enumerate(runs)):
+            rows.append(r)
+            if out:
+                bench.write_csv(rows, out)  # after every row: a run stopped later keeps what it measured
+            if r["status"] == "ok":
+                print(f"{r['peer']:24s} {r['ms_per_example']:9.3f} ms/ex  {r['ratio_floor']:5.2f}x its floor "
+                      f"(floor {r['floor_ms_per_example']:.3f} ms/ex)  out dim {r['r']}", flush=True)
+            else:
+                print(f"{r['peer']:24s} {r['status']}", flush=True)
     return rows
 
 
@@ -138,8 +141,8 @@ def main(argv) -> None:
     if args.examples % args.batch:
         raise SystemExit(f"--examples {args.examples} is not a multiple of --batch {args.batch}: every peer "
                          "gets the same full batches")
-    rows = run(args)
     out = args.out or f"results/bench/peers_{args.arch}_{args.dtype}.csv"
+    rows = run(args, out)
     bench.write_csv(rows, out)
     print(f"wrote {out}", file=sys.stderr)
     if args.table:  # dropinf.bench's table (peer = path, r = output width), then the rows without numbers

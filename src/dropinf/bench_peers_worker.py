@@ -317,10 +317,10 @@ def measure(args) -> dict:
         for b in batches:
             bench.floor_step(model, loss_fn, b, params)
     floor = bench.cuda_time(floor_pass, args.warmup, args.repeats)
-    floor_mem = bench.peak_mem(floor_pass)
+    floor_mem, floor_reserved = bench.peak_mem(floor_pass, reserved=True)
     for p in params:
         p.grad = None
-    row.update(floor_ms_per_example=1e3 * floor / n, floor_peak_gib=floor_mem,
+    row.update(floor_ms_per_example=1e3 * floor / n, floor_peak_gib=floor_mem, floor_reserved_gib=floor_reserved,
                floor_params=sum(p.numel() for p in params))
     with tempfile.TemporaryDirectory(prefix="dropinf-peer-") as tmp:
         w = Workload(model, loss_fn, batches, device, Path(tmp))
@@ -331,13 +331,14 @@ def measure(args) -> dict:
         def timed():
             held[:] = [compress_all()]
         seconds = bench.cuda_time(timed, args.warmup, args.repeats)
-        mem = bench.peak_mem(timed)
+        mem, reserved = bench.peak_mem(timed, reserved=True)
         out = held[0]
     finite = bool(torch.isfinite(out).all())
     shape_ok = out.dim() == 2 and out.shape[0] == n and out.shape[1] > 0
     # the columns of dropinf.bench's rows (`seconds` per batch, `r` the output width), so its table reads them
     row.update(seconds=seconds / len(batches), ms_per_example=1e3 * seconds / n, ratio_floor=seconds / floor,
                peak_gib=mem, mem_ratio_to_floor=mem / floor_mem if floor_mem == floor_mem else "",
+               reserved_gib=reserved, reserved_ratio_to_floor=reserved / floor_reserved if reserved == reserved else "",
                r=out.shape[1] if out.dim() == 2 else "", out_shape="x".join(map(str, out.shape)), out_finite=finite)
     row["status"] = "ok" if finite and shape_ok else f"bad output: shape {tuple(out.shape)}, finite {finite}"
     return row

@@ -211,6 +211,7 @@ def main(argv=None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     failed = None
+    out = a.out or f"results/bench/throughput_{a.arch}_{a.dtype}.csv"
     try:
         t0 = time.perf_counter()
         make_inputs(root, arch=a.arch, n_train=a.examples, n_test=a.test_examples, seq=a.seq, vocab=vocab,
@@ -242,6 +243,7 @@ def main(argv=None) -> None:
                    "floor_examples_per_s": floor_eps, "throughput_vs_floor": eps / floor_eps,
                    "ratio_floor": floor_eps / eps, **summary, **extra}
             rows.append(row)
+            write_csv(rows, out)  # after every row: a run stopped later keeps what it measured
             print(f"{path:26s} {n} examples in {summary['span_seconds']:8.2f} s: {eps:9.1f} ex/s = "
                   f"{row['throughput_vs_floor']:.3f}x the floor's {floor_eps:.1f} ex/s; compute waited "
                   f"{summary['stall_seconds']:.3f} s on the writer, the writer {summary['writer_wait_seconds']:.2f} s "
@@ -267,7 +269,6 @@ def main(argv=None) -> None:
     finally:
         if not a.workdir:
             shutil.rmtree(root, ignore_errors=True)
-    out = a.out or f"results/bench/throughput_{a.arch}_{a.dtype}.csv"
     write_csv(rows, out)
     print(f"wrote {out}", file=sys.stderr)
     if failed:
