@@ -662,6 +662,7 @@ SUBCOMMANDS = {
     "query": _lazy(".pipeline.query_bench"),
     "throughput": _lazy(".bench_throughput"),
     "peers": _lazy(".bench_peers"),
+    "memory": _lazy(".bench_memory"),
 }
 
 

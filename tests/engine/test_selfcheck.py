@@ -284,3 +284,31 @@ def test_write_outside_the_declared_columns_is_caught(monkeypatch):
     monkeypatch.setattr(Identity, "add_vector", misplaced)
     with pytest.raises(GradientCheckError, match=r"fc\.bias .*writes outside its columns"):
         dropinf.extract(model, loss, data, "identity")
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch", "rms"])
+def test_norm_input_modified_in_place_after_the_forward_is_a_clear_error(norm):
+    """Norm handlers keep the layer's input (autograd holds it anyway) and form x̂ in the backward
+    hook; an input changed in place in between would give wrong rows, so it is refused by name.
+    (With the self-check on, its autograd reference may trip over the same change first.)"""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = {"layer": lambda: torch.nn.LayerNorm(6), "batch": lambda: torch.nn.BatchNorm1d(6).eval(),
+                         "rms": lambda: torch.nn.RMSNorm(6)}[norm]()
+            self.fc = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            x = x.clone()
+            h = self.norm(x)
+            x.mul_(2.0)  # the norm's input, changed after the norm read it
+            return self.fc(h + x)
+
+    torch.manual_seed(5)
+    model = Net().double()
+    data = [{"x": torch.randn(4, 6, dtype=torch.float64), "y": torch.randint(3, (4,))}]
+    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b["x"]), b["y"], reduction="none")  # noqa: E731
+    with pytest.raises(DropinfError, match=r"input was modified in place"):
+        dropinf.extract(model, loss, data, "identity", params=["norm.weight"], self_check=False)
+    with pytest.raises((RuntimeError, DropinfError), match=r"modified (by an inplace operation|in place)"):
+        dropinf.extract(model, loss, data, "identity", params=["norm.weight"])
