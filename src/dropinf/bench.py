@@ -240,7 +240,24 @@ def check_against_autograd(model, loss_fn, batch, names, compressors, device) ->
     return errs
 
 
-def run(args) -> list[dict]:
+class CsvRows(list):
+    """Rows that rewrite their CSV whenever one is added: a run stopped later keeps what it measured."""
+
+    def __init__(self, path: str | None):
+        super().__init__()
+        self.path = path
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if self.path:
+            write_csv(self, self.path)
+
+    def extend(self, rows) -> None:
+        for row in rows:
+            self.append(row)
+
+
+def run(args, out: str | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -256,7 +273,7 @@ def run(args) -> list[dict]:
     base = {"arch": args.arch, "dtype": args.dtype, "batch": args.batch, "dim": dim, **prov}
     seq = batch["input_ids"].shape[1] if "input_ids" in batch else 0
     base["seq_len"] = seq
-    rows = []
+    rows = CsvRows(out)
     ref = {}  # seconds per batch of the floor and the limit, set before any other path is emitted
 
     def emit(path, r, seconds, mem, **extra):
@@ -288,8 +305,9 @@ def run(args) -> list[dict]:
         del replay
         torch.cuda.empty_cache()
 
-    specs = [("dropout", r) for r in args.r] + [("sjlt", args.sjlt_r), ("logra", args.logra_r),
-                                               ("gaussian", args.gaussian_r)]
+    sizes = {"sjlt": args.sjlt_r, "logra": args.logra_r, "gaussian": args.gaussian_r}
+    specs = [("dropout", r) for r in args.r if "dropout" in args.compressors]
+    specs += [(name, sizes[name]) for name in sizes if name in args.compressors]
     if args.identity and dim * args.batch * 4 < 16 * 2**30:
         specs.append(("identity", None))
 
@@ -677,6 +695,9 @@ def main(argv=None):
     ap.add_argument("--gaussian-r", type=int, default=512)
     ap.add_argument("--logra-r", type=int, default=4096, help="per-layer budget (64x64)")
     ap.add_argument("--sjlt-r", type=int, default=512)
+    ap.add_argument("--compressors", nargs="+", default=["dropout", "sjlt", "logra", "gaussian"],
+                    choices=["dropout", "sjlt", "logra", "gaussian"],
+                    help="fused paths to time (Gaussian takes seconds per batch on the 1B models)")
     ap.add_argument("--identity", action="store_true", help="also time raw per-example gradients if they fit")
     ap.add_argument("--paper-loop", action="store_true", help="also time the batch-size-1 loop")
     ap.add_argument("--loop-examples", type=int, default=8)
@@ -693,9 +714,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="CSV path (default results/bench/<arch>_<dtype>.csv)")
     args = ap.parse_args(argv)
-    rows = run(args)
     out = args.out or f"results/bench/{args.arch}_{args.dtype}.csv"
-    write_csv(rows, out)
+    write_csv(run(args, out), out)
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -65,3 +65,24 @@ def test_limit_step_computes_no_weight_gradient_and_reaches_the_input():
         want = torch.autograd.grad(loss.sum(), leaf)[0]
         assert got.abs().sum() > 0
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_rows_reach_the_csv_as_they_are_measured(tmp_path, monkeypatch):
+    """A run stopped part-way (a job's time limit) keeps the rows measured so far."""
+    out = tmp_path / "partial.csv"
+    timings = []
+
+    def stop_after_limit(fn, *a, **k):  # the first fused path's timing never returns
+        timings.append(1)
+        if len(timings) > 2:
+            raise KeyboardInterrupt
+        return real_cuda_time(fn, *a, **k)
+
+    real_cuda_time = bench.cuda_time
+    monkeypatch.setattr(bench, "cuda_time", stop_after_limit)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--arch", "gpt2-tiny", "--batch", "2", "--r", "8", "--compressors", "dropout", "--no-check", "--warmup", "0",
+                    "--repeats", "1", "--out", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    assert [r["path"] for r in rows] == ["floor_fwd_bwd", "limit_fwd_activation_bwd"]
+    assert all(r["git_commit"] for r in rows)
