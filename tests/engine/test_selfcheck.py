@@ -312,3 +312,64 @@ def test_norm_input_modified_in_place_after_the_forward_is_a_clear_error(norm):
         dropinf.extract(model, loss, data, "identity", params=["norm.weight"], self_check=False)
     with pytest.raises((RuntimeError, DropinfError), match=r"modified (by an inplace operation|in place)"):
         dropinf.extract(model, loss, data, "identity", params=["norm.weight"])
+
+
+class BatchMixing(torch.nn.Module):
+    """Each example's hidden state is shifted by the batch's mean: its loss depends on the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return self.out(h + h.mean(0, keepdim=True))
+
+
+def mixing_loss(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_example_references_per_precision(dtype):
+    """float32/64: each checked example's reference is its own forward and backward at batch size 1;
+    bfloat16: the gradient of its own loss through the batch's forward (a separate forward rounds
+    differently in every layer, which over a deep bf16 model exceeds the tolerance)."""
+    torch.manual_seed(7)
+    model = TextNet().to(dtype)
+    batch = text_batches(seed=7)[0]
+    B = batch["ids"].shape[0]
+    ex = Extractor(model, text_loss, "identity")
+    ref = selfcheck.reference(ex, batch, [0, B - 1], None)
+    params = [p for _, p in ex.named]
+    for p in params:
+        p.requires_grad_(True)
+    losses = text_loss(model, batch)
+    for i in (0, B - 1):
+        if dtype == torch.bfloat16:
+            want = torch.autograd.grad(losses[i], params, retain_graph=True)
+        else:
+            want = torch.autograd.grad(text_loss(model, selfcheck.example(batch, i, B))[0], params)
+        assert all(torch.equal(a, b) for a, b in zip(ref.examples[i], want)), i
+    assert selfcheck.batched_reference(ex) == (dtype == torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_examples_that_depend_on_each_other_are_caught_in_every_precision(dtype):
+    """The fused row of an example holds its activations times the summed loss's output gradient;
+    when its loss depends on the rest of the batch that is not its gradient, and the check says so
+    with the batch-forward reference of bf16 as with the batch-size-1 one."""
+    torch.manual_seed(8)
+    model = BatchMixing().to(dtype)
+    g = torch.Generator().manual_seed(8)
+    data = [{"x": torch.randn(4, 6, generator=g).to(dtype), "y": torch.randint(3, (4,), generator=g)}]
+    with pytest.raises(GradientCheckError, match=r"fc\.weight \[fused: Linear\]: example 0"):
+        dropinf.extract(model, mixing_loss, data, "identity")
+
+
+def test_swapped_examples_are_caught_in_bfloat16(monkeypatch):
+    torch.manual_seed(9)
+    model = TextNet().to(torch.bfloat16)
+    break_linear(monkeypatch, "flip")
+    with pytest.raises(GradientCheckError, match=r"fc\.bias \[fused: Linear\]: example 0"):
+        dropinf.extract(model, text_loss, text_batches(seed=9), "dropout", r=40)
