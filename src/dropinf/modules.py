@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils import stateless
 
 from .errors import DropinfError
-from .factors import Dense, GroupRows, OneHot, Unfold
+from .factors import Dense, GroupRows, OneHot, PositionSums, Unfold
 
 HANDLERS: list[type["Handler"]] = []
 
@@ -435,13 +435,21 @@ class BatchNormHandler(Handler):
     @staticmethod
     def emit(module, saved, delta, slots, comp, out):
         x = _kept_input(module, saved)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        xhat = (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
-        chan_last = lambda t: t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)  # noqa: E731
+
+        def chans(t, idx):  # (B, C or len(idx), positions)
+            t = t.reshape(t.shape[0], t.shape[1], -1)
+            return t if idx is None else t.index_select(1, idx)
+
+        def weight_sums(idx, dtype):  # Σ over positions of δ·x̂, x̂ formed on the asked channels only
+            mean, var = (s if idx is None else s.index_select(0, idx) for s in (module.running_mean, module.running_var))
+            xhat = (chans(x, idx) - mean[:, None]) * torch.rsqrt(var[:, None] + module.eps)
+            return (chans(delta, idx) * xhat).sum(-1, dtype=dtype)
+
         if "weight" in slots:
-            comp.add_vector(out, slots["weight"], chan_last(delta * xhat))
+            comp.add_vector(out, slots["weight"], PositionSums(weight_sums, x.dtype))
         if "bias" in slots:
-            comp.add_vector(out, slots["bias"], chan_last(delta))
+            comp.add_vector(out, slots["bias"], PositionSums(lambda idx, dtype: chans(delta, idx).sum(-1, dtype=dtype),
+                                                                 delta.dtype))
 
 
 def handler_for(module: nn.Module) -> type[Handler] | None:

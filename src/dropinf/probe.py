@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .compressors.base import Compressor
 from .errors import DropinfError, InvalidValueError
 from .extraction import Extractor, _batch_size
-from .factors import OneHot, acc
+from .factors import OneHot, acc, acc_dtype, position_sums
 from .layout import Layout
 
 __all__ = ["second_moments", "ProbeSizeError", "probe_rows", "ESTIMATORS"]
@@ -156,7 +156,7 @@ class SquareAccumulator(Compressor):
             view[r0:r0 + ri.numel()] += (R2.T @ C2).to(buf.dtype)
 
     def add_vector(self, out, slot, values):
-        self._add(slot, 0, acc(values.flatten(2)).sum(1))
+        self._add(slot, 0, position_sums(values, acc_dtype(values.dtype)))
 
     def end_batch(self, start: int, out: torch.Tensor) -> None:
         """Extraction sink: the batch is complete; square the held sums of shared parameters."""

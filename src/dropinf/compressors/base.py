@@ -8,7 +8,8 @@ to `out_dim` columns. It has two paths that must agree:
   *factors* of that parameter's per-example gradient, so the full gradient is never formed:
   - `add_outer(out, slot, rows, cols)`: the parameter's gradient viewed as a matrix
     (`slot.matrix_shape`) is  g[b] = sum_t rows[b, t, :] (outer) cols[b, t, :];
-  - `add_vector(out, slot, values)`: a vector parameter, g[b] = sum_t values[b, t, :].
+  - `add_vector(out, slot, values)`: a vector parameter, g[b] = sum_t values[b, t, :] (values: a
+    tensor or `factors.PositionSums`, read through `factors.position_sums`).
   Both add the compressed contribution into `out` (B, out_dim), float32.
 Compressors are linear, so a parameter used by several modules (tied weights) or called several
 times simply accumulates contributions.

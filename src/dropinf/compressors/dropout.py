@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..factors import position_sums
 from ..layout import Slot
 from .base import Compressor
 
@@ -108,4 +109,4 @@ class Dropout(Compressor):
         tgt, w, _, _, local = self._plan(slot, out.device)
         if tgt.numel() == 0:
             return
-        self._add(out, tgt, w, values.flatten(2).index_select(-1, local).sum(1, dtype=out.dtype))
+        self._add(out, tgt, w, position_sums(values, out.dtype, local))

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..factors import acc
+from ..factors import acc, position_sums
 from .base import ColumnMap, Compressor, ProjectionBlocks
 
 ROW_GROUP = 64
@@ -144,5 +144,5 @@ class Gaussian(Compressor):
             out += self.project_range(g.to(out.dtype), slot.offset + r0 * ncol, slot.offset + r1 * ncol)
 
     def add_vector(self, out, slot, values):
-        g = values.flatten(2).sum(1, dtype=out.dtype)
+        g = position_sums(values, out.dtype)
         out += self.project_range(g, slot.offset, slot.stop)

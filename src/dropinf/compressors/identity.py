@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import BudgetError, DropinfError
+from ..factors import position_sums
 from .base import Compressor
 
 
@@ -41,4 +42,4 @@ class Identity(Compressor):
         out[:, slot.offset:slot.stop] += g.reshape(g.shape[0], -1).to(out.dtype)
 
     def add_vector(self, out, slot, values):
-        out[:, slot.offset:slot.stop] += values.flatten(2).sum(1, dtype=out.dtype)
+        out[:, slot.offset:slot.stop] += position_sums(values, out.dtype)

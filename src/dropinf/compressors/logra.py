@@ -14,6 +14,7 @@ import math
 import torch
 
 from ..errors import DropinfError
+from ..factors import position_sums
 from ..layout import Slot
 from .base import ColumnMap, Compressor
 
@@ -99,4 +100,4 @@ class LoGra(Compressor):
 
     def add_vector(self, out, slot, values):
         c0, c1 = self.columns[slot.name]
-        out[:, c0:c1] += self._project_matrix(values.flatten(2).sum(1, dtype=out.dtype), slot)
+        out[:, c0:c1] += self._project_matrix(position_sums(values, out.dtype), slot)

@@ -1,0 +1,57 @@
+"""Lazy gradient factors against dense references: a convolution's sampled taps against F.unfold of
+the zero-padded input, and BatchNorm's per-channel sums on some channels against all of them."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dropinf import modules
+from dropinf.factors import PositionSums, Unfold, position_sums
+
+GEOMETRIES = [  # kernel, stride, dilation, padding (top, bottom, left, right), groups
+    ((3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1),
+    ((4, 2), (1, 1), (1, 1), (1, 2, 0, 1), 1),   # "same" with an even extent: one more at the end
+    ((3, 3), (2, 2), (2, 1), (2, 2, 1, 1), 2),
+    ((1, 5), (1, 3), (1, 1), (0, 0, 3, 0), 3),
+    ((2, 2), (1, 1), (1, 1), (0, 0, 0, 0), 1),
+]
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,padding,groups", GEOMETRIES)
+def test_sampled_taps_equal_unfold_of_the_padded_input(kernel, stride, dilation, padding, groups):
+    g = torch.Generator().manual_seed(sum(kernel) + groups)
+    x = torch.randn(3, 6, 7, 9, generator=g, dtype=torch.float64)
+    f = Unfold(x, kernel, stride, dilation, padding, groups=groups)
+    top, bottom, left, right = padding
+    xp = F.pad(x, (left, right, top, bottom))
+    cols = F.unfold(xp, kernel, dilation=dilation, stride=stride)  # (B, C·kh·kw, L)
+    want = cols.view(3, groups, f.width, -1).transpose(2, 3).reshape(3, f.length, f.width)
+    idx = torch.randperm(f.width, generator=g)[: max(1, f.width // 2)]
+    assert torch.equal(f.gather(idx), want[:, :, idx])
+    assert torch.equal(f.full(), want)
+    assert f.x.data_ptr() == x.data_ptr()  # no padded copy is kept
+
+
+def test_batchnorm_sums_on_some_channels_equal_those_of_all():
+    torch.manual_seed(3)
+    bn = torch.nn.BatchNorm2d(5).double().eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    x, delta = torch.randn(4, 5, 3, 3, dtype=torch.float64), torch.randn(4, 5, 3, 3, dtype=torch.float64)
+    got = {}
+
+    class Recorder:
+        def add_vector(self, out, slot, values):
+            assert isinstance(values, PositionSums)
+            got[slot] = values
+
+    modules.BatchNormHandler.emit(bn, modules.BatchNormHandler.capture(bn, x), delta,
+                                  {"weight": "w", "bias": "b"}, Recorder(), None)
+    xhat = (x - bn.running_mean[None, :, None, None]) / torch.sqrt(bn.running_var[None, :, None, None] + bn.eps)
+    want = {"w": (delta * xhat).sum((2, 3)), "b": delta.sum((2, 3))}
+    idx = torch.tensor([4, 1])
+    for slot in ("w", "b"):
+        torch.testing.assert_close(position_sums(got[slot], torch.float64), want[slot], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(position_sums(got[slot], torch.float64, idx), want[slot][:, idx],
+                                   rtol=1e-12, atol=1e-12)
+    plain = torch.randn(4, 6, 5, dtype=torch.float64)  # a tensor (B, T, width) is summed over T
+    torch.testing.assert_close(position_sums(plain, torch.float64, idx), plain.sum(1)[:, idx])
