@@ -37,7 +37,7 @@ def test_tiny_cpu_run_with_two_shards(tmp_path, monkeypatch):
         assert float(r["ratio_floor"]) == pytest.approx(floor / eps)
         assert float(r["stall_seconds"]) == pytest.approx(float(r["compute_wait_seconds"]) + float(r["drain_seconds"]))
         assert float(r["writer_wait_seconds"]) >= 0 and int(r["blocks_written"]) >= 2 and r["pinned"] == "False"
-        assert r["repeatable_batch"] == "True"
+        assert r["repeatable_batches"] == "True" and r["repeated_batches"] == "4"
     sh = rows["extract_to_zarr_shards2"]
     assert sh["bitwise_equal"] == "True" and sh["differing_rows"] == "0" and sh["compared_rows"] == "72"
     assert sh["shards"] == "2" and float(sh["processes_wall_seconds"]) > float(sh["seconds"])
