@@ -145,6 +145,15 @@ def floor_and_repeatability(data: Path, model: Path, *, device, batch: int, comp
     return {"floor_seconds_per_batch": floor, "repeatable_batches": repeatable, "repeated_batches": repeated}
 
 
+def differ_message(shards: int, differing_rows: int, *, deterministic: bool) -> str:
+    """Why the command fails when the sharded arrays differ, and what to do about it."""
+    msg = f"the {shards}-shard arrays differ from the one-process run's in {differing_rows} rows"
+    if not deterministic:
+        msg += ("; without --deterministic, non-deterministic kernels (e.g. the attention backward) make runs "
+                "differ at rounding level: rerun with --deterministic to compare bits")
+    return msg
+
+
 def run_shards(root: Path, out: Path, *, shards: int, args, device: str) -> tuple[list[dict], float, float]:
     """K processes of the extract command, one part each, started together; then extract_finalize.
     Returns (part records, wall seconds of the K processes, seconds of finalize)."""
@@ -290,10 +299,7 @@ def _run(a) -> None:
                   f"{'identical' if ref['repeatable_batches'] else 'NOT identical'}; deterministic kernels: "
                   f"{'on' if a.deterministic else 'off'})", flush=True)
             if not eq["bitwise_equal"]:
-                failed = f"the {a.shards}-shard arrays differ from the one-process run's in {eq['differing_rows']} rows"
-                if not a.deterministic:
-                    failed += ("; without --deterministic, non-deterministic kernels (e.g. the attention backward) "
-                               "make runs differ at rounding level: rerun with --deterministic to compare bits")
+                failed = differ_message(a.shards, eq["differing_rows"], deterministic=a.deterministic)
     finally:
         if not a.workdir:
             shutil.rmtree(root, ignore_errors=True)
