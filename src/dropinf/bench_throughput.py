@@ -19,8 +19,13 @@ a model file, then measures:
    --shard k`, the workflow's shard mechanism) started together on the one device, then
    `extract_finalize`; examples/s over the span of all their passes, and the arrays compared bit
    for bit with the one-process run's (the command exits 1 when they differ). As a diagnostic,
-   whether one batch extracted twice in one process gives identical bits (`repeatable_batch`): if
-   not, the device's kernels are not deterministic and no two runs can agree bit for bit.
+   whether the first `REPEAT_BATCHES` batches extracted twice in one process give identical bits
+   (`repeatable_batches`); identical bits there do not prove the kernels deterministic (a race may
+   happen to resolve the same way), different bits prove them not.
+
+With `--deterministic` every extraction here (the bench process, from before its first CUDA use, and
+each shard process) runs with deterministic kernels only (`extract.deterministic`:
+`torch.use_deterministic_algorithms(True)`, `CUBLAS_WORKSPACE_CONFIG=:4096:8`); rows record it.
 
 Rows are CSV with provenance (`bench.provenance`, `bench.write_csv`).
 """
@@ -43,6 +48,8 @@ import torch
 ARCHS = {"gpt2": "small", "gpt2-mini": "mini", "gpt2-tiny": "tiny"}
 GPT2_VOCAB = 50257
 SEED = 0  # the compressor seed of every extraction here
+#: batches extracted twice for `repeatable_batches` (one batch matched by chance where four did not)
+REPEAT_BATCHES = 4
 
 
 def make_inputs(root: Path, *, arch: str, n_train: int, n_test: int, seq: int, vocab: int, dtype: str) -> dict:
@@ -110,8 +117,8 @@ def compare_arrays(a_dir: Path, b_dir: Path, manifest: dict, block_rows: int = 8
 
 def floor_and_repeatability(data: Path, model: Path, *, device, batch: int, compressor: str, r, warmup: int,
                             repeats: int) -> dict:
-    """Seconds per batch of the floor on the stage's model and loss, and whether extracting one batch
-    twice gives identical bits."""
+    """Seconds per batch of the floor on the stage's model and loss, and whether extracting the first
+    `REPEAT_BATCHES` batches twice gives identical bits."""
     from .bench import cuda_time, floor_step
     from .extraction import Extractor
     from .pipeline.prepare import load_prepared, model_inputs
@@ -119,20 +126,32 @@ def floor_and_repeatability(data: Path, model: Path, *, device, batch: int, comp
 
     blob = load_prepared(data)
     spec, _ = load_trained(model, blob, device)
-    inputs = {k: v[:batch].to(device) for k, v in model_inputs(blob["train"]).items()}
+    train = {k: v[:batch * REPEAT_BATCHES].to(device) for k, v in model_inputs(blob["train"]).items()}
+    rows = next(iter(train.values())).shape[0]
+    batches = [{k: v[i:i + batch] for k, v in train.items()} for i in range(0, rows, batch)]
+    inputs = batches[0]
     params = [p for p in spec.module.parameters() if p.requires_grad]
     floor = cuda_time(lambda: floor_step(spec.module, spec.loss_fn, inputs, params), warmup, repeats)
     for p in params:
         p.grad = None
     ex = Extractor(spec.module, spec.loss_fn, compressor, r=r, seed=SEED, params=spec.params, device=device,
                    self_check=False)
-    first, again = (ex.run([inputs], progress=False) for _ in range(2))
-    repeatable = bool(torch.equal(first.view(torch.int32), again.view(torch.int32)))
-    del spec, ex, inputs, params
+    first, again = (ex.run(batches, progress=False) for _ in range(2))
+    repeatable, repeated = bool(torch.equal(first.view(torch.int32), again.view(torch.int32))), len(batches)
+    del spec, ex, inputs, params, train, batches
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the shard processes get the device's memory
-    return {"floor_seconds_per_batch": floor, "repeatable_batch": repeatable}
+    return {"floor_seconds_per_batch": floor, "repeatable_batches": repeatable, "repeated_batches": repeated}
+
+
+def differ_message(shards: int, differing_rows: int, *, deterministic: bool) -> str:
+    """Why the command fails when the sharded arrays differ, and what to do about it."""
+    msg = f"the {shards}-shard arrays differ from the one-process run's in {differing_rows} rows"
+    if not deterministic:
+        msg += ("; without --deterministic, non-deterministic kernels (e.g. the attention backward) make runs "
+                "differ at rounding level: rerun with --deterministic to compare bits")
+    return msg
 
 
 def run_shards(root: Path, out: Path, *, shards: int, args, device: str) -> tuple[list[dict], float, float]:
@@ -151,6 +170,8 @@ def run_shards(root: Path, out: Path, *, shards: int, args, device: str) -> tupl
             "--r", "full" if args.compressor == "identity" else str(args.r), "--seeds", str(SEED),
             "--batch-size", str(args.batch),
             "--device", device, "--experiment", "throughput", "--shards", str(shards)]
+    if args.deterministic:
+        base.append("--deterministic")
     if args.threads:
         base += ["--threads", str(args.threads)]
     t0 = time.perf_counter()
@@ -177,12 +198,6 @@ def run_shards(root: Path, out: Path, *, shards: int, args, device: str) -> tupl
 
 
 def main(argv=None) -> None:
-    from .bench import provenance, write_csv
-    from .pipeline import extract as extract_mod
-    from .pipeline.common import device_name, read_json
-    from .pipeline.sharding import part_path
-    from .progress import set_enabled
-
     ap = argparse.ArgumentParser(prog="python -m dropinf.bench throughput", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="gpt2", choices=sorted(ARCHS), help="GPT-2 size (random weights)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -196,12 +211,28 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default=None, help="cuda (default where available) or cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads of every process")
     ap.add_argument("--shards", type=int, default=0, help="also run the extraction as this many processes")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="deterministic kernels only, in this process and the shard processes (extract.deterministic)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workdir", default=None, help="where the data, model and arrays go (default: a temporary "
                                                     "directory, removed at the end)")
     ap.add_argument("--out", default=None, help="CSV path (default results/bench/throughput_<arch>_<dtype>.csv)")
     a = ap.parse_args(argv)
+    from .pipeline.common import deterministic_algorithms
+
+    # before this process's first CUDA use (the one-process extraction and the floor run here)
+    with deterministic_algorithms(a.deterministic, key="--deterministic"):
+        _run(a)
+
+
+def _run(a) -> None:
+    from .bench import provenance, write_csv
+    from .pipeline import extract as extract_mod
+    from .pipeline.common import device_name, read_json
+    from .pipeline.sharding import part_path
+    from .progress import set_enabled
+
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -222,7 +253,8 @@ def main(argv=None) -> None:
         r = None if a.compressor == "identity" else a.r
         job = extract_mod.ExtractJob(data=root / "data.pt", model=root / "model.pt", out_dir=root / "one",
                                      compressor=a.compressor, r=r, seeds=(SEED,), batch_size=a.batch,
-                                     device=str(device), threads=a.threads, experiment="throughput")
+                                     device=str(device), threads=a.threads, experiment="throughput",
+                                     deterministic=a.deterministic)
         t0 = time.perf_counter()
         manifest = extract_mod.extract(job=job)
         stage_s = time.perf_counter() - t0
@@ -233,7 +265,7 @@ def main(argv=None) -> None:
         base = {"arch": a.arch, "dtype": a.dtype, "seq_len": a.seq, "vocab": vocab, "batch": a.batch,
                 "compressor": a.compressor, "r": manifest["out_dim"], "dim": manifest["dim"], "n_examples": n,
                 **provenance(device if device.type == "cuda" else None), "device": device_name(device),
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(), "deterministic": a.deterministic}
         rows.append({**base, "path": "floor_fwd_bwd", "seconds": ref["floor_seconds_per_batch"],
                      "examples_per_s": floor_eps})
 
@@ -250,7 +282,8 @@ def main(argv=None) -> None:
                   f"on compute (writing took {summary['write_seconds']:.2f} s)", flush=True)
             return row
 
-        emit("extract_to_zarr", one, stage_seconds=stage_s, repeatable_batch=ref["repeatable_batch"])
+        repeat = {"repeatable_batches": ref["repeatable_batches"], "repeated_batches": ref["repeated_batches"]}
+        emit("extract_to_zarr", one, stage_seconds=stage_s, **repeat)
         if a.shards > 0:
             recs, wall, fin = run_shards(root, root / f"shards{a.shards}", shards=a.shards, args=a,
                                          device=device.type)
@@ -258,14 +291,15 @@ def main(argv=None) -> None:
             eq = compare_arrays(root / "one", root / f"shards{a.shards}", manifest)
             emit(f"extract_to_zarr_shards{a.shards}", summary, shards=a.shards, processes_wall_seconds=wall,
                  finalize_seconds=fin, span_vs_one_process=summary["span_seconds"] / one["span_seconds"],
-                 repeatable_batch=ref["repeatable_batch"], **eq)
+                 **repeat, **eq)
             print(f"shards: {a.shards} processes on one {device.type} device in {wall:.1f} s (start-up and model "
                   f"load included); arrays {'bitwise equal to' if eq['bitwise_equal'] else 'DIFFER from'} the "
                   f"one-process run ({eq['differing_rows']} of {eq['compared_rows']} rows differ, max |diff| "
-                  f"{eq['max_abs_diff']:.3g}; one batch twice in one process: "
-                  f"{'identical' if ref['repeatable_batch'] else 'NOT identical'})", flush=True)
+                  f"{eq['max_abs_diff']:.3g}; the first {ref['repeated_batches']} batches twice in one process: "
+                  f"{'identical' if ref['repeatable_batches'] else 'NOT identical'}; deterministic kernels: "
+                  f"{'on' if a.deterministic else 'off'})", flush=True)
             if not eq["bitwise_equal"]:
-                failed = f"the {a.shards}-shard arrays differ from the one-process run's in {eq['differing_rows']} rows"
+                failed = differ_message(a.shards, eq["differing_rows"], deterministic=a.deterministic)
     finally:
         if not a.workdir:
             shutil.rmtree(root, ignore_errors=True)

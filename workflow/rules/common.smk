@@ -126,6 +126,13 @@ if not config["progress"]:  # the jobs' progress bars (environment, not params: 
     _env["DROPINF_PROGRESS"] = "0"
 # CUDA graphs of the gradient passes (environment, not params: replays compute what eager steps do)
 _env["DROPINF_CUDA_GRAPH"] = {True: "true", False: "false"}.get(config["extract"]["cuda_graph"], "auto")
+# Deterministic kernels in the gradient passes (environment, not params: it changes at most
+# rounding-level bits); set only when on, so the rule's ${DROPINF_DETERMINISTIC:+--deterministic}
+# adds the flag.
+if config["extract"]["deterministic"]:
+    _env["DROPINF_DETERMINISTIC"] = "1"
+else:
+    _env.pop("DROPINF_DETERMINISTIC", None)
 # The compressed extractions this config plans, checked by `finetune` against the model's d before
 # it trains (environment, not params: changing r must not rerun fine-tuning).
 _env["DROPINF_PLANNED_EXTRACTIONS"] = json.dumps(

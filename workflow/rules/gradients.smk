@@ -61,7 +61,8 @@ rule extract:
         " --seeds {params.seeds} --options {params.options:q} --budget-mb {params.budget}"
         " --batch-size {params.batch_size} --device {params.device} --experiment {params.exp:q}"
         " --threads {threads} --out-dir {params.out_dir:q} --shards {params.shards} --shard {params.shard}"
-        " --bucket {params.bucket} --cuda-graph \"$DROPINF_CUDA_GRAPH\" > {log:q} 2>&1"
+        " --bucket {params.bucket} --cuda-graph \"$DROPINF_CUDA_GRAPH\" ${{DROPINF_DETERMINISTIC:+--deterministic}}"
+        " > {log:q} 2>&1"
 
 
 rule extract_nested:

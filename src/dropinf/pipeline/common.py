@@ -186,6 +186,53 @@ def resolve_device(spec: str | None, job: str = ""):
 BINDABLE = ("auto", "cuda")
 
 
+# ---- deterministic gradient passes ------------------------------------------------------------
+
+#: the cuBLAS variable, and the values under which cuBLAS is deterministic (torch's reproducibility notes)
+ENV_CUBLAS = "CUBLAS_WORKSPACE_CONFIG"
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool, *, key: str = "extract.deterministic (--deterministic)"):
+    """Within the block, torch uses deterministic kernels only (`torch.use_deterministic_algorithms(True)`),
+    with `CUBLAS_WORKSPACE_CONFIG=:4096:8` unless the user set a deterministic value; off: nothing changes.
+
+    Without it a gradient pass on a GPU is repeatable only up to rounding: e.g. the memory-efficient
+    attention backward accumulates in a varying order. cuBLAS reads its workspace setting when CUDA
+    first uses it, so this must come before the process touches CUDA (or with the variable already set).
+    torch's flag is restored when the block ends; the variable stays (a workspace made under it stays
+    too). An op without a deterministic implementation becomes one DropinfError naming `key`."""
+    if not enabled:
+        yield
+        return
+    import torch
+
+    from ..errors import DropinfError
+
+    given = os.environ.get(ENV_CUBLAS)
+    if given is not None and given not in CUBLAS_DETERMINISTIC:
+        raise DropinfError(f"{key}: {ENV_CUBLAS}={given!r} makes cuBLAS non-deterministic; unset it or set it to "
+                           f"{' or '.join(CUBLAS_DETERMINISTIC)}")
+    if given is None:
+        if torch.cuda.is_initialized():
+            raise DropinfError(f"{key}: CUDA is already initialised in this process, so cuBLAS may have made its "
+                               f"workspace without {ENV_CUBLAS}; set {ENV_CUBLAS}=:4096:8 before the process "
+                               "first uses CUDA (or turn the option on in a fresh process)")
+        os.environ[ENV_CUBLAS] = CUBLAS_DETERMINISTIC[0]
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, DropinfError) or "deterministic" not in str(e):
+            raise
+        raise DropinfError(f"{key}: an operation of the gradient pass has no deterministic implementation "
+                           f"({str(e).splitlines()[0]}); turn {key} off to run it") from e
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 class Stage:
     """Context of one stage run: wall-clock timing and the provenance stamped on its outputs."""
 

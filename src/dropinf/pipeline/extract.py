@@ -34,7 +34,7 @@ from ..errors import BudgetError, DropinfError
 from ..progress import bar
 from . import sharding
 from .commands import RSIZE, command, option
-from .common import Stage, file_sha256, jsonable, log
+from .common import Stage, deterministic_algorithms, file_sha256, jsonable, log
 from .methods import rtag
 from .storage import BackgroundRowWriter, RowWriter, is_complete, open_array, read_manifest
 
@@ -81,6 +81,8 @@ class ExtractJob:
                              choices=["auto", "true", "false"])
     bucket: int = option("a gradient pass pads or cuts each batch's sequence length to a multiple of this (0: off)",
                          default=0)
+    deterministic: bool = option("deterministic kernels only (torch.use_deterministic_algorithms, "
+                                 "CUBLAS_WORKSPACE_CONFIG=:4096:8): repeatable bits, maybe slower", default=False)
 
 
 # ---- the loaded job --------------------------------------------------------------------------------------
@@ -164,7 +166,8 @@ class _Pass:
         pass  # each seed's pass is logged as it ends
 
     def extra_attrs(self, job, seed, split) -> dict:
-        return {"cuda_graph": job.spec.cuda_graph, "bucket": job.spec.bucket}  # settings; what ran: the record
+        return {"cuda_graph": job.spec.cuda_graph, "bucket": job.spec.bucket,  # settings; what ran: the record
+                "deterministic": job.spec.deterministic}
 
     #: how a pass writes its rows: overlapped with the next batches' compute (`BackgroundRowWriter`)
     writer = BackgroundRowWriter
@@ -397,6 +400,8 @@ def _run_part(job: _Job, source, *, shard: int, shards: int) -> dict:
         rec["writer"] = jsonable(source.writer_stats)
     if shards == 1 and rec["cuda_graph"]:  # whether graphs were used (several parts: in each part's record)
         rec["manifest"]["cuda_graph"] = rec["cuda_graph"]
+    if source.kind == "pass":  # how the rows were computed (finalize: true only when every part was)
+        rec["deterministic"] = rec["manifest"]["deterministic"] = bool(job.spec.deterministic)
     sharding.write_record(record_path, rec)  # the part's commit
     return rec
 
@@ -425,12 +430,15 @@ def _extract(spec: ExtractJob, *, name: str, make_source, shard: int | None, sha
     shards = max(1, int(shards))
     if shard is not None:
         shard, shards = sharding.check_shard(shard, shards)
-        job = _Job(spec, name if shards == 1 else f"{name}_shard")
-        return _run_part(job, make_source(job), shard=shard, shards=shards)
-    job = _Job(spec, name)
-    source = make_source(job)
-    for k in range(shards):
-        _run_part(job, source, shard=k, shards=shards)
+    # before the job touches CUDA (loading the model, binding a device): cuBLAS reads its setting then
+    with deterministic_algorithms(spec.deterministic):
+        if shard is not None:
+            job = _Job(spec, name if shards == 1 else f"{name}_shard")
+            return _run_part(job, make_source(job), shard=shard, shards=shards)
+        job = _Job(spec, name)
+        source = make_source(job)
+        for k in range(shards):
+            _run_part(job, source, shard=k, shards=shards)
     parts = [sharding.part_path(job.out_dir, kind=source.part_kind, shard=k, shards=shards)
              for k in range(shards)]
     return finalize(out_dir=job.out_dir, parts=parts, experiment=spec.experiment)

@@ -169,8 +169,10 @@ def finalize(*, out_dir, parts, provenance: dict, array_relpath) -> dict:
     manifest["parts"] = [f"{PARTS_DIR}/{Path(p).name}" for p in parts]
     if shards > 1:
         manifest["shards"] = shards
+    if "deterministic" in first:  # a pass: deterministic only when every part was (parts of two runs may meet)
+        manifest["deterministic"] = all(rec.get("deterministic") is True for rec in recs)
     records = [{k: rec.get(k) for k in ("shard", "rows", "kind", "source_dir", "seconds", "provenance", "status",
-                                        "writer")} for rec in recs]
+                                        "writer", "deterministic")} for rec in recs]
     if shards > 1:
         manifest["shard_records"] = records
     keep = {Path(p).name for p in parts}
