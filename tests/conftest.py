@@ -30,3 +30,17 @@ def train_digits_mlp():
         return d
 
     return make
+
+
+@pytest.fixture
+def extract_job():
+    """The `ExtractJob` that `python -m dropinf extract` builds from the given extra arguments."""
+    from dropinf.__main__ import parser
+
+    p = parser()
+
+    def parse(*more):
+        args = p.parse_args(["extract", "--data", "d.pt", "--model", "m.pt", "--out-dir", "o", "--compressor",
+                             "dropout", *more])
+        return args._command.options_from(vars(args)).job
+    return parse

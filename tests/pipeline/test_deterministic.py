@@ -69,17 +69,8 @@ def test_the_config_key():
         "config error at 'extract.deterministic': 'yes' is not of type 'boolean'"
 
 
-def test_the_extract_command_flag():
-    from dropinf.__main__ import parser
-
-    p = parser()
-
-    def parsed(*more):
-        args = p.parse_args(["extract", "--data", "d.pt", "--model", "m.pt", "--out-dir", "o", "--compressor",
-                             "dropout", *more])
-        return args._command.options_from(vars(args)).job
-
-    assert parsed().deterministic is False and parsed("--deterministic").deterministic is True
+def test_the_extract_command_flag(extract_job):
+    assert extract_job().deterministic is False and extract_job("--deterministic").deterministic is True
 
 
 def test_the_rule_passes_the_flag_from_the_environment():

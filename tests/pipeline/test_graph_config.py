@@ -39,16 +39,8 @@ def test_defaults():
     assert config["extract"]["cuda_graph"] == "auto" and config["extract"]["bucket"] == 0
 
 
-def test_the_extract_command_takes_both():
-    from dropinf.__main__ import parser
-
-    p = parser()
-
-    def job(*more):
-        args = p.parse_args(["extract", "--data", "d.pt", "--model", "m.pt", "--out-dir", "o", "--compressor",
-                             "dropout", *more])
-        return args._command.options_from(vars(args)).job
-
+def test_the_extract_command_takes_both(extract_job):
+    job = extract_job
     assert (job().cuda_graph, job().bucket) == ("auto", 0)
     assert (job("--cuda-graph", "false", "--bucket", "32").cuda_graph, job("--bucket", "32").bucket) == ("false", 32)
     with pytest.raises(SystemExit):
