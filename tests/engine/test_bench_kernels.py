@@ -1,0 +1,75 @@
+"""`python -m dropinf.bench kernels`: op counts per step of the floor, the limit and fused extraction,
+from a CPU profile; an op added per hooked module must show up in the counted excess."""
+import csv
+
+import pytest
+import torch
+
+from dropinf import bench, modules
+from dropinf.bench_kernels import main
+
+PROVENANCE = ("git_commit", "torch_version", "started_at")
+
+
+def _rows(tmp_path, arch, dtype="float32", extra=()):
+    out = tmp_path / f"kernels_{arch}.csv"
+    main(["--arch", arch, "--dtype", dtype, "--batch", "2", "--r", "64", "--warmup", "1", "--repeats", "1",
+          "--out", str(out), *extra])
+    return {r["path"]: r for r in csv.DictReader(open(out))}
+
+
+@pytest.mark.parametrize("arch", ["gpt2-tiny", "llama-tiny"])
+def test_counts_floor_limit_fused(tmp_path, arch, capsys):
+    rows = _rows(tmp_path, arch, extra=["--table", "10"])
+    assert {"floor_fwd_bwd", "limit_fwd_activation_bwd", "plan_fused_dropout", "fused_dropout"} <= set(rows)
+    for path in ("floor_fwd_bwd", "limit_fwd_activation_bwd", "fused_dropout"):
+        r = rows[path]
+        assert all(r[k] for k in PROVENANCE) and r["profiled_device"] == "cpu"
+        for key in ("aten_ops_top", "aten_ops_all", "autograd_nodes"):
+            assert r[key] == str(int(r[key])) and int(r[key]) > 0, (path, key, r[key])
+        assert int(r["aten_ops_all"]) >= int(r["aten_ops_top"]) and float(r["wall_ms"]) > 0
+    limit, fused, floor = rows["limit_fwd_activation_bwd"], rows["fused_dropout"], rows["floor_fwd_bwd"]
+    excess = int(fused["excess_aten_ops_top"])
+    assert excess == int(fused["aten_ops_top"]) - int(limit["aten_ops_top"]) > 0
+    assert int(limit["excess_aten_ops_top"]) == 0
+    assert int(floor["excess_aten_ops_top"]) > 0  # the weight gradients' matmuls
+    plan = rows["plan_fused_dropout"]
+    hooked = int(plan["hooked_modules"])
+    assert hooked > 0 and int(plan["param_slots"]) >= hooked and int(fused["hooked_modules"]) == hooked
+    assert float(fused["excess_ops_top_per_hooked_module"]) == pytest.approx(excess / hooked)
+    # the excess names ops that truly ran: the kept coordinates are gathered with index_select
+    added = dict(part.rsplit(" +", 1) for part in fused["top_added_ops"].split("; "))
+    assert all(name.startswith("aten::") and int(n) > 0 for name, n in added.items())
+    assert "aten::index_select" in added, added
+    printed = capsys.readouterr().out
+    assert "ops added over the limit, by dispatched count" in printed and "aten::index_select" in printed
+    assert "by self time" in printed
+
+
+def test_one_extra_op_per_hooked_module_is_counted(tmp_path, monkeypatch):
+    """Each handler's emit doing one more torch.add raises the fused path's counted excess by at least
+    the number of hooked modules (each hooked module's gradient is emitted at least once a step)."""
+    before = _rows(tmp_path, "gpt2-tiny")
+    hooked = int(before["plan_fused_dropout"]["hooked_modules"])
+    calls = []
+    originals = {cls: cls.emit for cls in modules.HANDLERS}  # bound before any is replaced
+
+    def patched(original):
+        def emit(module, saved, delta, slots, comp, out):
+            calls.append(module)
+            torch.add(delta, 1.0)
+            return original(module, saved, delta, slots, comp, out)
+        return staticmethod(emit)
+
+    for cls, original in originals.items():
+        monkeypatch.setattr(cls, "emit", patched(original))
+    after = _rows(tmp_path, "gpt2-tiny")
+    assert calls, "the patched emit never ran"
+    for key in ("excess_aten_ops_top", "excess_aten_ops_all"):
+        grew = int(after["fused_dropout"][key]) - int(before["fused_dropout"][key])
+        assert grew >= hooked, (key, grew, hooked)
+    assert int(after["limit_fwd_activation_bwd"]["aten_ops_top"]) == int(before["limit_fwd_activation_bwd"]["aten_ops_top"])
+
+
+def test_kernels_is_a_bench_subcommand():
+    assert bench.SUBCOMMANDS["kernels"]() is main
