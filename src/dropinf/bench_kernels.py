@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import bench
+from .errors import DropinfError
 from .extraction import Extractor
 from .layout import select_parameters
 
@@ -250,8 +251,13 @@ def run(args) -> list[dict]:
     row("limit_fwd_activation_bwd", *lim)
     for name in args.compressors:
         for r in args.r:
-            ex = Extractor(model, loss_fn, name, r=r, seed=0, params=names, device=device, self_check=False,
-                           cuda_graph=False)
+            try:
+                ex = Extractor(model, loss_fn, name, r=r, seed=0, params=names, device=device, self_check=False,
+                               cuda_graph=False)
+            except DropinfError as err:  # e.g. an r below the compressor's minimum for this model: say so, go on
+                rows.append({**base, "path": f"fused_{name}", "compressor": name, "r": r, "error": str(err)[:300]})
+                print(f"fused_{name} r={r}: {err}", flush=True)
+                continue
             ex.prepare(batch)
             size = plan_size(ex)
             rows.append({**base, "path": f"plan_fused_{name}", "compressor": name, "r": r, **size})

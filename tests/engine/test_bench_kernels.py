@@ -73,3 +73,13 @@ def test_one_extra_op_per_hooked_module_is_counted(tmp_path, monkeypatch):
 
 def test_kernels_is_a_bench_subcommand():
     assert bench.SUBCOMMANDS["kernels"]() is main
+
+
+def test_an_r_the_compressor_refuses_is_a_row_not_a_crash(tmp_path):
+    out = tmp_path / "k.csv"
+    main(["--arch", "gpt2-tiny", "--batch", "2", "--r", "2", "64", "--compressors", "sjlt", "--warmup", "1",
+          "--repeats", "1", "--out", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    refused = [r for r in rows if r["path"] == "fused_sjlt" and r["r"] == "2"]
+    assert len(refused) == 1 and "r=2" in refused[0]["error"] and not refused[0]["aten_ops_top"]
+    assert [r for r in rows if r["path"] == "fused_sjlt" and r["r"] == "64" and int(r["aten_ops_top"]) > 0]
