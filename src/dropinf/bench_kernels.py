@@ -9,7 +9,8 @@ backward, weights frozen, no hooks) and the fused extraction with each compresso
 `python -m dropinf.bench` times: `Extractor._fused` after `prepare`). From the profile's events:
 
 * `aten_ops_top`: aten ops dispatched from Python or from autograd's backward formulas (an aten op
-  with no aten op above it); `aten_ops_all` also counts the ops those call inside (aten::linear ->
+  with no aten op above it); `aten_ops_top_metadata`: those of them that only view or return their
+  input (reshape, slice, a no-op aten::to, ...: host work, no kernel); `aten_ops_all` also counts the ops those call inside (aten::linear ->
   aten::t, aten::addmm, ...); `autograd_nodes`: backward functions the engine evaluated.
 * on CUDA: `cuda_launches` (cudaLaunchKernel-type runtime calls on the host), `cuda_kernels` (kernels
   the device ran; memcpy/memset apart) and `kernel_ms` (their summed device time).
@@ -57,6 +58,15 @@ TINY = {
                          use_parallel_residual=True, tie_word_embeddings=False), 128),
 }
 
+#: ops that only make a new view of (or return) their input: dispatched on the host, no kernel on any
+#: device. A top-level op counts as one when it and every op it calls are in this set (aten::to that
+#: changes nothing returns its input; one that converts calls aten::_to_copy, which is not here).
+METADATA_OPS = frozenset(f"aten::{n}" for n in (
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "flatten", "unflatten", "squeeze", "unsqueeze",
+    "transpose", "t", "numpy_T", "permute", "expand", "expand_as", "slice", "select", "narrow", "split",
+    "split_with_sizes", "chunk", "unbind", "as_strided", "alias", "detach", "view_as", "to", "contiguous",
+    "lift_fresh", "unfold", "diagonal", "resolve_conj", "resolve_neg", "_conj"))
+
 #: host-side runtime calls that launch one kernel each
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
             "cudaLaunchCooperativeKernel")
@@ -83,6 +93,7 @@ class Counts:
     """What one profiled step dispatched; `by_name`: op or kernel name -> [count, top-level count,
     self CPU µs, self device µs]."""
     aten_ops_top: int = 0
+    aten_ops_top_metadata: int = 0
     aten_ops_all: int = 0
     autograd_nodes: int = 0
     cuda_launches: int = 0
@@ -102,6 +113,10 @@ def _nested_in_aten(event) -> bool:
     return False
 
 
+def _metadata_only(event) -> bool:
+    return event.name in METADATA_OPS and all(_metadata_only(child) for child in event.cpu_children)
+
+
 def count_events(prof) -> Counts:
     """Counts of a finished `torch.profiler.profile` (CPU events and, if recorded, device events)."""
     from torch.autograd import DeviceType
@@ -119,6 +134,7 @@ def count_events(prof) -> Counts:
             c.aten_ops_all += 1
             if not _nested_in_aten(e):
                 c.aten_ops_top += 1
+                c.aten_ops_top_metadata += _metadata_only(e)
                 top[e.name] += 1
         elif e.name.startswith("autograd::engine::evaluate_function"):
             c.autograd_nodes += 1
@@ -222,13 +238,14 @@ def run(args) -> list[dict]:
 
     def row(path, counts: Counts, wall: float, **extra):
         out = {**base, "path": path, **extra, "wall_ms": 1e3 * wall, "profiled_wall_ms": counts.profiled_wall_ms,
-               "aten_ops_top": counts.aten_ops_top, "aten_ops_all": counts.aten_ops_all,
+               "aten_ops_top": counts.aten_ops_top, "aten_ops_top_metadata": counts.aten_ops_top_metadata,
+               "aten_ops_all": counts.aten_ops_all,
                "autograd_nodes": counts.autograd_nodes}
         if cuda:
             out.update(cuda_launches=counts.cuda_launches, cuda_kernels=counts.cuda_kernels,
                        kernel_ms=counts.kernel_ms)
         limit, limit_wall = lim  # (counts, wall seconds) of the limit, measured before any row
-        keys = ["aten_ops_top", "aten_ops_all", "autograd_nodes"]
+        keys = ["aten_ops_top", "aten_ops_top_metadata", "aten_ops_all", "autograd_nodes"]
         keys += ["cuda_launches", "cuda_kernels", "kernel_ms"] if cuda else []
         out.update({f"excess_{k}": getattr(counts, k) - getattr(limit, k) for k in keys})
         out["ratio_wall_limit"] = wall / limit_wall
@@ -236,7 +253,8 @@ def run(args) -> list[dict]:
             out["excess_ops_top_per_hooked_module"] = out["excess_aten_ops_top"] / extra["hooked_modules"]
         rows.append(out)
         kern = f" {counts.cuda_kernels:7d} kernels {counts.kernel_ms:9.2f} ms on device" if cuda else ""
-        excess = f"  {out['excess_aten_ops_top']:+d} ops over the limit"
+        excess = (f"  {out['excess_aten_ops_top']:+d} ops over the limit "
+                  f"({out['excess_aten_ops_top_metadata']:+d} of them views)")
         print(f"{path:26s} r={extra.get('r', '-')!s:>5}: {counts.aten_ops_top:7d} ops ({counts.aten_ops_all:7d} "
               f"with nested){kern} {1e3 * wall:9.2f} ms{excess}", flush=True)
         return out

@@ -27,11 +27,13 @@ def test_counts_floor_limit_fused(tmp_path, arch, capsys):
         assert all(r[k] for k in PROVENANCE) and r["profiled_device"] == "cpu"
         for key in ("aten_ops_top", "aten_ops_all", "autograd_nodes"):
             assert r[key] == str(int(r[key])) and int(r[key]) > 0, (path, key, r[key])
-        assert int(r["aten_ops_all"]) >= int(r["aten_ops_top"]) and float(r["wall_ms"]) > 0
+        assert int(r["aten_ops_all"]) >= int(r["aten_ops_top"]) > int(r["aten_ops_top_metadata"]) > 0
+        assert float(r["wall_ms"]) > 0
     limit, fused, floor = rows["limit_fwd_activation_bwd"], rows["fused_dropout"], rows["floor_fwd_bwd"]
     excess = int(fused["excess_aten_ops_top"])
     assert excess == int(fused["aten_ops_top"]) - int(limit["aten_ops_top"]) > 0
     assert int(limit["excess_aten_ops_top"]) == 0
+    assert 0 < int(fused["excess_aten_ops_top_metadata"]) < excess  # views (slices of slots) and real work
     assert int(floor["excess_aten_ops_top"]) > 0  # the weight gradients' matmuls
     plan = rows["plan_fused_dropout"]
     hooked = int(plan["hooked_modules"])
@@ -65,6 +67,8 @@ def test_one_extra_op_per_hooked_module_is_counted(tmp_path, monkeypatch):
         monkeypatch.setattr(cls, "emit", patched(original))
     after = _rows(tmp_path, "gpt2-tiny")
     assert calls, "the patched emit never ran"
+    grew = int(after["fused_dropout"]["excess_aten_ops_top_metadata"]) - int(before["fused_dropout"]["excess_aten_ops_top_metadata"])
+    assert grew == 0  # an add writes a new tensor: not a view
     for key in ("excess_aten_ops_top", "excess_aten_ops_all"):
         grew = int(after["fused_dropout"][key]) - int(before["fused_dropout"][key])
         assert grew >= hooked, (key, grew, hooked)
