@@ -87,3 +87,42 @@ def test_an_r_the_compressor_refuses_is_a_row_not_a_crash(tmp_path):
     refused = [r for r in rows if r["path"] == "fused_sjlt" and r["r"] == "2"]
     assert len(refused) == 1 and "r=2" in refused[0]["error"] and not refused[0]["aten_ops_top"]
     assert [r for r in rows if r["path"] == "fused_sjlt" and r["r"] == "64" and int(r["aten_ops_top"]) > 0]
+
+
+def test_device_events_are_counted_as_kernels():
+    """The CUDA columns from a profile's events: kernels (memcpy apart) with their device time, the
+    host's launch calls, and views told from ops that compute (a CPU-built event list in the shape a
+    CUDA profile has: a device event is a FunctionEvent whose device_type is CUDA)."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    from dropinf.bench_kernels import count_events
+
+    def ev(i, name, start, end, device=DeviceType.CPU):  # nesting comes from the time intervals
+        return FunctionEvent(i, name, thread=0, start_us=start, end_us=end, device_type=device, stack=[])
+
+    mm = ev(0, "aten::mm", 0, 10)
+    launch = ev(1, "cudaLaunchKernel", 1, 2)
+    view = ev(2, "aten::view", 11, 12)
+    to = ev(3, "aten::to", 13, 20)  # a conversion: calls _to_copy, so not a view
+    copy = ev(4, "aten::_to_copy", 14, 19)
+    launch2 = ev(5, "cudaLaunchKernel", 15, 16)
+    kernels = [ev(6, "sm90_gemm", 3, 8, DeviceType.CUDA), ev(7, "elementwise_kernel", 16, 18, DeviceType.CUDA),
+               ev(8, "Memcpy HtoD (Pageable -> Device)", 20, 30, DeviceType.CUDA)]
+
+    events = EventList([mm, launch, view, to, copy, launch2, *kernels])
+    events._build_tree()  # nesting from the time intervals, as the profiler does
+    assert copy.cpu_parent is to and launch.cpu_parent is mm
+
+    class Prof:
+        def events(self):
+            return events
+
+        def key_averages(self):
+            return events.key_averages()
+
+    c = count_events(Prof())
+    assert (c.aten_ops_top, c.aten_ops_all, c.aten_ops_top_metadata) == (3, 4, 1)
+    assert (c.cuda_launches, c.cuda_kernels, c.kernels_by_name["sm90_gemm"]) == (2, 2, 1)
+    assert c.kernel_ms == pytest.approx(7e-3)
+    assert c.by_name["aten::mm"][:2] == [1, 1] and c.by_name["aten::_to_copy"][:2] == [1, 0]
