@@ -10,14 +10,16 @@ backward, weights frozen, no hooks) and the fused extraction with each compresso
 
 * `aten_ops_top`: aten ops dispatched from Python or from autograd's backward formulas (an aten op
   with no aten op above it); `aten_ops_top_metadata`: those of them that only view or return their
-  input (reshape, slice, a no-op aten::to, ...: host work, no kernel); `aten_ops_all` also counts the ops those call inside (aten::linear ->
-  aten::t, aten::addmm, ...); `autograd_nodes`: backward functions the engine evaluated.
+  input (reshape, slice, a no-op aten::to, ...: host work, no kernel); `aten_ops_all` also counts
+  the ops those call inside (aten::linear -> aten::t, aten::addmm, ...); `autograd_nodes`: backward
+  functions the engine evaluated.
 * on CUDA: `cuda_launches` (cudaLaunchKernel-type runtime calls on the host), `cuda_kernels` (kernels
   the device ran; memcpy/memset apart) and `kernel_ms` (their summed device time).
 * `wall_ms`: the step's host wall time without the profiler (median of --repeats, synchronized).
 * `excess_*`: a fused path's count minus the limit's; `excess_ops_top_per_hooked_module` divides it
   by the plan's hooked modules (one `plan_fused_*` row per path gives hooked modules, parameter slots,
-  fallback sites); `top_added_ops`: the op names the path adds most of over the limit.
+  fallback sites); `top_added_ops`: the op names the path adds most of over the limit. An r that a
+  compressor refuses for the model is a row with its `error`.
 
 The counts are the device's own: on CPU they are what the same step dispatches on a GPU (the number of
 ops; a GPU may run more or fewer kernels than ops, so on CUDA both are given). `--table N` prints, per
