@@ -681,6 +681,7 @@ SUBCOMMANDS = {
     "throughput": _lazy(".bench_throughput"),
     "peers": _lazy(".bench_peers"),
     "memory": _lazy(".bench_memory"),
+    "kernels": _lazy(".bench_kernels"),
 }
 
 
