@@ -25,11 +25,11 @@ FLAGS = {
     "prepare_data": "--dataset --dataset-options --label-noise --noise-seed --out --threads",
     "finetune": "--data --model --model-options --train --init --device --out --metrics --threads",
     "extract": "--data --model --compressor --r --seeds --batch-size --budget-mb --options --shards --shard --device "
-               "--experiment --out-dir --threads --cuda-graph --bucket",
+               "--experiment --out-dir --threads --cuda-graph --bucket --deterministic",
     "extract_nested": "--data --model --compressor --r --seeds --batch-size --budget-mb --options --source --shards "
-                      "--shard --device --experiment --out-dir --threads --cuda-graph --bucket",
+                      "--shard --device --experiment --out-dir --threads --cuda-graph --bucket --deterministic",
     "extract_from_identity": "--data --model --compressor --r --seeds --batch-size --budget-mb --options --source "
-                             "--shards --shard --device --experiment --out-dir --threads --cuda-graph --bucket",
+                             "--shards --shard --device --experiment --out-dir --threads --cuda-graph --bucket --deterministic",
     "extract_finalize": "--parts --experiment --out-dir --threads",
     "score": "--data --method --r --grads --model --gradients --recompute-batch-size --seeds --damping --curvature "
              "--options --device --experiment --out-dir --threads --pairwise --self-influence",
