@@ -99,11 +99,9 @@ def run(args, out: str | None = None) -> list[dict]:
 
     with tempfile.TemporaryDirectory(prefix="dropinf-peers-") as tmp, \
             ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = []
+        rows = bench.CsvRows(out)
         for r in pool.map(lambda job: one(job[0], *job[1], Path(tmp)), enumerate(runs)):
             rows.append(r)
-            if out:
-                bench.write_csv(rows, out)  # after every row: a run stopped later keeps what it measured
             if r["status"] == "ok":
                 print(f"{r['peer']:24s} {r['ms_per_example']:9.3f} ms/ex  {r['ratio_floor']:5.2f}x its floor "
                       f"(floor {r['floor_ms_per_example']:.3f} ms/ex)  out dim {r['r']}", flush=True)

@@ -227,7 +227,7 @@ def main(argv=None) -> None:
 
 
 def _run(a) -> None:
-    from .bench import provenance, write_csv
+    from .bench import CsvRows, provenance, write_csv
     from .pipeline import extract as extract_mod
     from .pipeline.common import device_name, read_json
     from .pipeline.sharding import part_path
@@ -240,9 +240,9 @@ def _run(a) -> None:
     vocab = a.vocab or (1024 if a.arch == "gpt2-tiny" else GPT2_VOCAB)
     root = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="dropinf-throughput-"))
     root.mkdir(parents=True, exist_ok=True)
-    rows = []
     failed = None
     out = a.out or f"results/bench/throughput_{a.arch}_{a.dtype}.csv"
+    rows = CsvRows(out)  # rewritten after every row: a run stopped later keeps what it measured
     try:
         t0 = time.perf_counter()
         make_inputs(root, arch=a.arch, n_train=a.examples, n_test=a.test_examples, seq=a.seq, vocab=vocab,
@@ -275,7 +275,6 @@ def _run(a) -> None:
                    "floor_examples_per_s": floor_eps, "throughput_vs_floor": eps / floor_eps,
                    "ratio_floor": floor_eps / eps, **summary, **extra}
             rows.append(row)
-            write_csv(rows, out)  # after every row: a run stopped later keeps what it measured
             print(f"{path:26s} {n} examples in {summary['span_seconds']:8.2f} s: {eps:9.1f} ex/s = "
                   f"{row['throughput_vs_floor']:.3f}x the floor's {floor_eps:.1f} ex/s; compute waited "
                   f"{summary['stall_seconds']:.3f} s on the writer, the writer {summary['writer_wait_seconds']:.2f} s "
