@@ -24,6 +24,24 @@ class Factor:
     batch: int
     length: int  # T: positions summed over
     width: int   # n
+    # True when `take_last` is as cheap as `take` (the factor's positions are contiguous in memory,
+    # as in a convolution's (B, C, H, W) tensors): a compressor then reduces over the last dimension
+    positions_last = False
+    # what `index(idx)` depends on besides idx (a compressor caches `index` under this key per slot)
+    index_key = None
+
+    def index(self, idx: torch.Tensor):
+        """What `take` needs to read columns `idx`; the same for every batch with this `index_key`,
+        so a compressor computes it once per slot and each batch pays only the read."""
+        return idx
+
+    def take(self, index) -> torch.Tensor:
+        """(B, T, k): the columns `index` was made for, in the input's dtype."""
+        return self.gather(index)
+
+    def take_last(self, index) -> torch.Tensor:
+        """(B, k, T): the same values with positions last (contiguous when `positions_last`)."""
+        return self.take(index).transpose(1, 2)
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T, len(idx)) columns `idx`, in the input's dtype (callers reduce in float32)."""
@@ -46,9 +64,14 @@ class Dense(Factor):
         self.x = x.flatten(1, -2) if x.dim() > 3 else x  # 3-D stays a view (δ is often non-contiguous)
         self.batch, self.length, self.width = self.x.shape
         self.device = x.device
+        # a convolution's δ (B, C, L) seen as (B, L, C): its columns are contiguous rows
+        self.positions_last = self.length > 1 and self.x.stride(1) == 1
 
     def gather(self, idx):
         return self.x.index_select(-1, idx)
+
+    def take_last(self, idx):
+        return self.x.transpose(1, 2).index_select(1, idx)
 
     def full(self):
         return acc(self.x)
@@ -115,6 +138,9 @@ class Unfold(Factor):
         self.batch, self.length = x.shape[0], self.groups * self.oh * self.ow
         self.width = self.per_group * kh * kw
         self.device = x.device
+        self.positions_last = self.groups == 1
+        self.index_key = (tuple(x.shape[1:]), x.dtype, self.kernel, self.stride, self.dilation, self.padding,
+                          self.groups)
 
     def _by_group(self, t: torch.Tensor) -> torch.Tensor:
         """(B, g, k, L) → (B, g·L, k): positions ordered (group, output position)."""
@@ -125,7 +151,10 @@ class Unfold(Factor):
         top, bottom, left, right = self.padding
         return F.pad(self.x, (left, right, top, bottom)) if any(self.padding) else self.x
 
-    def gather(self, idx):
+    def index(self, idx):
+        """Where columns `idx` read the unpadded input: (channels (g, k), rows (k, oh), columns
+        (k, ow), the same as one flat index into a contiguous x (g·k·oh·ow), and the zero margin
+        as a (k, oh·ow) mask in x's dtype, or None without padding)."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
         top, _, left, _ = self.padding
         H, W = self.x.shape[-2:]
@@ -135,12 +164,34 @@ class Unfold(Factor):
         ys = ky[:, None] * dh + sh * torch.arange(self.oh, device=idx.device)[None, :] - top  # (k, oh)
         xs = kx[:, None] * dw + sw * torch.arange(self.ow, device=idx.device)[None, :] - left  # (k, ow)
         ch = c[None, :] + self.per_group * torch.arange(self.groups, device=idx.device)[:, None]  # (g, k)
-        taps = self.x[:, ch[:, :, None, None], ys.clamp(0, H - 1)[None, :, :, None],
-                      xs.clamp(0, W - 1)[None, :, None, :]]  # (B, g, k, oh, ow)
+        yc, xc = ys.clamp(0, H - 1), xs.clamp(0, W - 1)
+        flat = (ch[:, :, None, None] * H + yc[None, :, :, None]) * W + xc[None, :, None, :]  # (g, k, oh, ow)
+        inside = None
         if any(self.padding):
-            inside = ((ys >= 0) & (ys < H))[:, :, None] & ((xs >= 0) & (xs < W))[:, None, :]  # (k, oh, ow)
-            taps = taps * inside.to(taps.dtype)
-        return self._by_group(taps.flatten(3))
+            inside = ((ys >= 0) & (ys < H))[:, :, None] & ((xs >= 0) & (xs < W))[:, None, :]
+            inside = inside.flatten(1).to(self.x.dtype)
+        return ch, yc, xc, flat.flatten(), inside
+
+    def _taps(self, index) -> torch.Tensor:
+        """(B, g, k, oh·ow): the sampled taps, zero in the margin."""
+        ch, yc, xc, flat, inside = index
+        if self.x.is_contiguous():  # one index_select over the flattened input
+            taps = self.x.flatten(1).index_select(1, flat).view(self.batch, self.groups, -1, self.oh * self.ow)
+        else:
+            taps = self.x[:, ch[:, :, None, None], yc[None, :, :, None], xc[None, :, None, :]].flatten(3)
+        return taps.mul_(inside) if inside is not None else taps
+
+    def take(self, index):
+        return self._by_group(self._taps(index))
+
+    def take_last(self, index):
+        taps = self._taps(index)
+        if self.groups == 1:
+            return taps[:, 0]
+        return taps.transpose(1, 2).reshape(self.batch, taps.shape[2], -1)
+
+    def gather(self, idx):
+        return self.take(self.index(idx))
 
     def full(self):
         cols = F.unfold(self.padded(), self.kernel, dilation=self.dilation, stride=self.stride)  # (B, C·kh·kw, L)

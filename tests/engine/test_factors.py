@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dropinf import modules
-from dropinf.factors import PositionSums, Unfold, position_sums
+from dropinf.factors import Dense, PositionSums, Unfold, position_sums
 
 GEOMETRIES = [  # kernel, stride, dilation, padding (top, bottom, left, right), groups
     ((3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1),
@@ -30,6 +30,47 @@ def test_sampled_taps_equal_unfold_of_the_padded_input(kernel, stride, dilation,
     assert torch.equal(f.full(), want)
     assert f.x.data_ptr() == x.data_ptr()  # no padded copy is kept
 
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,padding,groups", GEOMETRIES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_an_index_made_once_reads_the_taps_of_every_batch(kernel, stride, dilation, padding, groups, layout):
+    """`index` is computed for one batch and reused for others of the same geometry (as a
+    compressor caches it); `take` and `take_last` agree with F.unfold on each, whatever the strides."""
+    g = torch.Generator().manual_seed(7 * sum(kernel) + groups)
+    first = Unfold(torch.randn(2, 6, 7, 9, generator=g, dtype=torch.float64), kernel, stride, dilation, padding,
+                   groups=groups)
+    idx = torch.randperm(first.width, generator=g)[: max(1, first.width // 2)]
+    index = first.index(idx)
+    top, bottom, left, right = padding
+    for _ in range(3):
+        x = torch.randn(2, 6, 7, 9, generator=g, dtype=torch.float64)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        f = Unfold(x, kernel, stride, dilation, padding, groups=groups)
+        assert f.index_key == first.index_key
+        cols = F.unfold(F.pad(x, (left, right, top, bottom)), kernel, dilation=dilation, stride=stride)
+        want = cols.view(2, groups, f.width, -1).transpose(2, 3).reshape(2, f.length, f.width)[:, :, idx]
+        assert torch.equal(f.take(index), want)
+        last = f.take_last(index)
+        assert torch.equal(last, want.transpose(1, 2))
+        assert f.positions_last == (groups == 1)
+        if f.positions_last:
+            assert last.is_contiguous()
+
+
+def test_dense_positions_last_only_when_positions_are_contiguous():
+    g = torch.Generator().manual_seed(5)
+    conv_delta = torch.randn(3, 4, 10, generator=g)  # (B, C, L), as a convolution's δ
+    idx = torch.tensor([3, 0])
+    d = Dense(conv_delta.transpose(1, 2))  # seen as (B, L, C)
+    assert d.positions_last
+    assert torch.equal(d.take_last(idx), conv_delta[:, idx])
+    assert d.take_last(idx).is_contiguous()
+    tokens = Dense(torch.randn(3, 10, 4, generator=g))  # a transformer's (B, T, n)
+    assert not tokens.positions_last
+    assert torch.equal(tokens.take_last(idx), tokens.x[:, :, idx].transpose(1, 2))
+    assert not Dense(torch.randn(3, 4, generator=g)).positions_last  # one position
 
 def test_batchnorm_sums_on_some_channels_equal_those_of_all():
     torch.manual_seed(3)

@@ -46,6 +46,7 @@ class Dropout(Compressor):
         self.indices = self._draw()
         self.chunk_elems = int(chunk_elems)
         self._plans: dict = {}
+        self._chunk_cache: dict = {}
 
     def _draw(self) -> torch.Tensor:
         """The kept coordinates, in output-column order (importance dropout overrides this)."""
@@ -94,16 +95,30 @@ class Dropout(Compressor):
             vals = vals * w.to(vals.dtype)
         out.index_add_(1, cols, vals.to(out.dtype))
 
-    def add_outer(self, out, slot, rows, cols):
-        tgt, w, ri, ci, _ = self._plan(slot, out.device)
-        if tgt.numel() == 0:
-            return
+    def _chunks(self, slot: Slot, device, rows, cols) -> list:
+        """`add_outer`'s work for `slot` in chunks of at most `chunk_elems` products: (output columns,
+        weights, rows' index, columns' index) each. Cached per slot and factor geometry, so a batch
+        pays only for its reads (a convolution's tap positions are computed once, not per batch)."""
         step = max(1, self.chunk_elems // max(1, rows.batch * rows.length))
-        for s in range(0, tgt.numel(), step):
-            sl = slice(s, s + step)
+        key = (slot.name, slot.offset, str(device), step, rows.index_key, cols.index_key)
+        if key not in self._chunk_cache:
+            tgt, w, ri, ci, _ = self._plan(slot, device)
+            self._chunk_cache[key] = [
+                (tgt[s:s + step], None if w is None else w[s:s + step], rows.index(ri[s:s + step]),
+                 cols.index(ci[s:s + step])) for s in range(0, tgt.numel(), step)]
+        return self._chunk_cache[key]
+
+    def add_outer(self, out, slot, rows, cols):
+        # positions contiguous in both factors (convolutions): reduce over the last dimension,
+        # so neither gather is transposed into a copy
+        last = rows.positions_last and cols.positions_last
+        for tgt, w, r_index, c_index in self._chunks(slot, out.device, rows, cols):
             # product in the activations' dtype, sum over positions in out's dtype (float32/64)
-            vals = (rows.gather(ri[sl]) * cols.gather(ci[sl])).sum(1, dtype=out.dtype)
-            self._add(out, tgt[sl], None if w is None else w[sl], vals)
+            if last:
+                vals = (rows.take_last(r_index) * cols.take_last(c_index)).sum(-1, dtype=out.dtype)
+            else:
+                vals = (rows.take(r_index) * cols.take(c_index)).sum(1, dtype=out.dtype)
+            self._add(out, tgt, w, vals)
 
     def add_vector(self, out, slot, values):
         tgt, w, _, _, local = self._plan(slot, out.device)
