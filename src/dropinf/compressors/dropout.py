@@ -78,7 +78,7 @@ class Dropout(Compressor):
     def _plan(self, slot: Slot, device):
         """For the sampled coordinates inside `slot`: output column, weight (or None), and the
         (row, col) in the slot's matrix view; kept on `device` so batches trigger no host copies."""
-        key = (slot.name, slot.offset, str(device))
+        key = (slot.name, slot.offset, device)
         if key not in self._plans:
             idx = self.indices
             pos = torch.nonzero((idx >= slot.offset) & (idx < slot.stop)).flatten()
@@ -100,7 +100,7 @@ class Dropout(Compressor):
         weights, rows' index, columns' index) each. Cached per slot and factor geometry, so a batch
         pays only for its reads (a convolution's tap positions are computed once, not per batch)."""
         step = max(1, self.chunk_elems // max(1, rows.batch * rows.length))
-        key = (slot.name, slot.offset, str(device), step, rows.index_key, cols.index_key)
+        key = (slot.name, slot.offset, device, step, rows.index_key, cols.index_key)
         if key not in self._chunk_cache:
             tgt, w, ri, ci, _ = self._plan(slot, device)
             self._chunk_cache[key] = [
