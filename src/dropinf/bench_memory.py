@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -129,6 +130,11 @@ class TracePeak:
     ignored: dict  # actions not replayed, with counts (segment_map/unmap: expandable segments)
 
 
+# a snapshot block's state: "active_pending_free" is what the snapshot writes for a block whose free
+# awaits another stream; torch.cuda.memory._snapshot's docstring calls it "active_awaiting_free"
+_STATES = {"active_allocated": "allocated", "active_pending_free": "awaiting", "active_awaiting_free": "awaiting"}
+
+
 @dataclasses.dataclass
 class _Block:
     size: int
@@ -214,7 +220,7 @@ def replay_trace(snapshot: dict, device: int = 0) -> TracePeak:
         addr = seg["address"]
         for b in seg["blocks"]:
             addr = b.get("address", addr)
-            state = {"active_allocated": "allocated", "active_awaiting_free": "awaiting"}.get(b["state"], "free")
+            state = _STATES.get(b["state"], "free")
             layout.put(addr, _Block(b["size"], layout.segments, state))
             if state == "allocated":
                 live[addr] = Allocation(addr, b["size"], b.get("requested_size", b["size"]),
@@ -268,15 +274,25 @@ class Sites:
         self.torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
         self.stdlib = sysconfig.get_paths()["stdlib"] + os.sep
 
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def _path(filename: str) -> str:
+        # frames carry code objects' filenames, relative when the module was imported by a relative path
+        return filename if filename.startswith("<") else os.path.abspath(filename)
+
+    def is_own(self, filename: str) -> bool:
+        return self._path(filename).startswith(self.own)
+
     def is_framework(self, filename: str) -> bool:
         """PyTorch's own files, the standard library's (not its site-packages) and frozen modules."""
+        filename = self._path(filename)
         if filename.startswith(("<", self.torch_dir)):
             return True
         return filename.startswith(self.stdlib) and not filename[len(self.stdlib):].startswith(
             ("site-packages", "dist-packages"))
 
     def name(self, frame: dict) -> str:
-        filename = frame["filename"]
+        filename = self._path(frame["filename"])
         if filename.startswith(self.own):
             shown = "dropinf/" + filename[len(self.own):].replace(os.sep, "/")
         else:
@@ -296,9 +312,9 @@ class Sites:
         if not mine:
             return TORCH_INTERNAL
         inner = mine[0]
-        if inner["filename"].startswith(self.own):
+        if self.is_own(inner["filename"]):
             return self.name(inner)
-        caller = next((f for f in mine if f["filename"].startswith(self.own)), None)
+        caller = next((f for f in mine if self.is_own(f["filename"])), None)
         return self.name(inner) + (f" via {self.name(caller)}" if caller is not None else "")
 
     def stack(self, a: Allocation | None, most: int = 8) -> str:

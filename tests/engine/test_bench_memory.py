@@ -144,7 +144,7 @@ def test_replay_ends_a_block_at_free_requested_and_keeps_its_space_until_free_co
 
 
 def test_replay_counts_preexisting_blocks_freed_during_the_call_and_not_those_awaiting_their_free():
-    pre = segment(BASE, [(8 * MiB, 8 * MiB, "active_allocated"), (2 * MiB, 2 * MiB, "active_awaiting_free"),
+    pre = segment(BASE, [(8 * MiB, 8 * MiB, "active_allocated"), (2 * MiB, 2 * MiB, "active_pending_free"),
                          (10 * MiB, 0, "inactive")])
     trace = bm.replay_trace(snap(
         [pre, {**segment(BASE + 64 * MiB, [(2 * MiB, 2 * MiB, "active_allocated")]), "device": 1}],
@@ -174,6 +174,8 @@ def test_sites_name_the_innermost_dropinf_or_model_frame():
     assert sites.of(pre) == bm.PREEXISTING and sites.of(None) == bm.PREEXISTING
     assert sites.stack(own) == ("dropinf/extraction.py:287 on_grad < modeling_gpt2.py:300 forward < "
                                 "dropinf/bench.py:46 _lm_loss")
+    relative = {**HOOK, "filename": os.path.relpath(HOOK["filename"])}  # a module imported by a relative path
+    assert sites.of(bm.Allocation(9, 512, 512, (TORCH, relative))) == sites.of(own)
     stdlib = {"filename": f"{bm.sysconfig.get_paths()['stdlib']}/contextlib.py", "line": 81, "name": "inner"}
     assert sites.of(bm.Allocation(7, 512, 512, (stdlib, TORCH, HOOK))) == sites.of(own)
     grouped = sites.by_site([own, model, bm.Allocation(8, 512, 512, (HOOK,)), engine, pre])
