@@ -51,6 +51,7 @@ import os  # noqa: E402
 
 import dropinf  # noqa: E402
 from dropinf import bench_memory as bm  # noqa: E402
+from dropinf.errors import DropinfError  # noqa: E402
 
 MiB = 2**20
 BASE = 0x7F0000000000
@@ -219,6 +220,47 @@ def test_cuda_row_reports_both_peaks_and_warns_when_they_differ(capsys):
     assert row["replay_minus_max_allocated_bytes"] == -8 * bm._MIN_BLOCK
     err = capsys.readouterr().err
     assert "WARNING" in err and str(floor.peak) in err and str(floor.peak + 8 * bm._MIN_BLOCK) in err
+
+
+class _FakeAllocator:
+    """torch.cuda's memory calls, for allocator_peak's sequence without a GPU: the recorded call's
+    trace is `events`; `recording` tells fn whether history is on."""
+
+    def __init__(self, monkeypatch, segments, events, settings=None):
+        self.recording, self.calls, self.log = False, [], []
+        for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+            monkeypatch.setattr(torch.cuda, name, lambda *a, name=name: self.log.append(name))
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 7 * MiB)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 4 * MiB)
+        monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda *a: {
+            "segments": segments, "device_traces": [list(events) if self.log.count("record") else []],
+            "allocator_settings": settings or {"expandable_segments": False}})
+
+        def record(enabled="all", **kw):
+            self.recording = enabled is not None
+            self.log.append("record" if self.recording else "stop")
+            if self.recording:
+                self.kw = kw
+        monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", record)
+
+    def fn(self):
+        self.calls.append(self.recording)
+
+
+def test_allocator_peak_records_only_the_second_call_and_replays_it(monkeypatch):
+    pre = [segment(BASE, [(4 * MiB, 4 * MiB, "active_allocated"), (16 * MiB, 0, "inactive")])]
+    events = alloc(BASE + 4 * MiB, 3 * MiB, MODEL) + free(BASE + 4 * MiB, 3 * MiB)
+    fake = _FakeAllocator(monkeypatch, pre, events)
+    trace, max_allocated, allocated = bm.allocator_peak(fake.fn, torch.device("cuda", 0), max_entries=100)
+    assert fake.calls == [False, True]  # warm-up unrecorded, then the recorded call
+    assert fake.log[:3] == ["synchronize", "empty_cache", "reset_peak_memory_stats"] and fake.log[-1] == "stop"
+    assert fake.kw == {"context": "alloc", "stacks": "python", "max_entries": 100, "clear_history": True}
+    assert (trace.peak, trace.end, max_allocated, allocated) == (7 * MiB, 4 * MiB, 7 * MiB, 4 * MiB)
+    with pytest.raises(DropinfError, match="max-entries"):  # a full ring buffer lost its oldest events
+        bm.allocator_peak(_FakeAllocator(monkeypatch, pre, events).fn, torch.device("cuda", 0), max_entries=3)
+    with pytest.raises(DropinfError, match="expandable segments"):
+        bm.allocator_peak(_FakeAllocator(monkeypatch, pre, events, {"expandable_segments": True}).fn,
+                          torch.device("cuda", 0))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
