@@ -377,9 +377,10 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _norm_weight_sums(x: torch.Tensor, delta: torch.Tensor, normalize) -> PositionSums:
     """Σ over positions of δ·x̂ for a norm layer's weight, x̂ formed only on the channels a compressor
     asks for (a whole-activation x̂ and δ·x̂ per layer are a large share of the fused backward's work
-    in a model with many norms, such as Llama's RMSNorms). x, δ: (B, positions, channels); `normalize(cols)` maps input columns to
-    x̂ in x's dtype with per-row statistics computed beforehand. As the layer rounds: x̂ in x's dtype,
-    the product in the activations' dtype, the sum in `dtype`."""
+    in a model with many norms, such as Llama's RMSNorms). x, δ: (B, positions, channels);
+    `normalize(cols)` maps input columns to x̂ in x's dtype from per-row statistics computed
+    beforehand. As the layer rounds: x̂ in x's dtype, the product in the activations' dtype, the sum
+    in `dtype`."""
     def sums(idx, dtype):
         xs, ds = (t if idx is None else t.index_select(-1, idx) for t in (x, delta))
         return (ds * normalize(xs)).sum(1, dtype=dtype)
@@ -430,12 +431,12 @@ class RMSNormHandler(Handler):
         return hasattr(module, "variance_epsilon")
 
     @classmethod
-    def channel_dims(cls, module) -> int:
+    def _channel_dims(cls, module) -> int:
         """How many trailing dims are normalized together (HF: the last one)."""
         return 1 if cls._hf(module) else len(module.normalized_shape)
 
     @classmethod
-    def scale(cls, module, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    def _inv_rms(cls, module, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
         """(1/rms per row (B, positions, 1), the dtype x is normalized in) for x (B, positions,
         channels), as the module computes it: HF in float32; F.rms_norm in float32 for reduced
         precision, else in x's dtype, with eps=None meaning the machine epsilon of the dtype it
@@ -459,9 +460,9 @@ class RMSNormHandler(Handler):
     def emit(cls, module, saved, delta, slots, comp, out):
         if "weight" not in slots:
             return
-        n = cls.channel_dims(module)
+        n = cls._channel_dims(module)
         x = _by_channel(_kept_input(module, saved), n)
-        scale, h = cls.scale(module, x)
+        scale, h = cls._inv_rms(module, x)
         comp.add_vector(out, slots["weight"], _norm_weight_sums(
             x, _by_channel(delta, n), lambda cols: _cast(_cast(cols, h) * scale, x.dtype)))
 

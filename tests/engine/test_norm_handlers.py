@@ -126,8 +126,8 @@ def test_norm_weights_match_float64_autograd(case, name, r, dtype):
 @pytest.mark.parametrize("name,r", COMPRESSORS)
 def test_bfloat16_norm_weights_match_float32_autograd(case, name, r):
     """bf16 rows against float32 autograd on the same (bf16-rounded) weights and inputs. The bf16
-    forward rounds δ in every layer (median error about 0.6%, up to 2.5% in the seeds tried); the handler's
-    own rounding is checked tightly against the module's x̂ below."""
+    forward rounds δ in every layer (median error about 0.6%, up to 2.5% in the seeds tried); the
+    handler's own rounding is checked tightly against the module's x̂ below."""
     seed = torch.seed() % 10_000
     model64, batches64, names = setup(case, seed)
     model, batches = cast(model64, batches64, torch.bfloat16)
@@ -200,19 +200,18 @@ def test_rms_norm_eps_none_is_the_computation_dtypes_epsilon(dtype):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     got = position_sums(_emit(norm, x, delta)["weight"], acc)
     want = (delta * F.rms_norm(x, (8,))).sum(1, dtype=acc)
-    assert rel_err(got, want) < (1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 2e-2)
+    assert rel_err(got, want) < (1e-12 if dtype == torch.float64 else 1e-6 if dtype == torch.float32 else 5e-3)
 
 
-@pytest.mark.parametrize("case", ["layer", "rms_eps", "hf_rms"])
-def test_dropout_reads_only_the_kept_channels(case):
-    """float32: forming a dropout row's norm-weight entries allocates no whole-activation tensor
-    (neither x̂ nor δ·x̂): everything the handler and the kept channels' sums allocate is a small
-    fraction of one activation."""
+@pytest.mark.parametrize("make", [nn.LayerNorm, lambda w: nn.RMSNorm(w, eps=1e-6), lambda w: _llama_rms(w, 1e-6)],
+                         ids=["layer", "rms", "hf_rms"])
+def test_kept_channel_sums_allocate_no_whole_activation(make):
+    """float32: the handler and the sums on a dropout's few kept channels form neither x̂ nor δ·x̂
+    over the whole activation: all they allocate is a small fraction of one activation."""
     from torch.profiler import ProfilerActivity, profile
 
-    norm = NORMS[case][0]().float()
     width = 256
-    norm = type(norm)(width) if not case.startswith("hf") else _llama_rms(width, 1e-6)
+    norm = make(width)
     x, delta = 1.0 + torch.randn(8, 64, width), torch.randn(8, 64, width)
     activation = x.numel() * x.element_size()
     idx = torch.tensor([3, 100, 255])
