@@ -19,6 +19,7 @@ The contract with the extraction engine, beyond capture/emit:
 from __future__ import annotations
 
 import inspect
+import math
 from typing import ClassVar
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 from torch.nn.utils import stateless
 
 from .errors import DropinfError
-from .factors import Dense, GroupRows, OneHot, PositionSums, Unfold
+from .factors import Dense, GroupRows, OneHot, PositionSums, Unfold, acc_dtype
 
 HANDLERS: list[type["Handler"]] = []
 
@@ -362,6 +363,31 @@ def _kept_input(module, saved) -> torch.Tensor:
     return x
 
 
+def _by_channel(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, ..., *normalized_shape) → (B, positions, channels): the last n dims are the channels, in
+    the weight's flattening."""
+    return t.reshape(t.shape[0], -1, math.prod(t.shape[t.dim() - n:]))
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, without an op when it already is (a no-op `to` still costs a dispatch per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _norm_weight_sums(x: torch.Tensor, delta: torch.Tensor, normalize) -> PositionSums:
+    """Σ over positions of δ·x̂ for a norm layer's weight, x̂ formed only on the channels a compressor
+    asks for (a whole-activation x̂ and δ·x̂ per layer are a large share of the fused backward's work
+    in a model with many norms, such as Llama's RMSNorms). x, δ: (B, positions, channels);
+    `normalize(cols)` maps input columns to x̂ in x's dtype from per-row statistics computed
+    beforehand. As the layer rounds: x̂ in x's dtype, the product in the activations' dtype, the sum
+    in `dtype`."""
+    def sums(idx, dtype):
+        xs, ds = (t if idx is None else t.index_select(-1, idx) for t in (x, delta))
+        return (ds * normalize(xs)).sum(1, dtype=dtype)
+
+    return PositionSums(sums, x.dtype)
+
+
 class LayerNormHandler(Handler):
     types = (nn.LayerNorm,)
 
@@ -371,13 +397,17 @@ class LayerNormHandler(Handler):
 
     @staticmethod
     def emit(module, saved, delta, slots, comp, out):
-        xhat = F.layer_norm(_kept_input(module, saved), module.normalized_shape, eps=module.eps)
         n = len(module.normalized_shape)
-        flat = lambda t: t.reshape(t.shape[0], -1, *t.shape[t.dim() - n:]).flatten(2)  # noqa: E731
         if "weight" in slots:
-            comp.add_vector(out, slots["weight"], flat(delta) * flat(xhat))
+            x = _by_channel(_kept_input(module, saved), n)
+            # F.layer_norm's statistics: per row, in float32 for reduced-precision inputs (a transient
+            # float copy there; float32/64 inputs are read once, no copy)
+            var, mean = torch.var_mean(_cast(x, acc_dtype(x.dtype)), -1, correction=0, keepdim=True)
+            rstd = torch.rsqrt(var + module.eps)
+            comp.add_vector(out, slots["weight"], _norm_weight_sums(
+                x, _by_channel(delta, n), lambda cols: _cast((_cast(cols, mean.dtype) - mean) * rstd, x.dtype)))
         if "bias" in slots:
-            comp.add_vector(out, slots["bias"], flat(delta))
+            comp.add_vector(out, slots["bias"], _by_channel(delta, n))
 
 
 class RMSNormHandler(Handler):
@@ -397,20 +427,44 @@ class RMSNormHandler(Handler):
         return _keep_input(x)
 
     @staticmethod
-    def normalized(module, x):
-        """x̂ as the module computes it."""
-        if hasattr(module, "variance_epsilon"):
-            h = x.float()
-            return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(x.dtype)
-        return F.rms_norm(x, module.normalized_shape, eps=module.eps)
+    def _hf(module) -> bool:
+        return hasattr(module, "variance_epsilon")
+
+    @classmethod
+    def _channel_dims(cls, module) -> int:
+        """How many trailing dims are normalized together (HF: the last one)."""
+        return 1 if cls._hf(module) else len(module.normalized_shape)
+
+    @classmethod
+    def _inv_rms(cls, module, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """(1/rms per row (B, positions, 1), the dtype x is normalized in) for x (B, positions,
+        channels), as the module computes it: HF in float32; F.rms_norm in float32 for reduced
+        precision, else in x's dtype, with eps=None meaning the machine epsilon of the dtype it
+        computes in (float32's for bfloat16 inputs, as F.rms_norm does). One pass over x: no float
+        copy, no x²."""
+        if cls._hf(module):
+            h, eps = torch.float32, module.variance_epsilon
+        else:
+            h = acc_dtype(x.dtype)
+            eps = torch.finfo(h).eps if module.eps is None else module.eps
+        if x.dtype.itemsize > h.itemsize:
+            # HF on float64 inputs narrows them to float32 (a copy either way): its own arithmetic, so
+            # that the rows are as exact as a float64 check asks (a norm's sqrt-then-square differs by
+            # float32 rounding)
+            ms = x.to(h).pow(2).mean(-1, keepdim=True)
+        else:
+            ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=h).square_().div_(x.shape[-1])
+        return torch.rsqrt(ms + eps), h
 
     @classmethod
     def emit(cls, module, saved, delta, slots, comp, out):
-        xhat = cls.normalized(module, _kept_input(module, saved))
-        shape = module.weight.shape
-        n = len(shape)
-        flat = lambda t: t.reshape(t.shape[0], -1, *t.shape[t.dim() - n:]).flatten(2)  # noqa: E731
-        comp.add_vector(out, slots["weight"], flat(delta) * flat(xhat))
+        if "weight" not in slots:
+            return
+        n = cls._channel_dims(module)
+        x = _by_channel(_kept_input(module, saved), n)
+        scale, h = cls._inv_rms(module, x)
+        comp.add_vector(out, slots["weight"], _norm_weight_sums(
+            x, _by_channel(delta, n), lambda cols: _cast(_cast(cols, h) * scale, x.dtype)))
 
 
 class BatchNormHandler(Handler):
