@@ -133,11 +133,13 @@ def provenance(device) -> dict:
     from dropinf.pipeline.common import git_state
 
     commit, dirty = git_state()
+    # the device profiled, not merely whether a GPU exists (a CPU profile on a GPU machine says "cpu")
+    on_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
     return {
         "git_commit": commit, "git_dirty": dirty,
         "dropinf_version": __version__, "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda or "",
-        "device": torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cpu",
+        "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -4,6 +4,8 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import dropinf
 from dropinf.extraction import Extractor
@@ -252,3 +254,48 @@ def test_cuda_graph_auto_with_buckets_equals_eager_without():
     eager = dropinf.extract(model, loss, data, "dropout", r=9, seed=1, cuda_graph=False)
     auto = dropinf.extract(model, loss, data, "dropout", r=9, seed=1, bucket=4, bucket_mask="mask")
     assert rel_err(auto, eager) < 1e-5
+
+
+class _InPlaceAfterFirst(nn.Module):
+    """The first tracked layer's output is changed in place at once (as `x += pos` or relu_ do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        seen["start"] = h
+        h.mul_(2.0).relu_()
+        return self.b(h)
+
+
+seen: dict = {}
+
+
+def test_graph_start_is_the_first_layers_own_output_and_in_place_ops_on_it_stay_exact():
+    """The activation graph starts at the first tracked layer's output without a copy (a clone
+    there is one activation at the peak), and in-place ops on that output give the gradients of
+    plain per-example autograd."""
+    g = torch.Generator().manual_seed(torch.seed() % 10_000)
+    model = _InPlaceAfterFirst().double().to(DEVICE)
+    data = [{"x": torch.randn(3, 4, generator=g, dtype=torch.float64).to(DEVICE),
+             "y": torch.randint(0, 3, (3,), generator=g).to(DEVICE)} for _ in range(2)]
+
+    def loss(m, batch):
+        return F.cross_entropy(m(batch["x"]), batch["y"], reduction="none")
+
+    names = [n for n, _ in model.named_parameters()]
+    ref = reference_grads(model, loss, data, names)
+    ex = Extractor(model, loss, "identity", self_check=False)
+    outputs = {}
+
+    def keep(module, args, output):
+        outputs["a"] = output  # returns None: the output is not replaced
+
+    hook = model.a.register_forward_hook(keep)
+    got = ex.run(data)
+    hook.remove()
+    assert rel_err(got, ref) < 1e-10
+    # the model went on with a tensor on the layer's own storage: nothing was copied
+    assert seen["start"].data_ptr() == outputs["a"].data_ptr()
