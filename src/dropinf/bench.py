@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import gc
 import os
 import shutil
 import statistics
@@ -121,12 +122,22 @@ def peak_mem(fn, reserved: bool = False):
     if not torch.cuda.is_available():
         return (float("nan"),) * 2 if reserved else float("nan")
     torch.cuda.synchronize()
+    gc.collect()  # an earlier path's extractor or graph still in a reference cycle would count here
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
     alloc = torch.cuda.max_memory_allocated() / 2**30
     return (alloc, torch.cuda.max_memory_reserved() / 2**30) if reserved else alloc
+
+
+def allocated_gib() -> float:
+    """GiB allocated on the GPU now (after a collection), NaN without one."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    gc.collect()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated() / 2**30
 
 
 def provenance(device) -> dict:
@@ -288,6 +299,11 @@ def run(args, out: str | None = None) -> list[dict]:
         return row
 
     floor = cuda_time(lambda: floor_step(model, loss_fn, batch, params), args.warmup, args.repeats)
+    for p in params:
+        p.grad = None
+    # what is allocated outside a path (weights, inputs) when its peak is measured: equal for the
+    # floor and every fused path, or the ratio counts leftovers of earlier paths
+    floor_before = allocated_gib()
     floor_mem = peak_mem(lambda: floor_step(model, loss_fn, batch, params))
     for p in params:
         p.grad = None
@@ -340,7 +356,8 @@ def run(args, out: str | None = None) -> list[dict]:
             t = cuda_time(lambda: fused(ex), 1 if slow else args.warmup, min(2, args.repeats) if slow else args.repeats)
             m = peak_mem(lambda: fused(ex))
             emit(f"fused_{key}", ex.compressor.out_dim, t, m,
-                 mem_ratio_to_floor=m / floor_mem if floor_mem == floor_mem else "")
+                 mem_ratio_to_floor=m / floor_mem if floor_mem == floor_mem else "",
+                 allocated_before_gib=allocated_gib(), floor_allocated_before_gib=floor_before)
             fused_seconds[key] = t
             if graph_floor is not None and getattr(ex.compressor, "graph_safe", True):
                 ex.cuda_graph = True
@@ -350,6 +367,7 @@ def run(args, out: str | None = None) -> list[dict]:
         except torch.OutOfMemoryError as err:
             rows.append({**base, "path": f"fused_{key}", "r": "", "error": f"OOM: {err}"[:200]})
         del ex
+        gc.collect()  # its graphs' pool too, so that the next path's peak does not hold them
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -36,7 +36,8 @@ class Factor:
         return idx
 
     def take(self, index) -> torch.Tensor:
-        """(B, T, k): the columns `index` was made for, in the input's dtype."""
+        """(B, T, k): the columns `index` was made for, in the input's dtype; a fresh tensor, which
+        the caller may overwrite (so `take`, `take_last` and `gather` never return a view)."""
         return self.gather(index)
 
     def take_last(self, index) -> torch.Tensor:

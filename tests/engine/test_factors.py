@@ -96,3 +96,21 @@ def test_batchnorm_sums_on_some_channels_equal_those_of_all():
                                    rtol=1e-12, atol=1e-12)
     plain = torch.randn(4, 6, 5, dtype=torch.float64)  # a tensor (B, T, width) is summed over T
     torch.testing.assert_close(position_sums(plain, torch.float64, idx), plain.sum(1)[:, idx])
+
+
+def test_every_factor_returns_fresh_tensors_that_a_compressor_may_overwrite():
+    """Dropout multiplies in place into the first gather: no factor may hand out a view of its input."""
+    from dropinf.factors import GroupRows, OneHot
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 5, 5, generator=g)
+    delta = torch.randn(2, 6, 4, generator=g)
+    factors = [Dense(delta), Dense(delta.transpose(1, 2).contiguous().transpose(1, 2)),
+               Unfold(x, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), Unfold(x, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)),
+               GroupRows(delta, 2), OneHot(torch.randint(0, 7, (2, 6), generator=g), 7, torch.float32)]
+    for f in factors:
+        idx = torch.arange(min(3, f.width))
+        before = [t.clone() for t in (x, delta)]
+        for got in (f.take(f.index(idx)), f.take_last(f.index(idx)), f.gather(idx)):
+            got.mul_(0.0).add_(7.0)
+        assert all(torch.equal(b, t) for b, t in zip(before, (x, delta))), type(f).__name__

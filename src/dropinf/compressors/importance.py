@@ -33,7 +33,7 @@ import warnings
 import torch
 
 from ..errors import DropinfError, ShapeError
-from .dropout import Dropout
+from .dropout import CHUNK_ELEMS, Dropout
 
 #: coordinates whose keys are computed at once, per device type (speed and memory only: the keys do
 #: not depend on it): cache-sized on a CPU, large on a GPU (fewer kernel launches)
@@ -169,7 +169,7 @@ class ImportanceDropout(Dropout):
 
     def __init__(self, dim, r, seed=0, layout=None, weights=None, probe: int = PROBE_ROWS, probe_seed: int = 0,
                  weighting: str = "global", rescale: bool = False, probe_seconds: float | None = None,
-                 chunk_elems: int = 1 << 26, probe_estimator: str = PROBE_ESTIMATOR):
+                 chunk_elems: int = CHUNK_ELEMS, probe_estimator: str = PROBE_ESTIMATOR):
         self._check_options(probe=probe, probe_seed=probe_seed, weighting=weighting, rescale=rescale,
                             probe_estimator=probe_estimator)
         if weights is None:

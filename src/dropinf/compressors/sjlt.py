@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .base import ColumnMap, ProjectionBlocks
-from .dropout import Dropout, permutation_prefix
+from .dropout import CHUNK_ELEMS, Dropout, permutation_prefix
 
 
 class SJLT(Dropout):
@@ -20,7 +20,7 @@ class SJLT(Dropout):
     nests_in_r = False
 
     def __init__(self, dim, r, seed=0, layout=None, mask_factor: int = 8, blocks: str = "layer",
-                 chunk_elems: int = 1 << 26):
+                 chunk_elems: int = CHUNK_ELEMS):
         self.r_out = int(r)
         self.mask_factor = int(mask_factor)
         super().__init__(dim, r, seed, layout, chunk_elems)
