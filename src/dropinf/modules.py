@@ -374,14 +374,16 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _norm_weight_sums(x: torch.Tensor, delta: torch.Tensor, normalize) -> PositionSums:
+def _norm_weight_sums(x: torch.Tensor, delta: torch.Tensor, normalizer) -> PositionSums:
     """Σ over positions of δ·x̂ for a norm layer's weight, x̂ formed only on the channels a compressor
     asks for (a whole-activation x̂ and δ·x̂ per layer are a large share of the fused backward's work
     in a model with many norms, such as Llama's RMSNorms). x, δ: (B, positions, channels);
-    `normalize(cols)` maps input columns to x̂ in x's dtype from per-row statistics computed
-    beforehand. As the layer rounds: x̂ in x's dtype, the product in the activations' dtype, the sum
-    in `dtype`."""
+    `normalizer()` computes the per-row statistics (one pass over x) and returns `normalize(cols)`,
+    which maps input columns to x̂ in x's dtype; it runs only when some channel is asked for, so a
+    layer where dropout keeps nothing costs nothing. As the layer rounds: x̂ in x's dtype, the
+    product in the activations' dtype, the sum in `dtype`."""
     def sums(idx, dtype):
+        normalize = normalizer()
         xs, ds = (t if idx is None else t.index_select(-1, idx) for t in (x, delta))
         return (ds * normalize(xs)).sum(1, dtype=dtype)
 
@@ -400,12 +402,15 @@ class LayerNormHandler(Handler):
         n = len(module.normalized_shape)
         if "weight" in slots:
             x = _by_channel(_kept_input(module, saved), n)
-            # F.layer_norm's statistics: per row, in float32 for reduced-precision inputs (a transient
-            # float copy there; float32/64 inputs are read once, no copy)
-            var, mean = torch.var_mean(_cast(x, acc_dtype(x.dtype)), -1, correction=0, keepdim=True)
-            rstd = torch.rsqrt(var + module.eps)
-            comp.add_vector(out, slots["weight"], _norm_weight_sums(
-                x, _by_channel(delta, n), lambda cols: _cast((_cast(cols, mean.dtype) - mean) * rstd, x.dtype)))
+
+            def normalizer():
+                # F.layer_norm's statistics: per row, in float32 for reduced-precision inputs (a
+                # transient float copy there; float32/64 inputs are read once, no copy)
+                var, mean = torch.var_mean(_cast(x, acc_dtype(x.dtype)), -1, correction=0, keepdim=True)
+                rstd = torch.rsqrt(var + module.eps)
+                return lambda cols: _cast((_cast(cols, mean.dtype) - mean) * rstd, x.dtype)
+
+            comp.add_vector(out, slots["weight"], _norm_weight_sums(x, _by_channel(delta, n), normalizer))
         if "bias" in slots:
             comp.add_vector(out, slots["bias"], _by_channel(delta, n))
 
@@ -462,9 +467,12 @@ class RMSNormHandler(Handler):
             return
         n = cls._channel_dims(module)
         x = _by_channel(_kept_input(module, saved), n)
-        scale, h = cls._inv_rms(module, x)
-        comp.add_vector(out, slots["weight"], _norm_weight_sums(
-            x, _by_channel(delta, n), lambda cols: _cast(_cast(cols, h) * scale, x.dtype)))
+
+        def normalizer():
+            scale, h = cls._inv_rms(module, x)
+            return lambda cols: _cast(_cast(cols, h) * scale, x.dtype)
+
+        comp.add_vector(out, slots["weight"], _norm_weight_sums(x, _by_channel(delta, n), normalizer))
 
 
 class BatchNormHandler(Handler):

@@ -189,6 +189,24 @@ def test_weight_sums_on_kept_channels_equal_the_full_sums_columns(case, dtype, t
         assert torch.allclose(position_sums(values["bias"], acc), delta.reshape(4, -1, width).sum(1, dtype=acc))
 
 
+@pytest.mark.parametrize("case", sorted(NORMS))
+def test_no_statistics_are_computed_for_a_layer_where_nothing_is_kept(case, monkeypatch):
+    """At r far below the number of coordinates most norm layers keep no channel: their per-row
+    statistics (a pass over the whole input) must then not run at all."""
+    make, lead = NORMS[case]
+    norm = make()
+    shape = tuple(norm.weight.shape)
+    x, delta = 1.0 + torch.randn(3, *lead, *shape), torch.randn(3, *lead, *shape)
+    calls = []
+    for name in ("var_mean", "rsqrt"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    values = _emit(norm, x, delta)  # what the handler hands over, not yet asked for any channel
+    assert calls == []
+    position_sums(values["weight"], torch.float32, torch.tensor([0]))
+    assert "rsqrt" in calls  # asked for a channel: the statistics run
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_rms_norm_eps_none_is_the_computation_dtypes_epsilon(dtype):
     """nn.RMSNorm(eps=None): F.rms_norm adds the machine epsilon of the dtype it computes in, which
