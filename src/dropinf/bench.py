@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .compressors.base import compressor as make_compressor
-from .extraction import Extractor, _to_device
+from .extraction import Extractor, _to_device, capture_stream
 from .layout import select_parameters
 from .models.lm import per_example_lm_loss
 
@@ -196,7 +196,7 @@ def graphed_floor(model, loss_fn, batch, params):
     """The floor as one CUDA graph (weight gradients returned, not accumulated): for comparing
     graph-replayed extraction with a training step that also has no Python in its loop."""
     static = {k: v.clone() for k, v in batch.items()}
-    side = torch.cuda.Stream()
+    side = capture_stream(batch[next(iter(batch))].device)
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
@@ -346,6 +346,10 @@ def run(args, out: str | None = None) -> list[dict]:
     fused_seconds = {}
     for name, r in specs:
         key = name if name != "dropout" else f"dropout_r{r}"
+        # what earlier paths left allocated (a graph capture's library workspaces, say) is not this
+        # path's: measured before it is built, it is taken off its peak (the path's own caches,
+        # built later, still count)
+        leftover = allocated_gib() - floor_before
         ex = Extractor(model, loss_fn, name, r=r, seed=0, params=names)
         if args.check and name != "identity":
             err = check_against_autograd(model, loss_fn, batch, names, {key: ex}, device)[key]
@@ -355,8 +359,10 @@ def run(args, out: str | None = None) -> list[dict]:
         try:
             t = cuda_time(lambda: fused(ex), 1 if slow else args.warmup, min(2, args.repeats) if slow else args.repeats)
             m = peak_mem(lambda: fused(ex))
+            measured = floor_mem == floor_mem
             emit(f"fused_{key}", ex.compressor.out_dim, t, m,
-                 mem_ratio_to_floor=m / floor_mem if floor_mem == floor_mem else "",
+                 mem_ratio_to_floor=(m - leftover) / floor_mem if measured else "",
+                 raw_mem_ratio_to_floor=m / floor_mem if measured else "", leftover_gib=leftover,
                  allocated_before_gib=allocated_gib(), floor_allocated_before_gib=floor_before)
             fused_seconds[key] = t
             if graph_floor is not None and getattr(ex.compressor, "graph_safe", True):

@@ -56,6 +56,20 @@ class _GraphStart(torch.autograd.Function):
         return None, None  # nothing upstream wants it: the traversal itself is the point
 
 
+_CAPTURE_STREAMS: dict = {}
+
+
+def capture_stream(device) -> "torch.cuda.Stream":
+    """The one side stream per device that every CUDA-graph warm-up runs on. cuBLAS keeps a
+    workspace per stream for the life of the process, so a new stream per capture would leave one
+    workspace (tens of MiB) allocated for each graph ever captured."""
+    device = torch.device(device)
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _CAPTURE_STREAMS[key]
+
+
 def _batch_size(batch) -> int:
     leaves = [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0]
     if not leaves:
@@ -446,7 +460,7 @@ class Extractor:
 
     def _capture(self, batch, out_dtype, comp) -> _Graph:
         static = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, batch)
-        side = torch.cuda.Stream()
+        side = capture_stream(self.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: plans, kernel selection, allocator
             for _ in range(2):

@@ -204,6 +204,25 @@ def test_cuda_graph_replay_equals_eager(name):
     assert rel_err(graphed, eager) < 1e-6
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU (run with DROPINF_TEST_DEVICE=cuda)")
+def test_graph_captures_leave_no_memory_behind():
+    """Every capture warms up on one side stream per device: a new stream per capture would leave a
+    cuBLAS workspace allocated for each graph ever captured, long after its extractor is gone."""
+    import gc
+
+    from dropinf.extraction import capture_stream
+
+    model, loss, data, _ = setup("text", torch.float32, 11)
+    assert capture_stream(DEVICE) is capture_stream(DEVICE)
+    after = []
+    for seed in range(4):
+        dropinf.extract(model, loss, data, "dropout", r=9, seed=seed, cuda_graph=True)
+        gc.collect()
+        torch.cuda.synchronize()
+        after.append(torch.cuda.memory_allocated())
+    assert after[-1] - after[1] <= 2**20, after  # the first capture may create the stream's workspace
+
+
 def _many_text_batches(n=62, batch_size=4, seed=11):
     """Enough batches of one shape for cuda_graph='auto' to time, capture and decide (and a last,
     partial batch of another shape)."""
