@@ -7,6 +7,8 @@ O(B·T·r) work on top of the batched backward.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..factors import position_sums
@@ -22,6 +24,13 @@ _STREAM_CHUNK = 1 << 16
 # small part of the peak; a larger chunk saves no launches on transformers (a layer keeps far fewer
 # columns), and ResNet-9's deep layers at r = 4,096 otherwise held 3 x 44 MiB at its peak.
 CHUNK_ELEMS = 1 << 22
+
+
+@functools.lru_cache(maxsize=None)
+def _holds_product(a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether a product of dtypes a and b is of dtype a (so it may be formed in place in a); cached,
+    because torch.promote_types is a dispatched op and this is asked once per layer per batch."""
+    return torch.promote_types(a, b) == a
 
 
 def permutation_prefix(dim: int, r: int, seed: int) -> torch.Tensor:
@@ -121,7 +130,7 @@ class Dropout(Compressor):
                 (rows.take(r_index), cols.take(c_index))
             # product in the activations' dtype, in place on the fresh gather when that loses no
             # precision; sum over positions in out's dtype (float32/64)
-            prod = R.mul_(C) if R.dtype == torch.promote_types(R.dtype, C.dtype) else R * C
+            prod = R.mul_(C) if _holds_product(R.dtype, C.dtype) else R * C
             self._add(out, tgt, w, prod.sum(-1 if last else 1, dtype=out.dtype))
 
     def add_vector(self, out, slot, values):
