@@ -360,6 +360,8 @@ def run(args, out: str | None = None) -> list[dict]:
             t = cuda_time(lambda: fused(ex), 1 if slow else args.warmup, min(2, args.repeats) if slow else args.repeats)
             m = peak_mem(lambda: fused(ex))
             measured = floor_mem == floor_mem
+            # allocated_before_gib: what stays allocated between this path's calls (weights, its
+            # plans and caches, and any leftover), i.e. the baseline its next call starts from
             emit(f"fused_{key}", ex.compressor.out_dim, t, m,
                  mem_ratio_to_floor=(m - leftover) / floor_mem if measured else "",
                  raw_mem_ratio_to_floor=m / floor_mem if measured else "", leftover_gib=leftover,
