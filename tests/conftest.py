@@ -3,7 +3,15 @@ takes more than about 5 s, either by itself (`@pytest.mark.slow`) or because it 
 Snakemake run of a workflow (the fixtures below), which takes a minute or more on two CPU cores."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Triton kernels run through Triton's interpreter on a CPU-only test run (tests/engine/test_gather_dot.py);
+# Triton reads this once, when first imported. Product code uses a kernel on the CPU only inside
+# `gather_dot.interpreted()`.
+if os.environ.get("DROPINF_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 #: Fixtures that run a whole workflow: a test using one of them is slow whatever its own body does.
 WORKFLOW_RUNS = ("default_run", "austen_run", "sharded_run")

@@ -21,6 +21,8 @@ LAYERS = {
     "models": "model",
     # which coordinates a model's gradients have, and how each module type's factors are read
     "layout": "gradients", "modules": "gradients", "factors": "gradients",
+    # the gather-dot kernel reads factors for dropout-family compressors (its Triton source beside it)
+    "gather_dot": "gradients", "_gather_dot_kernel": "gradients",
     # compressors and the fused extraction that applies them (with its self-check and the probe
     # importance dropout samples from); the finetune stage checks the planned compressions of
     # the config against the model before it trains, so it sits here too

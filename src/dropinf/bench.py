@@ -141,6 +141,7 @@ def allocated_gib() -> float:
 
 
 def provenance(device) -> dict:
+    from dropinf import gather_dot
     from dropinf.pipeline.common import git_state
 
     commit, dirty = git_state()
@@ -152,6 +153,7 @@ def provenance(device) -> dict:
         "cuda_version": torch.version.cuda or "",
         "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "gather_dot_kernel": gather_dot.status(on_cuda),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

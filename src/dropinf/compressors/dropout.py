@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from .. import gather_dot
 from ..factors import position_sums
 from ..layout import Slot
 from .base import Compressor
@@ -59,6 +60,7 @@ class Dropout(Compressor):
         self.indices = self._draw()
         self.chunk_elems = int(chunk_elems)
         self._plans: dict = {}
+        self._shared: dict = {}
         self._chunk_cache: dict = {}
 
     def _draw(self) -> torch.Tensor:
@@ -98,8 +100,12 @@ class Dropout(Compressor):
             local = idx[pos] - slot.offset
             ncol = slot.matrix_shape[1]
             w = self._weights()
-            self._plans[key] = (self._targets()[pos].to(device), None if w is None else w[pos].to(device),
+            tgt = self._targets()[pos]
+            self._plans[key] = (tgt.to(device), None if w is None else w[pos].to(device),
                                 (local // ncol).to(device), (local % ncol).to(device), local.to(device))
+            # whether two kept coordinates of the slot share an output column (SJLT's buckets): the
+            # gather-dot kernel then adds atomically; known here, on the host, so no batch syncs
+            self._shared[key] = tgt.unique().numel() < tgt.numel()
         return self._plans[key]
 
     @staticmethod
@@ -122,6 +128,12 @@ class Dropout(Compressor):
         return self._chunk_cache[key]
 
     def add_outer(self, out, slot, rows, cols):
+        if gather_dot.applies(out, rows, cols):
+            tgt, w, ri, ci, _ = self._plan(slot, out.device)
+            shared = self._shared[(slot.name, slot.offset, out.device)]
+            if not (shared and torch.are_deterministic_algorithms_enabled()):  # atomics: order varies
+                gather_dot.add(out, rows, cols, tgt, w, ri, ci, atomic=shared)
+                return
         # positions contiguous in both factors (convolutions): reduce over the last dimension,
         # so neither gather is transposed into a copy
         last = rows.positions_last and cols.positions_last

@@ -1,0 +1,43 @@
+"""The gather-dot kernel's Triton source (imported only where Triton is installed; see gather_dot.py)."""
+import triton.language as tl
+
+
+def gather_dot(out_ptr, s_ob, s_oc, tgt_ptr, w_ptr, ri_ptr, ci_ptr, K, T,
+               r_ptr, s_rb, s_rt, s_rn,
+               c_ptr, s_cb, s_ct, s_cn,
+               # a convolution's input x (B, C, H, W) read as im2col columns (channel, ky, kx)
+               s_xh, s_xw, H, W, OW, KHW, KW, SH, SW, DH, DW, TOP, LEFT,
+               HAS_W: tl.constexpr, UNFOLD: tl.constexpr, ATOMIC: tl.constexpr, F64: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)  # B times a batch stride can pass 2**31
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    ri = tl.load(ri_ptr + ks, mask=kmask, other=0)
+    ci = tl.load(ci_ptr + ks, mask=kmask, other=0)
+    if UNFOLD:
+        ch = ci // KHW
+        ky = (ci % KHW) // KW
+        kx = ci % KW
+    acc_t = tl.float64 if F64 else tl.float32
+    acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=acc_t)
+    r_base = r_ptr + b * s_rb + ri[None, :] * s_rn
+    for t0 in range(0, T, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        m = (ts < T)[:, None] & kmask[None, :]
+        rv = tl.load(r_base + ts[:, None] * s_rt, mask=m, other=0.0)
+        if UNFOLD:
+            y = (ts // OW)[:, None] * SH + ky[None, :] * DH - TOP
+            x = (ts % OW)[:, None] * SW + kx[None, :] * DW - LEFT
+            inside = m & (y >= 0) & (y < H) & (x >= 0) & (x < W)  # outside: the zero margin
+            cv = tl.load(c_ptr + b * s_cb + ch[None, :] * s_cn + y * s_xh + x * s_xw, mask=inside, other=0.0)
+        else:
+            cv = tl.load(c_ptr + b * s_cb + ts[:, None] * s_ct + ci[None, :] * s_cn, mask=m, other=0.0)
+        acc += rv.to(acc_t) * cv.to(acc_t)
+    total = tl.sum(acc, axis=0)
+    if HAS_W:
+        total = total * tl.load(w_ptr + ks, mask=kmask, other=0.0).to(acc_t)
+    dest = out_ptr + b * s_ob + tl.load(tgt_ptr + ks, mask=kmask, other=0) * s_oc
+    if ATOMIC:  # targets shared by several kept coordinates (SJLT buckets)
+        tl.atomic_add(dest, total, mask=kmask)
+    else:       # each target written by one program: deterministic
+        tl.store(dest, tl.load(dest, mask=kmask, other=0.0) + total, mask=kmask)

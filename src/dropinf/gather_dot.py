@@ -1,0 +1,144 @@
+"""One GPU kernel for a layer's sampled per-example weight gradient (dropout, SJLT, importance dropout).
+
+For kept coordinates i = (row ri_i, column ci_i) of a weight matrix, the fused path needs
+    out[b, tgt_i] += w_i · Σ_t R[b, t, ri_i] · C[b, t, ci_i]
+with R and C the layer's factors (`factors.Dense`, or `factors.Unfold` for a convolution's input).
+In PyTorch that is two gathers, a product, a sum and an index_add per layer: five kernels that
+write and re-read B·T·k values each (on ResNet-9 at r = 4,096 that traffic is what the fused step
+adds to the limit), and five launches (on bf16 transformers, host time). This kernel reads the
+kept entries where they lie, accumulates in float32 (float64 for float64 inputs) and adds straight
+into `out`: one launch, and only B·k values written.
+
+It runs where Triton compiles for the device (CUDA). `DROPINF_GATHER_DOT=off` turns it off, and
+the PyTorch path (`Dropout.add_outer`) is used. `interpreted()` runs the same kernel source on
+CPU tensors through Triton's interpreter, so tests check it against float64 autograd without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+from .factors import Dense, Unfold
+
+_MODES = ("auto", "off")
+_interpret = False  # set by `interpreted()`
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    """(triton, the kernel's module), or None where Triton is not installed."""
+    try:
+        import triton
+
+        from . import _gather_dot_kernel
+    except ImportError:
+        return None
+    return triton, _gather_dot_kernel
+
+
+def mode() -> str:
+    value = os.environ.get("DROPINF_GATHER_DOT", "auto").strip().lower() or "auto"
+    if value not in _MODES:
+        raise ValueError(f"DROPINF_GATHER_DOT={value!r}: expected one of {', '.join(_MODES)}")
+    return value
+
+
+@contextlib.contextmanager
+def interpreted():
+    """Within: CPU tensors take the kernel too, run by Triton's interpreter (slow; for tests). Triton
+    decides at import whether its own library is interpreted, so TRITON_INTERPRET=1 must be set
+    before triton is first imported (the test suite's conftest does)."""
+    global _interpret
+    found = _triton()
+    if found is None:
+        raise RuntimeError("the gather-dot kernel needs Triton (pip install triton)")
+    if not found[0].knobs.runtime.interpret:
+        raise RuntimeError("gather_dot.interpreted() needs TRITON_INTERPRET=1 set before triton is imported")
+    saved, _interpret = _interpret, True
+    try:
+        yield
+    finally:
+        _interpret = saved
+
+
+def status(on_cuda: bool) -> str:
+    """For provenance: "triton <version>" where the kernel runs, else why not."""
+    found = _triton()
+    if found is None:
+        return "off: triton not installed"
+    if mode() == "off":
+        return "off: DROPINF_GATHER_DOT=off"
+    return f"triton {found[0].__version__}" if on_cuda else "off: not on CUDA"
+
+
+def applies(out: torch.Tensor, rows, cols) -> bool:
+    """Whether `add` handles these factors on this device (else the caller's PyTorch path runs)."""
+    if _triton() is None or mode() == "off":
+        return False
+    if not (out.is_cuda or (_interpret and out.device.type == "cpu")):
+        return False
+    if type(rows) is not Dense or not (type(cols) is Dense or (type(cols) is Unfold and cols.groups == 1)):
+        return False  # one-hot, grouped and other factors keep their own gathers
+    source = rows.x, (cols.x if type(cols) is Dense else cols.x)
+    return out.dtype in (torch.float32, torch.float64) and all(
+        t.device == out.device and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        for t in source)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    triton, source = _triton()
+    return triton.jit(source.gather_dot)  # interpreted where TRITON_INTERPRET=1 (tests on the CPU)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _blocks(B: int, T: int, K: int, device) -> tuple[int, int]:
+    """BLOCK_T, BLOCK_K: a tile of at most 4,096 products per step, with enough programs (B per
+    block of kept columns) to fill the device twice where K allows (transformers keep few columns
+    per layer, so a wide block would leave most of the GPU idle)."""
+    block_t = min(64, _next_pow2(T))
+    block_k = min(_next_pow2(K), max(16, 4096 // block_t))
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1
+    while block_k > 8 and B * -(-K // block_k) < 2 * sms:
+        block_k //= 2
+    return block_t, block_k
+
+
+def add(out: torch.Tensor, rows, cols, tgt: torch.Tensor, w: torch.Tensor | None, ri: torch.Tensor,
+        ci: torch.Tensor, atomic: bool) -> None:
+    """out[b, tgt] += w · Σ_t rows[b, t, ri] · cols[b, t, ci], for factors where `applies` holds."""
+    K = int(tgt.numel())
+    if K == 0:
+        return
+    R = rows.x
+    B, T = rows.batch, rows.length
+    if type(cols) is Unfold:
+        x = cols.x
+        (kh, kw), (sh, sw), (dh, dw) = cols.kernel, cols.stride, cols.dilation
+        top, _, left, _ = cols.padding
+        C, (s_cb, s_cn, s_xh, s_xw) = x, x.stride()
+        s_ct = 0
+        geometry = (s_xh, s_xw, x.shape[2], x.shape[3], cols.ow, kh * kw, kw, sh, sw, dh, dw, top, left)
+    else:
+        C = cols.x
+        s_cb, s_ct, s_cn = C.stride()
+        geometry = (0,) * 13
+    block_t, block_k = _blocks(B, T, K, out.device)
+    grid = (B, -(-K // block_k))
+    _kernel()[grid](
+        out, out.stride(0), out.stride(1), tgt, w if w is not None else tgt, ri, ci, K, T,
+        R, *R.stride(), C, s_cb, s_ct, s_cn, *geometry,
+        HAS_W=w is not None, UNFOLD=type(cols) is Unfold, ATOMIC=bool(atomic), F64=out.dtype == torch.float64,
+        BLOCK_T=block_t, BLOCK_K=block_k)

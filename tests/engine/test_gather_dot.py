@@ -1,0 +1,180 @@
+"""The gather-dot kernel (one launch per layer for dropout, SJLT and importance dropout) against
+float64 references: the kernel on random factors of every stride and convolution geometry, and
+whole extractions through it against per-example autograd. On the CPU the kernel runs through
+Triton's interpreter; DROPINF_TEST_DEVICE=cuda runs the compiled kernel."""
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="the gather-dot kernel is written in Triton: pip install triton")
+
+from dropinf import gather_dot  # noqa: E402
+from dropinf.extraction import Extractor  # noqa: E402
+from dropinf.factors import Dense, GroupRows, OneHot, Unfold  # noqa: E402
+
+from .models import (ConvNet, TextNet, TiedLM, conv_batches, conv_loss, lm_batches, lm_loss,  # noqa: E402
+                     randomize, reference_grads, text_batches, text_loss)
+
+DEVICE = torch.device(os.environ.get("DROPINF_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture(autouse=True)
+def kernel_on():
+    """The kernel on this device (the interpreter on the CPU), whatever DROPINF_GATHER_DOT says."""
+    saved = os.environ.pop("DROPINF_GATHER_DOT", None)
+    try:
+        if DEVICE.type == "cpu":
+            with gather_dot.interpreted():
+                yield
+        else:
+            yield
+    finally:
+        if saved is not None:
+            os.environ["DROPINF_GATHER_DOT"] = saved
+
+
+def reference(rows_full, cols_full, tgt, w, ri, ci, width):
+    """float64: out[b, tgt] += w · Σ_t R[b, t, ri] C[b, t, ci], by index_add on the CPU."""
+    R, C = rows_full.double().cpu(), cols_full.double().cpu()
+    vals = (R[:, :, ri.cpu()] * C[:, :, ci.cpu()]).sum(1)
+    if w is not None:
+        vals = vals * w.double().cpu()
+    return torch.zeros(R.shape[0], width, dtype=torch.float64).index_add_(1, tgt.cpu(), vals)
+
+
+def kept(g, K, n_rows, n_cols, width, shared):
+    tgt = torch.randint(width, (K,), generator=g) if shared else torch.randperm(width, generator=g)[:K]
+    return (tgt.to(DEVICE), (torch.randn(K, generator=g)).to(DEVICE),
+            torch.randint(n_rows, (K,), generator=g).to(DEVICE), torch.randint(n_cols, (K,), generator=g).to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("shared,weighted", [(False, False), (True, True)])
+def test_dense_factors_equal_the_float64_reference(dtype, tol, layout, shared, weighted):
+    g = torch.Generator().manual_seed(hash((str(dtype), layout, shared)) % 2**31)
+    B, T, n_rows, n_cols, K, width = 3, 37, 11, 9, 23, 29
+    R = torch.randn(B, T, n_rows, generator=g).to(DEVICE, dtype)
+    C = torch.randn(B, T, n_cols, generator=g).to(DEVICE, dtype)
+    if layout == "transposed":  # a convolution's δ (B, C, L) seen as (B, L, C)
+        R = R.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "sliced":  # a view into a wider activation
+        C = torch.randn(B, T, 2 * n_cols, generator=g).to(DEVICE, dtype)[:, :, 1::2]
+    tgt, w, ri, ci = kept(g, K, n_rows, n_cols, width, shared)
+    w = w if weighted else None
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.randn(B, width, generator=g, dtype=acc).to(DEVICE)
+    start = out.clone()
+    rows, cols = Dense(R), Dense(C)
+    assert gather_dot.applies(out, rows, cols)
+    gather_dot.add(out, rows, cols, tgt, w, ri, ci, atomic=shared)
+    want = start.double().cpu() + reference(R, C, tgt, w, ri, ci, width)
+    err = ((out.double().cpu() - want).norm() / want.norm()).item()
+    assert err < tol
+
+
+GEOMETRIES = [  # kernel, stride, dilation, padding (top, bottom, left, right)
+    ((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
+    ((4, 2), (1, 1), (1, 1), (1, 2, 0, 1)),
+    ((3, 3), (2, 2), (2, 1), (2, 2, 1, 1)),
+    ((1, 5), (1, 3), (1, 1), (0, 0, 3, 0)),
+    ((2, 2), (1, 1), (1, 1), (0, 0, 0, 0)),
+]
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,padding", GEOMETRIES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_convolution_taps_equal_unfold_of_the_padded_input(kernel, stride, dilation, padding, layout, dtype, tol):
+    g = torch.Generator().manual_seed(sum(kernel) + sum(padding))
+    B, Cin, O = 2, 5, 4
+    x = torch.randn(B, Cin, 7, 9, generator=g).to(DEVICE, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    cols = Unfold(x, kernel, stride, dilation, padding)
+    delta = torch.randn(B, O, cols.oh, cols.ow, generator=g).to(DEVICE, dtype)
+    rows = Dense(delta.flatten(2).transpose(1, 2))  # as ConvHandler passes it
+    top, bottom, left, right = padding
+    unfolded = F.unfold(F.pad(x.double().cpu(), (left, right, top, bottom)), kernel, dilation=dilation,
+                        stride=stride).transpose(1, 2)  # (B, L, Cin·kh·kw), the slow reference
+    width = 17
+    tgt, w, ri, ci = kept(g, 15, O, cols.width, width, shared=False)
+    out = torch.zeros(B, width, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEVICE)
+    assert gather_dot.applies(out, rows, cols)
+    gather_dot.add(out, rows, cols, tgt, w, ri, ci, atomic=False)
+    want = reference(rows.x, unfolded, tgt, w, ri, ci, width)
+    assert ((out.double().cpu() - want).norm() / want.norm()).item() < tol
+
+
+def test_the_kernel_is_not_asked_for_factors_it_does_not_read():
+    B, T = 2, 4
+    out = torch.zeros(B, 3, device=DEVICE)
+    d = Dense(torch.randn(B, T, 6, device=DEVICE))
+    ids = torch.randint(5, (B, T), device=DEVICE)
+    x = torch.randn(B, 4, 5, 5, device=DEVICE)
+    assert not gather_dot.applies(out, OneHot(ids, 5, torch.float32), d)
+    assert not gather_dot.applies(out, d, OneHot(ids, 5, torch.float32))
+    assert not gather_dot.applies(out, GroupRows(torch.randn(B, 9, 4, device=DEVICE), 2),
+                                  Unfold(x, (3, 3), (1, 1), (1, 1), (0, 0, 0, 0), groups=2))
+    assert not gather_dot.applies(out.half(), d, d)  # accumulation is float32 or float64
+
+
+def test_off_turns_it_off_and_a_bad_value_names_the_variable(monkeypatch):
+    d = Dense(torch.randn(2, 4, 6, device=DEVICE))
+    out = torch.zeros(2, 3, device=DEVICE)
+    assert gather_dot.applies(out, d, d)
+    monkeypatch.setenv("DROPINF_GATHER_DOT", "off")
+    assert not gather_dot.applies(out, d, d)
+    monkeypatch.setenv("DROPINF_GATHER_DOT", "fast")
+    with pytest.raises(ValueError, match="DROPINF_GATHER_DOT='fast'"):
+        gather_dot.applies(out, d, d)
+
+
+def test_cpu_tensors_take_the_pytorch_path_outside_the_interpreter():
+    d = Dense(torch.randn(2, 4, 6))
+    with gather_dot.interpreted():
+        pass
+    assert gather_dot._interpret is (DEVICE.type == "cpu")  # restored to this module's fixture state
+    gather_dot._interpret = False
+    try:
+        assert not gather_dot.applies(torch.zeros(2, 3), d, d)
+    finally:
+        gather_dot._interpret = DEVICE.type == "cpu"
+
+
+CASES = {
+    "text": (TextNet, text_loss, text_batches),
+    "conv": (ConvNet, conv_loss, conv_batches),
+    "tied": (TiedLM, lm_loss, lm_batches),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name,r,opts", [("dropout", 9, {}), ("sjlt", 6, {}),
+                                         ("importance_dropout", 9, {"rescale": True})])
+def test_extraction_through_the_kernel_equals_per_example_autograd(case, name, r, opts):
+    cls, loss, batches = CASES[case]
+    seed = torch.seed() % 10_000
+    torch.manual_seed(seed)
+    model = randomize(cls(), seed).to(DEVICE, torch.float64)
+    data = [{k: (v.to(DEVICE, torch.float64) if v.is_floating_point() else v.to(DEVICE)) for k, v in b.items()}
+            for b in batches(seed=seed)]
+    names = [n for n, _ in model.named_parameters()]
+    ref = reference_grads(model, loss, data, names)
+    if name == "importance_dropout":  # per-coordinate sampling weights, as the probe would give
+        g = torch.Generator().manual_seed(seed)
+        opts = {**opts, "weights": torch.rand(ref.shape[1], generator=g, dtype=torch.float64) + 0.1}
+    calls = []
+    real = gather_dot.add
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
+        warnings.simplefilter("ignore")
+        mp.setattr(gather_dot, "add", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+        ex = Extractor(model, loss, name, r=r, seed=seed, **opts)
+        got = ex.run(data)
+    assert calls, "no layer went through the kernel"
+    want = ex.compressor.compress(ref)
+    err = ((got.double().cpu() - want.double().cpu()).norm() / want.norm().cpu()).item()
+    assert err < 1e-10, f"seed {seed}"
