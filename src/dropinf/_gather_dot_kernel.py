@@ -1,5 +1,17 @@
 """The gather-dot kernel's Triton source (imported only where Triton is installed; see gather_dot.py)."""
+import triton
 import triton.language as tl
+
+
+@triton.jit
+def _round_to(v, dtype: tl.constexpr):
+    """v rounded to `dtype` to nearest even, as PyTorch rounds. bfloat16 by its bits: Triton's
+    interpreter truncates a float32 → bfloat16 cast, where the compiled cast rounds."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
 
 
 def gather_dot(out_ptr, s_ob, s_oc, tgt_ptr, w_ptr, ri_ptr, ci_ptr, K, T,
@@ -7,7 +19,10 @@ def gather_dot(out_ptr, s_ob, s_oc, tgt_ptr, w_ptr, ri_ptr, ci_ptr, K, T,
                c_ptr, s_cb, s_ct, s_cn,
                # a convolution's input x (B, C, H, W) read as im2col columns (channel, ky, kx)
                s_xh, s_xw, H, W, OW, KHW, KW, SH, SW, DH, DW, TOP, LEFT,
-               HAS_W: tl.constexpr, UNFOLD: tl.constexpr, ATOMIC: tl.constexpr, F64: tl.constexpr,
+               # a norm layer's x̂ = (x - shift) · scale, shift and scale broadcast to x (shared strides)
+               shift_ptr, scale_ptr, s_ab, s_at, s_an,
+               HAS_W: tl.constexpr, UNFOLD: tl.constexpr, AFFINE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+               ROUND: tl.constexpr, ATOMIC: tl.constexpr, F64: tl.constexpr,
                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # B times a batch stride can pass 2**31
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -22,7 +37,7 @@ def gather_dot(out_ptr, s_ob, s_oc, tgt_ptr, w_ptr, ri_ptr, ci_ptr, K, T,
     acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=acc_t)
     r_base = r_ptr + b * s_rb + ri[None, :] * s_rn
     for t0 in range(0, T, BLOCK_T):
-        ts = t0 + tl.arange(0, BLOCK_T)
+        ts = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)  # positions times a stride can pass 2**31 too
         m = (ts < T)[:, None] & kmask[None, :]
         rv = tl.load(r_base + ts[:, None] * s_rt, mask=m, other=0.0)
         if UNFOLD:
@@ -32,6 +47,16 @@ def gather_dot(out_ptr, s_ob, s_oc, tgt_ptr, w_ptr, ri_ptr, ci_ptr, K, T,
             cv = tl.load(c_ptr + b * s_cb + ch[None, :] * s_cn + y * s_xh + x * s_xw, mask=inside, other=0.0)
         else:
             cv = tl.load(c_ptr + b * s_cb + ts[:, None] * s_ct + ci[None, :] * s_cn, mask=m, other=0.0)
+        if AFFINE:  # as the layer computes x̂: in the statistics' dtype, rounded to x's where it rounds
+            at = b * s_ab + ts[:, None] * s_at + ci[None, :] * s_an
+            scale = tl.load(scale_ptr + at, mask=m, other=0.0)
+            xhat = cv.to(scale.dtype)
+            if HAS_SHIFT:
+                xhat = xhat - tl.load(shift_ptr + at, mask=m, other=0.0).to(scale.dtype)
+            xhat = xhat * scale
+            if ROUND:
+                xhat = _round_to(xhat, cv.dtype)
+            cv = xhat
         acc += rv.to(acc_t) * cv.to(acc_t)
     total = tl.sum(acc, axis=0)
     if HAS_W:

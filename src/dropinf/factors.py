@@ -205,15 +205,83 @@ class Unfold(Factor):
         return acc(self._by_group(y.view(self.batch, self.groups, P.shape[0], -1)))
 
 
+class Normalized(Factor):
+    """Columns of a norm layer's x̂ = (x - shift) · scale for x (B, T, n), as the layer computes it:
+    in the statistics' dtype, then rounded to `round_to` where given (LayerNorm and RMSNorm round x̂
+    to the input's dtype before the weight multiplies it). `stats()` gives (shift or None, scale),
+    each broadcastable to x: per row (LayerNorm, RMSNorm: (B, T, 1)) or per channel (BatchNorm:
+    (n,)). It runs on first use only, so a layer where a compressor keeps nothing computes none."""
+
+    def __init__(self, x: torch.Tensor, stats, round_to: torch.dtype | None = None):
+        self.x, self._stats_fn, self._stats, self.round_to = x, stats, None, round_to
+        self.batch, self.length, self.width = x.shape
+        self.device = x.device
+
+    def stats(self):
+        if self._stats is None:
+            self._stats = self._stats_fn()
+        return self._stats
+
+    def values(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """x̂ on columns `idx` (None: all)."""
+        shift, scale = self.stats()
+        pick = (lambda t: t) if idx is None else (lambda t: t if t.shape[-1] == 1 else t.index_select(-1, idx))
+        xs = self.x if idx is None else self.x.index_select(-1, idx)
+        xs = xs if xs.dtype == scale.dtype else xs.to(scale.dtype)
+        xhat = (xs if shift is None else xs - pick(shift)) * pick(scale)
+        return xhat if self.round_to in (None, xhat.dtype) else xhat.to(self.round_to)
+
+    def gather(self, idx):
+        return self.values(idx)
+
+
+def product_sums(rows: Dense, cols: Normalized) -> "PositionSums":
+    """Σ over positions of rows·cols column by column (a norm layer's weight: δ·x̂), formed only on
+    the columns asked for: the product in the promoted dtype, the sum in the dtype asked for."""
+    def sums(idx, dtype):
+        ds = rows.x if idx is None else rows.x.index_select(-1, idx)
+        return (ds * cols.values(idx)).sum(1, dtype=dtype)
+
+    return PositionSums(sums, cols.x.dtype, factors=(rows, cols))
+
+
 class PositionSums:
     """A slot's per-example values summed over positions, (B, width), formed only on the columns a
     compressor asks for. A handler whose values cost a pass over a whole activation (BatchNorm's
     x̂·δ) passes this to `add_vector`, so that dropout reads just its sampled channels.
     `fn(idx, dtype)` gives the sums on columns `idx` (None: all) in `dtype`; `dtype` is that of
-    the values summed (the activations')."""
+    the values summed (the activations'). `factors`, where given, is (rows, cols) with the sums
+    equal to Σ_t rows[:, t, c] · cols[:, t, c]: what the gather-dot kernel reads instead of `fn`."""
 
-    def __init__(self, fn, dtype: torch.dtype):
-        self.fn, self.dtype = fn, dtype
+    def __init__(self, fn, dtype: torch.dtype, factors: tuple[Factor, Factor] | None = None):
+        self.fn, self.dtype, self.factors = fn, dtype, factors
+
+
+def vector_factors(values) -> tuple[Factor, Factor] | None:
+    """`add_vector`'s values as (rows, cols) factors whose column-wise dot over positions gives its
+    sums: a (B, T, n) tensor against ones, or the factors a `PositionSums` names (else None)."""
+    if isinstance(values, PositionSums):
+        return values.factors
+    if values.dim() != 3:
+        return None
+    return Dense(values), Dense(_one(values.device, values.dtype).expand(values.shape))
+
+
+_ONES: dict = {}
+
+
+def _one(device, dtype) -> torch.Tensor:
+    """A cached one-element tensor of ones (expanded, it is a ones factor with no memory)."""
+    key = (device, dtype)
+    if key in _ONES:
+        return _ONES[key]
+    one = torch.ones(1, device=device, dtype=dtype)
+    # never cached from a graph's private pool (which outlives no graph) or inside a torch.func
+    # transform (whose tensors are wrapped for its level only)
+    if not ((device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+            or torch._C._are_functorch_transforms_active()):
+        _ONES[key] = one
+    return one
 
 
 def position_sums(values, dtype: torch.dtype, idx: torch.Tensor | None = None) -> torch.Tensor:

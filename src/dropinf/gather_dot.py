@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .factors import Dense, Unfold
+from .factors import Dense, Normalized, Unfold
 
 _MODES = ("auto", "off")
 _interpret = False  # set by `interpreted()`
@@ -74,18 +74,25 @@ def status(on_cuda: bool) -> str:
     return f"triton {found[0].__version__}" if on_cuda else "off: not on CUDA"
 
 
+def enabled(out: torch.Tensor) -> bool:
+    """Whether the kernel may run for an output on this device at all: not inside a torch.func
+    transform or on tensor subclasses (FakeTensor, wrapped tensors), whose data it cannot read."""
+    return ((out.is_cuda or (_interpret and out.device.type == "cpu")) and type(out) is torch.Tensor
+            and _triton() is not None and mode() != "off" and not torch._C._are_functorch_transforms_active())
+
+
 def applies(out: torch.Tensor, rows, cols) -> bool:
     """Whether `add` handles these factors on this device (else the caller's PyTorch path runs)."""
-    if _triton() is None or mode() == "off":
+    if not enabled(out):
         return False
-    if not (out.is_cuda or (_interpret and out.device.type == "cpu")):
-        return False
-    if type(rows) is not Dense or not (type(cols) is Dense or (type(cols) is Unfold and cols.groups == 1)):
+    if type(rows) is not Dense or not (type(cols) in (Dense, Normalized) or (type(cols) is Unfold and cols.groups == 1)):
         return False  # one-hot, grouped and other factors keep their own gathers
-    source = rows.x, (cols.x if type(cols) is Dense else cols.x)
+    if type(cols) is Normalized and cols.round_to not in (None, cols.x.dtype):
+        return False  # the kernel rounds x̂ only to x's own dtype
+    source = rows.x, cols.x
     return out.dtype in (torch.float32, torch.float64) and all(
-        t.device == out.device and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-        for t in source)
+        type(t) is torch.Tensor and t.device == out.device
+        and t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for t in source)
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,10 +142,25 @@ def add(out: torch.Tensor, rows, cols, tgt: torch.Tensor, w: torch.Tensor | None
         C = cols.x
         s_cb, s_ct, s_cn = C.stride()
         geometry = (0,) * 13
+    shift = scale = None
+    affine = (tgt, tgt, 0, 0, 0)  # unread placeholders
+    if type(cols) is Normalized:
+        shift, scale = cols.stats()
+        scale = scale.expand(C.shape)
+        if shift is not None:
+            shift = shift.expand(C.shape)
+            if shift.stride() != scale.stride():  # the kernel reads both with one set of strides
+                shift, scale = shift.contiguous(), scale.contiguous()
+        affine = (scale if shift is None else shift, scale, *scale.stride())
     block_t, block_k = _blocks(B, T, K, out.device)
     grid = (B, -(-K // block_k))
-    _kernel()[grid](
-        out, out.stride(0), out.stride(1), tgt, w if w is not None else tgt, ri, ci, K, T,
-        R, *R.stride(), C, s_cb, s_ct, s_cn, *geometry,
-        HAS_W=w is not None, UNFOLD=type(cols) is Unfold, ATOMIC=bool(atomic), F64=out.dtype == torch.float64,
-        BLOCK_T=block_t, BLOCK_K=block_k)
+    # Triton launches on the current device's current stream: make that the tensors' device
+    other = out.is_cuda and out.device.index is not None and out.device.index != torch.cuda.current_device()
+    with torch.cuda.device(out.device) if other else contextlib.nullcontext():
+        _kernel()[grid](
+            out, out.stride(0), out.stride(1), tgt, w if w is not None else tgt, ri, ci, K, T,
+            R, *R.stride(), C, s_cb, s_ct, s_cn, *geometry, *affine,
+            HAS_W=w is not None, UNFOLD=type(cols) is Unfold, AFFINE=scale is not None, HAS_SHIFT=shift is not None,
+            ROUND=scale is not None and cols.round_to is not None,
+            ATOMIC=bool(atomic), F64=out.dtype == torch.float64,
+            BLOCK_T=block_t, BLOCK_K=block_k)

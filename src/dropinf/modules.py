@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import stateless
 
 from .errors import DropinfError
-from .factors import Dense, GroupRows, OneHot, PositionSums, Unfold, acc_dtype
+from .factors import Dense, GroupRows, Normalized, OneHot, Unfold, acc_dtype, product_sums
 
 HANDLERS: list[type["Handler"]] = []
 
@@ -374,22 +374,6 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _norm_weight_sums(x: torch.Tensor, delta: torch.Tensor, normalizer) -> PositionSums:
-    """Σ over positions of δ·x̂ for a norm layer's weight, x̂ formed only on the channels a compressor
-    asks for (a whole-activation x̂ and δ·x̂ per layer are a large share of the fused backward's work
-    in a model with many norms, such as Llama's RMSNorms). x, δ: (B, positions, channels);
-    `normalizer()` computes the per-row statistics (one pass over x) and returns `normalize(cols)`,
-    which maps input columns to x̂ in x's dtype; it runs only when some channel is asked for, so a
-    layer where dropout keeps nothing costs nothing. As the layer rounds: x̂ in x's dtype, the
-    product in the activations' dtype, the sum in `dtype`."""
-    def sums(idx, dtype):
-        normalize = normalizer()
-        xs, ds = (t if idx is None else t.index_select(-1, idx) for t in (x, delta))
-        return (ds * normalize(xs)).sum(1, dtype=dtype)
-
-    return PositionSums(sums, x.dtype)
-
-
 class LayerNormHandler(Handler):
     types = (nn.LayerNorm,)
 
@@ -403,14 +387,16 @@ class LayerNormHandler(Handler):
         if "weight" in slots:
             x = _by_channel(_kept_input(module, saved), n)
 
-            def normalizer():
+            def stats():
                 # F.layer_norm's statistics: per row, in float32 for reduced-precision inputs (a
                 # transient float copy there; float32/64 inputs are read once, no copy)
                 var, mean = torch.var_mean(_cast(x, acc_dtype(x.dtype)), -1, correction=0, keepdim=True)
-                rstd = torch.rsqrt(var + module.eps)
-                return lambda cols: _cast((_cast(cols, mean.dtype) - mean) * rstd, x.dtype)
+                return mean, torch.rsqrt(var + module.eps)
 
-            comp.add_vector(out, slots["weight"], _norm_weight_sums(x, _by_channel(delta, n), normalizer))
+            # x̂ on the kept channels only (a whole x̂ and δ·x̂ per layer are a large share of the fused
+            # backward in a model with many norms); rounded to x's dtype, as F.layer_norm does
+            comp.add_vector(out, slots["weight"],
+                            product_sums(Dense(_by_channel(delta, n)), Normalized(x, stats, round_to=x.dtype)))
         if "bias" in slots:
             comp.add_vector(out, slots["bias"], _by_channel(delta, n))
 
@@ -467,12 +453,8 @@ class RMSNormHandler(Handler):
             return
         n = cls._channel_dims(module)
         x = _by_channel(_kept_input(module, saved), n)
-
-        def normalizer():
-            scale, h = cls._inv_rms(module, x)
-            return lambda cols: _cast(_cast(cols, h) * scale, x.dtype)
-
-        comp.add_vector(out, slots["weight"], _norm_weight_sums(x, _by_channel(delta, n), normalizer))
+        xhat = Normalized(x, lambda: (None, cls._inv_rms(module, x)[0]), round_to=x.dtype)
+        comp.add_vector(out, slots["weight"], product_sums(Dense(_by_channel(delta, n)), xhat))
 
 
 class BatchNormHandler(Handler):
@@ -498,20 +480,16 @@ class BatchNormHandler(Handler):
     def emit(module, saved, delta, slots, comp, out):
         x = _kept_input(module, saved)
 
-        def chans(t, idx):  # (B, C or len(idx), positions)
-            t = t.reshape(t.shape[0], t.shape[1], -1)
-            return t if idx is None else t.index_select(1, idx)
-
-        def weight_sums(idx, dtype):  # Σ over positions of δ·x̂, x̂ formed on the asked channels only
-            mean, var = (s if idx is None else s.index_select(0, idx) for s in (module.running_mean, module.running_var))
-            xhat = (chans(x, idx) - mean[:, None]) * torch.rsqrt(var[:, None] + module.eps)
-            return (chans(delta, idx) * xhat).sum(-1, dtype=dtype)
-
+        # (B, positions, channels) views, so that a compressor reads only the channels it keeps
+        by_channel = (lambda t: t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2))
         if "weight" in slots:
-            comp.add_vector(out, slots["weight"], PositionSums(weight_sums, x.dtype))
+            def stats():  # x̂ in the dtype that x - running_mean promotes to, as the layer computes it
+                dtype = torch.promote_types(x.dtype, module.running_mean.dtype)
+                return module.running_mean.to(dtype), torch.rsqrt(module.running_var + module.eps).to(dtype)
+
+            comp.add_vector(out, slots["weight"], product_sums(Dense(by_channel(delta)), Normalized(by_channel(x), stats)))
         if "bias" in slots:
-            comp.add_vector(out, slots["bias"], PositionSums(lambda idx, dtype: chans(delta, idx).sum(-1, dtype=dtype),
-                                                                 delta.dtype))
+            comp.add_vector(out, slots["bias"], by_channel(delta))
 
 
 def handler_for(module: nn.Module) -> type[Handler] | None:

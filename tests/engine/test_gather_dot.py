@@ -13,7 +13,7 @@ pytest.importorskip("triton", reason="the gather-dot kernel is written in Triton
 
 from dropinf import gather_dot  # noqa: E402
 from dropinf.extraction import Extractor  # noqa: E402
-from dropinf.factors import Dense, GroupRows, OneHot, Unfold  # noqa: E402
+from dropinf.factors import Dense, GroupRows, Normalized, OneHot, Unfold, vector_factors  # noqa: E402
 
 from .models import (ConvNet, TextNet, TiedLM, conv_batches, conv_loss, lm_batches, lm_loss,  # noqa: E402
                      randomize, reference_grads, text_batches, text_loss)
@@ -109,6 +109,44 @@ def test_convolution_taps_equal_unfold_of_the_padded_input(kernel, stride, dilat
     assert ((out.double().cpu() - want).norm() / want.norm()).item() < tol
 
 
+@pytest.mark.parametrize("stats_kind", ["per_row", "per_row_no_shift", "per_channel"])
+@pytest.mark.parametrize("dtype,round_to", [(torch.float64, None), (torch.float32, "x"), (torch.bfloat16, "x"),
+                                            (torch.bfloat16, None)])
+def test_norm_layer_columns_are_formed_as_the_layer_rounds_them(stats_kind, dtype, round_to):
+    """x̂ = (x - shift)·scale in the statistics' dtype, rounded to x's dtype where the layer does:
+    the kernel's sums equal float64 sums of the layer's own x̂ (`Normalized.values`)."""
+    g = torch.Generator().manual_seed(len(stats_kind) + dtype.itemsize)
+    B, T, n, K, width = 3, 21, 10, 7, 12
+    x = (3 * torch.randn(B, T, n, generator=g) + 1).to(DEVICE, dtype)
+    R = torch.randn(B, T, n, generator=g).to(DEVICE, dtype)
+    h = torch.float64 if dtype == torch.float64 else torch.float32
+    if stats_kind == "per_channel":
+        stats = (torch.randn(n, generator=g).to(DEVICE, h), torch.rand(n, generator=g).to(DEVICE, h) + 0.5)
+    else:
+        var, mean = torch.var_mean(x.to(h), -1, correction=0, keepdim=True)
+        stats = (None if stats_kind == "per_row_no_shift" else mean, torch.rsqrt(var + 1e-5))
+    calls = []
+    cols = Normalized(x, lambda: (calls.append(1), stats)[1], round_to=dtype if round_to else None)
+    rows = Dense(R)
+    tgt, w, local, _ = kept(g, K, n, n, width, shared=False)
+    out = torch.zeros(B, width, dtype=h, device=DEVICE)
+    assert gather_dot.applies(out, rows, cols) and not calls  # statistics only when read
+    gather_dot.add(out, rows, cols, tgt, w, local, local, atomic=False)
+    want = reference(R, cols.values(), tgt, w, local, local, width)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert ((out.double().cpu() - want).norm() / want.norm()).item() < tol
+
+
+def test_a_bias_is_summed_against_ones_that_take_no_memory():
+    v = torch.randn(3, 5, 4, device=DEVICE, dtype=torch.float64)
+    rows, cols = vector_factors(v)
+    assert cols.x.stride() == (0, 0, 0) and cols.x.shape == v.shape
+    out = torch.zeros(3, 4, dtype=torch.float64, device=DEVICE)
+    idx = torch.tensor([2, 0, 3], device=DEVICE)
+    gather_dot.add(out, rows, cols, torch.arange(3, device=DEVICE), None, idx, idx, atomic=False)
+    torch.testing.assert_close(out[:, :3].cpu(), v.sum(1)[:, idx].cpu(), rtol=1e-12, atol=1e-12)
+
+
 def test_the_kernel_is_not_asked_for_factors_it_does_not_read():
     B, T = 2, 4
     out = torch.zeros(B, 3, device=DEVICE)
@@ -161,14 +199,61 @@ def test_extraction_through_the_kernel_equals_per_example_autograd(case, name, r
     if name == "importance_dropout":  # per-coordinate sampling weights, as the probe would give
         g = torch.Generator().manual_seed(seed)
         opts = {**opts, "weights": torch.rand(ref.shape[1], generator=g, dtype=torch.float64) + 0.1}
-    calls = []
+    kinds = set()
     real = gather_dot.add
+
+    def add(out, rows, cols, *a, **k):
+        kinds.add("ones" if cols.x.stride() == (0, 0, 0) else type(cols).__name__)
+        return real(out, rows, cols, *a, **k)
+
     with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("ignore")
-        mp.setattr(gather_dot, "add", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+        mp.setattr(gather_dot, "add", add)
         ex = Extractor(model, loss, name, r=r, seed=seed, **opts)
         got = ex.run(data)
-    assert calls, "no layer went through the kernel"
+    if name == "sjlt":  # every tensor keeps coordinates: matrices, norm weights and biases all read here
+        assert {"text": {"Dense", "Normalized", "ones"}, "conv": {"Unfold", "Dense", "Normalized", "ones"},
+                "tied": {"Dense"}}[case] <= kinds, kinds
+    assert kinds, "no layer went through the kernel"
     want = ex.compressor.compress(ref)
     err = ((got.double().cpu() - want.double().cpu()).norm() / want.norm().cpu()).item()
     assert err < 1e-10, f"seed {seed}"
+
+
+def _architectures():
+    from . import test_architectures as A
+    return A
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(n for n in _architectures().BUILDERS if n not in _architectures().WAITING))
+def test_every_architecture_through_the_kernel_equals_batch_size_1_autograd(arch):
+    """Dropout and SJLT on every architecture of the suite (transformers, convolutions, norms,
+    attention, recurrent layers, LoRA), each layer the kernel applies to going through it."""
+    A = _architectures()
+    case = A.BUILDERS[arch](1234)
+    if case.refused:
+        pytest.skip("refused by the extraction engine (tests/engine/test_architectures.py checks the message)")
+    model = case.model.to(DEVICE)
+    batches = [{k: v.to(DEVICE) for k, v in b.items()} for b in case.batches]
+    ref = A.M.reference_bs1(model, case.loss, batches, case.names)
+    kinds = []
+    real = gather_dot.add
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
+        warnings.simplefilter("ignore")  # fallback notices
+        mp.setattr(gather_dot, "add", lambda out, rows, cols, *a, **k: (kinds.append(type(cols).__name__),
+                                                                          real(out, rows, cols, *a, **k))[1])
+        for name, r in (("dropout", max(1, ref.shape[1] // 3)), ("sjlt", min(64, ref.shape[1]))):
+            ex = Extractor(model, case.loss, name, r=r, seed=7, params=case.names)
+            got = ex.run(batches)
+            want = ex.compressor.compress(ref)
+            assert A.rel_err(got, want) < 1e-10, name
+    assert kinds, "no layer went through the kernel"
+
+
+def test_not_inside_a_torch_func_transform():
+    d = torch.randn(2, 4, 6, device=DEVICE)
+    out = torch.zeros(2, 3, device=DEVICE)
+    seen = []
+    torch.func.vmap(lambda t: (seen.append(gather_dot.applies(out, Dense(t[None]), Dense(t[None]))), t)[1])(d)
+    assert seen == [False] and gather_dot.applies(out, Dense(d), Dense(d))

@@ -12,7 +12,7 @@ import functools
 import torch
 
 from .. import gather_dot
-from ..factors import position_sums
+from ..factors import position_sums, vector_factors
 from ..layout import Slot
 from .base import Compressor
 
@@ -127,13 +127,21 @@ class Dropout(Compressor):
                  cols.index(ci[s:s + step])) for s in range(0, tgt.numel(), step)]
         return self._chunk_cache[key]
 
+    def _gather_dot(self, out, slot, rows, cols, vector: bool) -> bool:
+        """Add the slot's kept coordinates with the gather-dot kernel where it applies (True), else
+        leave it to the PyTorch path (False)."""
+        if rows is None or not gather_dot.applies(out, rows, cols):
+            return False
+        tgt, w, ri, ci, local = self._plan(slot, out.device)
+        shared = self._shared[(slot.name, slot.offset, out.device)]
+        if shared and torch.are_deterministic_algorithms_enabled():  # atomics: their order varies
+            return False
+        gather_dot.add(out, rows, cols, tgt, w, local if vector else ri, local if vector else ci, atomic=shared)
+        return True
+
     def add_outer(self, out, slot, rows, cols):
-        if gather_dot.applies(out, rows, cols):
-            tgt, w, ri, ci, _ = self._plan(slot, out.device)
-            shared = self._shared[(slot.name, slot.offset, out.device)]
-            if not (shared and torch.are_deterministic_algorithms_enabled()):  # atomics: order varies
-                gather_dot.add(out, rows, cols, tgt, w, ri, ci, atomic=shared)
-                return
+        if self._gather_dot(out, slot, rows, cols, vector=False):
+            return
         # positions contiguous in both factors (convolutions): reduce over the last dimension,
         # so neither gather is transposed into a copy
         last = rows.positions_last and cols.positions_last
@@ -148,5 +156,8 @@ class Dropout(Compressor):
     def add_vector(self, out, slot, values):
         tgt, w, _, _, local = self._plan(slot, out.device)
         if tgt.numel() == 0:
+            return
+        if gather_dot.enabled(out) and self._gather_dot(out, slot, *(vector_factors(values) or (None, None)),
+                                                        vector=True):
             return
         self._add(out, tgt, w, position_sums(values, out.dtype, local))
