@@ -1,17 +1,5 @@
 """The gather-dot kernel's Triton source (imported only where Triton is installed; see gather_dot.py)."""
-import triton
 import triton.language as tl
-
-
-@triton.jit
-def _round_to(v, dtype: tl.constexpr):
-    """v rounded to `dtype` to nearest even, as PyTorch rounds. bfloat16 by its bits: Triton's
-    interpreter truncates a float32 → bfloat16 cast, where the compiled cast rounds."""
-    if dtype == tl.bfloat16:
-        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    return v.to(dtype)
 
 
 def gather_dot(out_ptr, s_ob, s_oc, tgt_ptr, w_ptr, ri_ptr, ci_ptr, K, T,
@@ -54,8 +42,13 @@ def gather_dot(out_ptr, s_ob, s_oc, tgt_ptr, w_ptr, ri_ptr, ci_ptr, K, T,
             if HAS_SHIFT:
                 xhat = xhat - tl.load(shift_ptr + at, mask=m, other=0.0).to(scale.dtype)
             xhat = xhat * scale
-            if ROUND:
-                xhat = _round_to(xhat, cv.dtype)
+            if ROUND:  # to x's dtype, to nearest even as PyTorch rounds
+                if cv.dtype == tl.bfloat16:  # by its bits: Triton's interpreter truncates this cast
+                    bits = xhat.to(tl.float32).to(tl.uint32, bitcast=True)
+                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                    xhat = bits.to(tl.float32, bitcast=True)
+                else:
+                    xhat = xhat.to(cv.dtype)
             cv = xhat
         acc += rv.to(acc_t) * cv.to(acc_t)
     total = tl.sum(acc, axis=0)

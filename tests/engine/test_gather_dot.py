@@ -234,6 +234,8 @@ def test_every_architecture_through_the_kernel_equals_batch_size_1_autograd(arch
     case = A.BUILDERS[arch](1234)
     if case.refused:
         pytest.skip("refused by the extraction engine (tests/engine/test_architectures.py checks the message)")
+    if DEVICE.type == "cuda" and arch.startswith(("lstm", "gru")):
+        pytest.skip("cuDNN's RNN backward needs training mode, so the eval-mode reference cannot run on CUDA")
     model = case.model.to(DEVICE)
     batches = [{k: v.to(DEVICE) for k, v in b.items()} for b in case.batches]
     ref = A.M.reference_bs1(model, case.loss, batches, case.names)
@@ -246,7 +248,7 @@ def test_every_architecture_through_the_kernel_equals_batch_size_1_autograd(arch
         for name, r in (("dropout", max(1, ref.shape[1] // 3)), ("sjlt", min(64, ref.shape[1]))):
             ex = Extractor(model, case.loss, name, r=r, seed=7, params=case.names)
             got = ex.run(batches)
-            want = ex.compressor.compress(ref)
+            want = ex.compressor.compress(ref.cpu())
             assert A.rel_err(got, want) < 1e-10, name
     assert kinds, "no layer went through the kernel"
 
