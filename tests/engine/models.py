@@ -244,7 +244,7 @@ class MHANet(nn.Module):
         x = self.emb(ids)                                   # (B, T, D)
         kv = torch.tanh(self.mem(x)) if self.mem is not None else x
         T = ids.shape[1]
-        attn_mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1) if self.causal_mask else None
+        attn_mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=ids.device), 1) if self.causal_mask else None
         if not self.batch_first:
             x, kv = x.transpose(0, 1), kv.transpose(0, 1)
         q = x
