@@ -2,8 +2,9 @@
 
 For kept coordinates i = (row ri_i, column ci_i) of a weight matrix, the fused path needs
     out[b, tgt_i] += w_i · Σ_t R[b, t, ri_i] · C[b, t, ci_i]
-with R and C the layer's factors (`factors.Dense`, or `factors.Unfold` for a convolution's input).
-In PyTorch that is two gathers, a product, a sum and an index_add per layer: five kernels that
+with R and C the layer's factors: `factors.Dense` (linear layers; a bias against a zero-stride
+ones factor), `factors.Unfold` (a convolution's input, taps read in place) or `factors.Normalized`
+(a norm layer's x̂, formed in the kernel as the layer rounds it). In PyTorch that is two gathers, a product, a sum and an index_add per layer: five kernels that
 write and re-read B·T·k values each (on ResNet-9 at r = 4,096 that traffic is what the fused step
 adds to the limit), and five launches (on bf16 transformers, host time). This kernel reads the
 kept entries where they lie, accumulates in float32 (float64 for float64 inputs) and adds straight
