@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 
@@ -26,6 +27,7 @@ from .factors import Dense, Normalized, Unfold
 
 _MODES = ("auto", "off")
 _interpret = False  # set by `interpreted()`
+_failed: str | None = None  # why the kernel could not run in this process (then never tried again)
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,6 +74,8 @@ def status(on_cuda: bool) -> str:
         return "off: triton not installed"
     if mode() == "off":
         return "off: DROPINF_GATHER_DOT=off"
+    if _failed is not None:
+        return f"off: failed ({_failed})"
     return f"triton {found[0].__version__}" if on_cuda else "off: not on CUDA"
 
 
@@ -79,7 +83,8 @@ def enabled(out: torch.Tensor) -> bool:
     """Whether the kernel may run for an output on this device at all: not inside a torch.func
     transform or on tensor subclasses (FakeTensor, wrapped tensors), whose data it cannot read."""
     return ((out.is_cuda or (_interpret and out.device.type == "cpu")) and type(out) is torch.Tensor
-            and _triton() is not None and mode() != "off" and not torch._C._are_functorch_transforms_active())
+            and _failed is None and _triton() is not None and mode() != "off"
+            and not torch._C._are_functorch_transforms_active())
 
 
 def applies(out: torch.Tensor, rows, cols) -> bool:
@@ -125,11 +130,15 @@ def _blocks(B: int, T: int, K: int, device) -> tuple[int, int]:
 
 
 def add(out: torch.Tensor, rows, cols, tgt: torch.Tensor, w: torch.Tensor | None, ri: torch.Tensor,
-        ci: torch.Tensor, atomic: bool) -> None:
-    """out[b, tgt] += w · Σ_t rows[b, t, ri] · cols[b, t, ci], for factors where `applies` holds."""
+        ci: torch.Tensor, atomic: bool) -> bool:
+    """out[b, tgt] += w · Σ_t rows[b, t, ri] · cols[b, t, ci], for factors where `applies` holds.
+    False (out untouched) where the kernel cannot be built or launched here, for example with no C
+    compiler for Triton's launcher in a slim container: it warns once and is off for the process,
+    and the caller takes its PyTorch path."""
+    global _failed
     K = int(tgt.numel())
     if K == 0:
-        return
+        return True
     R = rows.x
     B, T = rows.batch, rows.length
     if type(cols) is Unfold:
@@ -157,11 +166,19 @@ def add(out: torch.Tensor, rows, cols, tgt: torch.Tensor, w: torch.Tensor | None
     grid = (B, -(-K // block_k))
     # Triton launches on the current device's current stream: make that the tensors' device
     other = out.is_cuda and out.device.index is not None and out.device.index != torch.cuda.current_device()
-    with torch.cuda.device(out.device) if other else contextlib.nullcontext():
-        _kernel()[grid](
-            out, out.stride(0), out.stride(1), tgt, w if w is not None else tgt, ri, ci, K, T,
-            R, *R.stride(), C, s_cb, s_ct, s_cn, *geometry, *affine,
-            HAS_W=w is not None, UNFOLD=type(cols) is Unfold, AFFINE=scale is not None, HAS_SHIFT=shift is not None,
-            ROUND=scale is not None and cols.round_to is not None,
-            ATOMIC=bool(atomic), F64=out.dtype == torch.float64,
-            BLOCK_T=block_t, BLOCK_K=block_k)
+    try:
+        with torch.cuda.device(out.device) if other else contextlib.nullcontext():
+            _kernel()[grid](
+                out, out.stride(0), out.stride(1), tgt, w if w is not None else tgt, ri, ci, K, T,
+                R, *R.stride(), C, s_cb, s_ct, s_cn, *geometry, *affine,
+                HAS_W=w is not None, UNFOLD=type(cols) is Unfold, AFFINE=scale is not None,
+                HAS_SHIFT=shift is not None, ROUND=scale is not None and cols.round_to is not None,
+                ATOMIC=bool(atomic), F64=out.dtype == torch.float64, BLOCK_T=block_t, BLOCK_K=block_k)
+    except Exception as err:  # building or launching failed before the kernel ran: out is unchanged
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        _failed = f"{type(err).__name__}: {first}"[:300]
+        warnings.warn(f"dropinf: the gather-dot kernel cannot run here ({_failed}); this process uses the "
+                      "PyTorch path instead (same results, slower on the GPU). DROPINF_GATHER_DOT=off skips "
+                      "the attempt.", RuntimeWarning, stacklevel=2)
+        return False
+    return True

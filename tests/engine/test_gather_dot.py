@@ -259,3 +259,33 @@ def test_not_inside_a_torch_func_transform():
     seen = []
     torch.func.vmap(lambda t: (seen.append(gather_dot.applies(out, Dense(t[None]), Dense(t[None]))), t)[1])(d)
     assert seen == [False] and gather_dot.applies(out, Dense(d), Dense(d))
+
+
+def test_a_kernel_that_cannot_be_built_warns_once_and_the_pytorch_path_takes_over(monkeypatch):
+    """As in a slim container with no C compiler for Triton's launcher: the extraction is still
+    exact, one warning names the reason, and the kernel is not tried again in the process."""
+    tries = []
+
+    class Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tries.append(1)
+                raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+            return launch
+
+    monkeypatch.setattr(gather_dot, "_kernel", lambda: Unbuildable())
+    monkeypatch.setattr(gather_dot, "_failed", None)
+    model, loss, batches = CASES["conv"]
+    torch.manual_seed(0)
+    net = randomize(model(), 0).to(DEVICE, torch.float64)
+    data = [{k: (v.to(DEVICE, torch.float64) if v.is_floating_point() else v.to(DEVICE)) for k, v in b.items()}
+            for b in batches(seed=0)]
+    names = [n for n, _ in net.named_parameters()]
+    ref = reference_grads(net, loss, data, names)
+    with pytest.warns(RuntimeWarning, match="cannot run here.*Failed to find C compiler") as rec:
+        ex = Extractor(net, loss, "sjlt", r=6, seed=0)
+        got = ex.run(data)
+    assert len([w for w in rec if "gather-dot" in str(w.message)]) == 1 and tries == [1]
+    assert "failed (RuntimeError: Failed to find C compiler" in gather_dot.status(True)
+    want = ex.compressor.compress(ref)
+    assert ((got.double().cpu() - want.cpu()).norm() / want.norm().cpu()).item() < 1e-10

@@ -136,8 +136,7 @@ class Dropout(Compressor):
         shared = self._shared[(slot.name, slot.offset, out.device)]
         if shared and torch.are_deterministic_algorithms_enabled():  # atomics: their order varies
             return False
-        gather_dot.add(out, rows, cols, tgt, w, local if vector else ri, local if vector else ci, atomic=shared)
-        return True
+        return gather_dot.add(out, rows, cols, tgt, w, local if vector else ri, local if vector else ci, atomic=shared)
 
     def add_outer(self, out, slot, rows, cols):
         if self._gather_dot(out, slot, rows, cols, vector=False):
