@@ -1,6 +1,7 @@
 """GraSS-style compression: a random mask to m coordinates, then a sparse Johnson-Lindenstrauss
-transform (one ±1 per masked coordinate, into one of r buckets). Pure PyTorch; the fused path is
-dropout's gather followed by a signed scatter-add.
+transform (one ±1 per masked coordinate, into one of r buckets). The fused path is dropout's: on
+CUDA the gather-dot kernel adding signed products into the buckets atomically, else gathers
+followed by a signed scatter-add.
 
 `blocks` ('layer' default, 'tensor', 'global'): with more than one curvature block, block b gets
 r_b of the r buckets (split in proportion to width, at least one each: `split_columns`) and its own
