@@ -89,8 +89,11 @@ def enabled(out: torch.Tensor) -> bool:
 
 def applies(out: torch.Tensor, rows, cols) -> bool:
     """Whether `add` handles these factors on this device (else the caller's PyTorch path runs)."""
-    if not enabled(out):
-        return False
+    return enabled(out) and reads(out, rows, cols)
+
+
+def reads(out: torch.Tensor, rows, cols) -> bool:
+    """Whether the kernel reads these factors into `out` (given `enabled(out)`)."""
     if type(rows) is not Dense or not (type(cols) in (Dense, Normalized) or (type(cols) is Unfold and cols.groups == 1)):
         return False  # one-hot, grouped and other factors keep their own gathers
     if type(cols) is Normalized and cols.round_to not in (None, cols.x.dtype):

@@ -60,7 +60,6 @@ class Dropout(Compressor):
         self.indices = self._draw()
         self.chunk_elems = int(chunk_elems)
         self._plans: dict = {}
-        self._shared: dict = {}
         self._chunk_cache: dict = {}
 
     def _draw(self) -> torch.Tensor:
@@ -91,8 +90,10 @@ class Dropout(Compressor):
         return out.index_add_(1, self._targets().to(G.device), kept)
 
     def _plan(self, slot: Slot, device):
-        """For the sampled coordinates inside `slot`: output column, weight (or None), and the
-        (row, col) in the slot's matrix view; kept on `device` so batches trigger no host copies."""
+        """For the sampled coordinates inside `slot`: output column, weight (or None), the (row, col)
+        in the slot's matrix view and the flat index, kept on `device` so batches trigger no host
+        copies; and whether two of them share an output column (SJLT's buckets: the gather-dot
+        kernel then adds atomically), known on the host so that no batch syncs."""
         key = (slot.name, slot.offset, device)
         if key not in self._plans:
             idx = self.indices
@@ -102,10 +103,8 @@ class Dropout(Compressor):
             w = self._weights()
             tgt = self._targets()[pos]
             self._plans[key] = (tgt.to(device), None if w is None else w[pos].to(device),
-                                (local // ncol).to(device), (local % ncol).to(device), local.to(device))
-            # whether two kept coordinates of the slot share an output column (SJLT's buckets): the
-            # gather-dot kernel then adds atomically; known here, on the host, so no batch syncs
-            self._shared[key] = tgt.unique().numel() < tgt.numel()
+                                (local // ncol).to(device), (local % ncol).to(device), local.to(device),
+                                tgt.unique().numel() < tgt.numel())
         return self._plans[key]
 
     @staticmethod
@@ -121,25 +120,24 @@ class Dropout(Compressor):
         step = max(1, self.chunk_elems // max(1, rows.batch * rows.length))
         key = (slot.name, slot.offset, device, step, rows.index_key, cols.index_key)
         if key not in self._chunk_cache:
-            tgt, w, ri, ci, _ = self._plan(slot, device)
+            tgt, w, ri, ci, _, _ = self._plan(slot, device)
             self._chunk_cache[key] = [
                 (tgt[s:s + step], None if w is None else w[s:s + step], rows.index(ri[s:s + step]),
                  cols.index(ci[s:s + step])) for s in range(0, tgt.numel(), step)]
         return self._chunk_cache[key]
 
     def _gather_dot(self, out, slot, rows, cols, vector: bool) -> bool:
-        """Add the slot's kept coordinates with the gather-dot kernel where it applies (True), else
-        leave it to the PyTorch path (False)."""
-        if rows is None or not gather_dot.applies(out, rows, cols):
+        """Add the slot's kept coordinates with the gather-dot kernel (already `enabled` for out)
+        where it reads these factors (True), else leave it to the PyTorch path (False)."""
+        if not gather_dot.reads(out, rows, cols):
             return False
-        tgt, w, ri, ci, local = self._plan(slot, out.device)
-        shared = self._shared[(slot.name, slot.offset, out.device)]
+        tgt, w, ri, ci, local, shared = self._plan(slot, out.device)
         if shared and torch.are_deterministic_algorithms_enabled():  # atomics: their order varies
             return False
         return gather_dot.add(out, rows, cols, tgt, w, local if vector else ri, local if vector else ci, atomic=shared)
 
     def add_outer(self, out, slot, rows, cols):
-        if self._gather_dot(out, slot, rows, cols, vector=False):
+        if gather_dot.enabled(out) and self._gather_dot(out, slot, rows, cols, vector=False):
             return
         # positions contiguous in both factors (convolutions): reduce over the last dimension,
         # so neither gather is transposed into a copy
@@ -153,10 +151,11 @@ class Dropout(Compressor):
             self._add(out, tgt, w, prod.sum(-1 if last else 1, dtype=out.dtype))
 
     def add_vector(self, out, slot, values):
-        tgt, w, _, _, local = self._plan(slot, out.device)
+        tgt, w, _, _, local, _ = self._plan(slot, out.device)
         if tgt.numel() == 0:
             return
-        if gather_dot.enabled(out) and self._gather_dot(out, slot, *(vector_factors(values) or (None, None)),
-                                                        vector=True):
-            return
+        if gather_dot.enabled(out):  # (only then are the factors built: a ones tensor for a bias)
+            pair = vector_factors(values)
+            if pair is not None and self._gather_dot(out, slot, *pair, vector=True):
+                return
         self._add(out, tgt, w, position_sums(values, out.dtype, local))
