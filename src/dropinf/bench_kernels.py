@@ -210,10 +210,13 @@ def fused_step(ex: Extractor, batch, params) -> None:
 
 
 def plan_size(ex: Extractor) -> dict:
-    """How much the plan hooks: modules, parameter slots, fallback sites, whole-model parameters."""
+    """How much the step hooks: planned modules, those hooked for this compressor (it reads one of
+    their parameters) and their parameter slots, fallback sites, whole-model parameters."""
     plan = ex.plan
-    by_type = collections.Counter(type(m).__name__ for m in plan.hooked)
-    return {"hooked_modules": len(plan.hooked), "param_slots": sum(len(slots) for _, slots, _ in plan.hooked.values()),
+    read = ex._read_modules(ex.compressor)
+    by_type = collections.Counter(type(m).__name__ for m in read)
+    return {"planned_modules": len(plan.hooked), "hooked_modules": len(read),
+            "param_slots": sum(len(slots) for slots in read.values()),
             "fallback_sites": len(plan.sites), "fallback_site_params": sum(len(n) for n in plan.sites.values()),
             "whole_model_params": len(plan.whole), "tracked_params": len(ex.named),
             "hooked_by_type": json.dumps(dict(sorted(by_type.items())))}

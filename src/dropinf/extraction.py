@@ -22,6 +22,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -222,6 +223,7 @@ class Extractor:
             self.check_every = -1  # nothing linear to compare with autograd (e.g. a probe's squared entries)
         self.forced = self._forced_modules(fallback)
         self.plan: selfcheck.Plan | None = None
+        self._read_cache: tuple | None = None  # (compressor, plan, modules it reads): `_read_modules`
         self._batches = 0  # batches extracted so far, over every run
         self.timings: dict = {}  # seconds, and "cuda_graph": `graph_report()`
 
@@ -281,16 +283,19 @@ class Extractor:
             leaves.append(anchor)
             return _GraphStart.apply(t, anchor)
 
+        active = self._read_modules(comp)
+
         def fwd_hook(module, args, kwargs, output):
             k = calls[module] = calls.get(module, -1) + 1
-            if module in plan.hooked:
+            if module in active:
                 output = hooked_hook(module, k, args, kwargs, output)
             if module in plan.sites:
                 output = site_hook(module, k, args, kwargs, output)
             return output
 
         def hooked_hook(module, k, args, kwargs, output):
-            handler, slots, axes = plan.hooked[module]
+            handler, _, axes = plan.hooked[module]
+            slots = active[module]
             x_axis, y_axis = axes[min(k, len(axes) - 1)] if axes else (None, None)
             y = handler.output_tensor(module, output)
             if handler.needs_call:  # the handler reads the whole call and finds the batch itself
@@ -337,7 +342,7 @@ class Extractor:
                                deltas, in_axes, out_axes))
             return tree_unflatten(flat, spec)
 
-        for module in set(plan.hooked) | set(plan.sites):
+        for module in set(active) | set(plan.sites):
             handles.append(module.register_forward_hook(fwd_hook, with_kwargs=True))
         try:
             losses = self.loss_fn(self.model, batch)
@@ -349,7 +354,7 @@ class Extractor:
         state["out"] = torch.zeros(B, comp.out_dim, dtype=out_dtype, device=self.device)
         if leaves:
             torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
-        elif plan.hooked or plan.sites:
+        elif active or plan.sites:
             if not plan.whole:
                 raise DropinfError("the loss does not depend on any tracked parameter")
         for module, (args, kwargs), shapes, dtypes, deltas, in_axes, out_axes in site_calls:
@@ -357,6 +362,20 @@ class Extractor:
                       for d, s, dt in zip(deltas, shapes, dtypes)]
             self._site_rows(module, args, kwargs, deltas, in_axes, out_axes, B, comp, state["out"])
         return state["out"], B
+
+    def _read_modules(self, comp) -> dict:
+        """The planned modules whose parameters `comp` reads, each with the slots it reads (cached for
+        the last compressor): only these are hooked, so a module none of whose coordinates dropout
+        keeps costs nothing, and the backward stops below the lowest one."""
+        cached = self._read_cache  # (a weak reference: a compressor replaced by `use` is freed)
+        if cached is None or cached[0]() is not comp or cached[1] is not self.plan:
+            read = {}
+            for module, (_, slots, _) in self.plan.hooked.items():
+                kept = {role: slot for role, slot in slots.items() if comp.reads(slot)}
+                if kept:
+                    read[module] = kept
+            cached = self._read_cache = (weakref.ref(comp), self.plan, read)
+        return cached[2]
 
     def _site_rows(self, module, args, kwargs, deltas, in_axes, out_axes, B, comp, out) -> None:
         """Per-example gradients of the site's fallback parameters from its inputs and δ (torch.func)."""

@@ -86,3 +86,13 @@ def test_identity_budget():
     c = dropinf.compressor("identity", dim=1000, r=1000, budget_bytes=1000)
     with pytest.raises(dropinf.errors.BudgetError, match="budget"):
         c.compress(torch.randn(3, 1000))
+
+
+def test_an_unnamed_subclass_does_not_take_over_its_parents_registry_name():
+    from dropinf.compressors import COMPRESSORS
+    from dropinf.compressors.dropout import Dropout
+
+    class Variant(Dropout):  # inherits name = "dropout"
+        pass
+
+    assert COMPRESSORS["dropout"] is Dropout and Variant not in COMPRESSORS.values()

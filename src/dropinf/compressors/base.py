@@ -247,7 +247,8 @@ class Compressor:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.name:
+        # only a class naming itself registers: a subclass that inherits "dropout" must not replace it
+        if cls.__dict__.get("name"):
             COMPRESSORS[cls.name] = cls
 
     def __init__(self, dim: int, r: int, seed: int = 0, layout: Layout | None = None):
@@ -296,6 +297,12 @@ class Compressor:
         The self-check keeps per-slot records on these columns only: with raw gradients a record of
         every column per slot would cost (number of slots) x dim values."""
         return slice(0, self.out_dim)
+
+    def reads(self, slot: Slot) -> bool:
+        """Whether any output column depends on `slot`'s coordinates (default: yes). Where not (a
+        tensor none of whose coordinates dropout keeps), the fused step does not hook its module, and
+        its backward stops below the lowest module that is read."""
+        return True
 
     # ---- matrix path ---------------------------------------------------------------------
     def compress(self, G: torch.Tensor) -> torch.Tensor:

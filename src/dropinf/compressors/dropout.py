@@ -61,6 +61,7 @@ class Dropout(Compressor):
         self.chunk_elems = int(chunk_elems)
         self._plans: dict = {}
         self._chunk_cache: dict = {}
+        self._reads: dict = {}
 
     def _draw(self) -> torch.Tensor:
         """The kept coordinates, in output-column order (importance dropout overrides this)."""
@@ -88,6 +89,12 @@ class Dropout(Compressor):
         if w is not None:
             kept = kept * w.to(G.device, G.dtype)
         return out.index_add_(1, self._targets().to(G.device), kept)
+
+    def reads(self, slot: Slot) -> bool:
+        key = (slot.name, slot.offset, slot.stop)
+        if key not in self._reads:
+            self._reads[key] = bool(((self.indices >= slot.offset) & (self.indices < slot.stop)).any())
+        return self._reads[key]
 
     def _plan(self, slot: Slot, device):
         """For the sampled coordinates inside `slot`: output column, weight (or None), the (row, col)
