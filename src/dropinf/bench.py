@@ -13,7 +13,9 @@ Timings: warm-up, CUDA events, median of repeats, after the timed paths are chec
 per-example autograd. (e) the self-check's cost: the extra time of the first, checked batch (and
 the coverage plan every extraction makes), as a fraction of a 2,000-example extraction.
 Rows are CSV with provenance; every timed row has `seconds` (per batch) and its ratios to the floor
-(`ratio_floor`) and to the limit (`ratio_limit`) of the same run.
+(`ratio_floor`) and to the limit (`ratio_limit`) of the same run. Eager fused paths also have
+`ratio_limit_paired`: the median over pairs of the path and the limit timed back to back (eager
+steps on bf16 models are host-bound, and host speed drifts within a run).
 """
 from __future__ import annotations
 
@@ -114,6 +116,21 @@ def cuda_time(fn, warmup=2, repeats=5) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def paired_ratio(fn, ref, warmup=2, repeats=5) -> tuple[float, float, float]:
+    """(median of fn's time over ref's, median fn seconds, median ref seconds) from `repeats` pairs
+    run back to back: host-bound (eager) times drift within a run by more than the differences
+    measured, and a ratio to a reference timed next to it cancels that drift."""
+    for _ in range(warmup):
+        ref()
+        fn()
+    pairs = []
+    for _ in range(repeats):
+        r = cuda_time(ref, 0, 1)
+        pairs.append((cuda_time(fn, 0, 1), r))
+    return (statistics.median(a / b for a, b in pairs), statistics.median(a for a, _ in pairs),
+            statistics.median(b for _, b in pairs))
 
 
 def peak_mem(fn, reserved: bool = False):
@@ -322,6 +339,10 @@ def run(args, out: str | None = None) -> list[dict]:
     floor_mem = peak_mem(lambda: floor_step(model, loss_fn, batch, params))
     for p in params:
         p.grad = None
+    def limit_call():
+        with frozen(params):
+            return limit_step(model, loss_fn, batch)
+
     with frozen(params):
         limit = cuda_time(lambda: limit_step(model, loss_fn, batch), args.warmup, args.repeats)
         limit_mem = peak_mem(lambda: limit_step(model, loss_fn, batch))
@@ -380,11 +401,15 @@ def run(args, out: str | None = None) -> list[dict]:
         slow = name in ("gaussian", "identity")  # seconds per batch on 1B models: fewer repeats
         try:
             t = cuda_time(lambda: fused(ex), 1 if slow else args.warmup, min(2, args.repeats) if slow else args.repeats)
+            paired = {}
+            if not slow:
+                ratio, _, lim = paired_ratio(lambda: fused(ex), limit_call, 1, max(5, args.repeats))
+                paired = {"ratio_limit_paired": ratio, "limit_seconds_paired": lim}
             m = peak_mem(lambda: fused(ex))
             measured = floor_mem == floor_mem
             # allocated_before_gib: what stays allocated between this path's calls (weights, its
             # plans and caches, and any leftover), i.e. the baseline its next call starts from
-            emit(f"fused_{key}", ex.compressor.out_dim, t, m,
+            emit(f"fused_{key}", ex.compressor.out_dim, t, m, **paired,
                  mem_ratio_to_floor=(m - leftover) / floor_mem if measured else "",
                  raw_mem_ratio_to_floor=m / floor_mem if measured else "", leftover_gib=leftover,
                  allocated_before_gib=allocated_gib(), floor_allocated_before_gib=floor_before)
@@ -544,8 +569,8 @@ def markdown_table(paths: list[str]) -> str:
     """README table from benchmark CSVs: ms/example, ratios to the floor and to the limit, peak memory
     (CSVs written before the limit existed have `ratio_to_floor` and no limit)."""
     lines = ["| architecture | dtype | device | path | r (out dim) | ms / example | × eager floor | × limit | "
-             "× graph floor | × graph limit | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "× limit (paired) | × graph floor | × graph limit | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         with open(path) as f:
             for row in csv.DictReader(f):
@@ -556,7 +581,7 @@ def markdown_table(paths: list[str]) -> str:
                 lines.append(f"| {row['arch']} (B={row['batch']}) | {row['dtype']} | {row.get('device') or '–'} | "
                              f"{row['path']} | {row['r'] or '–'} | "
                              f"{fmt('ms_per_example', '.3f')} | {fmt(floor_key, '.2f')} | "
-                             f"{fmt('ratio_limit', '.2f')} | "
+                             f"{fmt('ratio_limit', '.2f')} | {fmt('ratio_limit_paired', '.2f')} | "
                              f"{fmt('ratio_to_graph_floor', '.2f')} | {fmt('ratio_to_graph_limit', '.2f')} | "
                              f"{fmt('peak_gib', '.2f')} |")
     return "\n".join(lines)

@@ -32,6 +32,8 @@ def test_bench_cpu_smoke(tmp_path):
         assert float(r["ratio_limit"]) * limit == pytest.approx(secs, rel=1e-12), r["path"]
         assert float(r["ratio_floor"]) * floor == pytest.approx(secs, rel=1e-12), r["path"]
         assert float(r["ms_per_example"]) == pytest.approx(1e3 * secs / 2, rel=1e-12)
+    for name in ("fused_dropout_r8", "fused_sjlt", "fused_logra"):  # eager paths: also paired with the limit
+        assert float(by_path[name]["ratio_limit_paired"]) > 0 and float(by_path[name]["limit_seconds_paired"]) > 0
     assert float(by_path["floor_fwd_bwd"]["ratio_floor"]) == 1.0
     assert float(by_path["limit_fwd_activation_bwd"]["ratio_limit"]) == 1.0
     table = bench.markdown_table([str(out)])
@@ -86,3 +88,30 @@ def test_rows_reach_the_csv_as_they_are_measured(tmp_path, monkeypatch):
     rows = list(csv.DictReader(open(out)))
     assert [r["path"] for r in rows] == ["floor_fwd_bwd", "limit_fwd_activation_bwd"]
     assert all(r["git_commit"] for r in rows)
+
+
+def test_paired_ratio_times_each_pair_back_to_back_and_takes_the_median_ratio(monkeypatch):
+    """A reference that slows down during the run (host drift) cancels out of the paired ratio."""
+    clock = {"t": 0.0, "slow": 1.0}
+    order = []
+
+    def fn():
+        order.append("fn")
+        clock["t"] += 2.0 * clock["slow"]
+
+    def ref():
+        order.append("ref")
+        clock["t"] += 1.0 * clock["slow"]
+        clock["slow"] *= 1.5  # every call after this one is slower
+
+    def timed(f, warmup, repeats):
+        assert (warmup, repeats) == (0, 1)
+        t0 = clock["t"]
+        f()
+        return clock["t"] - t0
+
+    monkeypatch.setattr(bench, "cuda_time", timed)
+    ratio, fn_s, ref_s = bench.paired_ratio(fn, ref, warmup=1, repeats=5)
+    assert order == ["ref", "fn"] * 6  # one warm-up pair, then five timed pairs in turn
+    assert ratio == pytest.approx(2.0 * 1.5)  # fn runs right after ref's slow-down: 2 x 1.5 per pair
+    assert fn_s > 0 and ref_s > 0
