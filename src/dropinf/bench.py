@@ -118,10 +118,11 @@ def cuda_time(fn, warmup=2, repeats=5) -> float:
     return statistics.median(times)
 
 
-def paired_ratio(fn, ref, warmup=2, repeats=5) -> tuple[float, float, float]:
-    """(median of fn's time over ref's, median fn seconds, median ref seconds) from `repeats` pairs
-    run back to back: host-bound (eager) times drift within a run by more than the differences
-    measured, and a ratio to a reference timed next to it cancels that drift."""
+def paired_ratio(fn, ref, warmup=2, repeats=5) -> dict:
+    """fn timed against ref in `repeats` pairs run back to back: host-bound (eager) times drift
+    within a run by more than the differences measured, and a ratio to a reference timed next to
+    it cancels that drift. The median ratio, and the spread of fn's own times (a host-bound step
+    varies from step to step)."""
     for _ in range(warmup):
         ref()
         fn()
@@ -129,8 +130,10 @@ def paired_ratio(fn, ref, warmup=2, repeats=5) -> tuple[float, float, float]:
     for _ in range(repeats):
         r = cuda_time(ref, 0, 1)
         pairs.append((cuda_time(fn, 0, 1), r))
-    return (statistics.median(a / b for a, b in pairs), statistics.median(a for a, _ in pairs),
-            statistics.median(b for _, b in pairs))
+    ratios = [a / b for a, b in pairs]
+    return {"ratio_limit_paired": statistics.median(ratios), "ratio_limit_paired_min": min(ratios),
+            "ratio_limit_paired_max": max(ratios), "limit_seconds_paired": statistics.median(b for _, b in pairs),
+            "seconds_paired": statistics.median(a for a, _ in pairs)}
 
 
 def peak_mem(fn, reserved: bool = False):
@@ -401,10 +404,7 @@ def run(args, out: str | None = None) -> list[dict]:
         slow = name in ("gaussian", "identity")  # seconds per batch on 1B models: fewer repeats
         try:
             t = cuda_time(lambda: fused(ex), 1 if slow else args.warmup, min(2, args.repeats) if slow else args.repeats)
-            paired = {}
-            if not slow:
-                ratio, _, lim = paired_ratio(lambda: fused(ex), limit_call, 1, max(5, args.repeats))
-                paired = {"ratio_limit_paired": ratio, "limit_seconds_paired": lim}
+            paired = {} if slow else paired_ratio(lambda: fused(ex), limit_call, 1, max(9, args.repeats))
             m = peak_mem(lambda: fused(ex))
             measured = floor_mem == floor_mem
             # allocated_before_gib: what stays allocated between this path's calls (weights, its
@@ -565,11 +565,21 @@ def write_csv(rows: list[dict], path: str) -> None:
     os.replace(tmp, path)
 
 
+def _paired_cell(row: dict) -> str:
+    """The paired ratio to the limit, with the range over its pairs where recorded: "1.05 [0.98–1.31]"."""
+    if row.get("ratio_limit_paired") in (None, "", "nan"):
+        return "–"
+    cell = f"{float(row['ratio_limit_paired']):.2f}"
+    if row.get("ratio_limit_paired_min") not in (None, "", "nan"):
+        cell += f" [{float(row['ratio_limit_paired_min']):.2f}–{float(row['ratio_limit_paired_max']):.2f}]"
+    return cell
+
+
 def markdown_table(paths: list[str]) -> str:
     """README table from benchmark CSVs: ms/example, ratios to the floor and to the limit, peak memory
     (CSVs written before the limit existed have `ratio_to_floor` and no limit)."""
     lines = ["| architecture | dtype | device | path | r (out dim) | ms / example | × eager floor | × limit | "
-             "× limit (paired) | × graph floor | × graph limit | peak GiB |",
+             "× limit, paired [range] | × graph floor | × graph limit | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         with open(path) as f:
@@ -581,7 +591,7 @@ def markdown_table(paths: list[str]) -> str:
                 lines.append(f"| {row['arch']} (B={row['batch']}) | {row['dtype']} | {row.get('device') or '–'} | "
                              f"{row['path']} | {row['r'] or '–'} | "
                              f"{fmt('ms_per_example', '.3f')} | {fmt(floor_key, '.2f')} | "
-                             f"{fmt('ratio_limit', '.2f')} | {fmt('ratio_limit_paired', '.2f')} | "
+                             f"{fmt('ratio_limit', '.2f')} | {_paired_cell(row)} | "
                              f"{fmt('ratio_to_graph_floor', '.2f')} | {fmt('ratio_to_graph_limit', '.2f')} | "
                              f"{fmt('peak_gib', '.2f')} |")
     return "\n".join(lines)

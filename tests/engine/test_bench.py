@@ -111,7 +111,11 @@ def test_paired_ratio_times_each_pair_back_to_back_and_takes_the_median_ratio(mo
         return clock["t"] - t0
 
     monkeypatch.setattr(bench, "cuda_time", timed)
-    ratio, fn_s, ref_s = bench.paired_ratio(fn, ref, warmup=1, repeats=5)
+    got = bench.paired_ratio(fn, ref, warmup=1, repeats=5)
     assert order == ["ref", "fn"] * 6  # one warm-up pair, then five timed pairs in turn
-    assert ratio == pytest.approx(2.0 * 1.5)  # fn runs right after ref's slow-down: 2 x 1.5 per pair
-    assert fn_s > 0 and ref_s > 0
+    # fn runs right after ref's slow-down: 2 x 1.5 in every pair, however slow both have become
+    for key in ("ratio_limit_paired", "ratio_limit_paired_min", "ratio_limit_paired_max"):
+        assert got[key] == pytest.approx(2.0 * 1.5), key
+    # the warm-up pair leaves the pace at 1.5; timed pair k runs ref at 1.5^k, fn at 2·1.5^(k+1)
+    assert got["seconds_paired"] == pytest.approx(2.0 * 1.5 ** 4)  # pair 3 of 5: the median
+    assert got["limit_seconds_paired"] == pytest.approx(1.5 ** 3)
