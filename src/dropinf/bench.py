@@ -121,8 +121,8 @@ def cuda_time(fn, warmup=2, repeats=5) -> float:
 def paired_ratio(fn, ref, warmup=2, repeats=5) -> dict:
     """fn timed against ref in `repeats` pairs run back to back: host-bound (eager) times drift
     within a run by more than the differences measured, and a ratio to a reference timed next to
-    it cancels that drift. The median ratio, and the spread of fn's own times (a host-bound step
-    varies from step to step)."""
+    it cancels that drift. The median ratio and its range over the pairs (a host-bound step varies
+    from step to step), and the median seconds of each."""
     for _ in range(warmup):
         ref()
         fn()
@@ -342,6 +342,7 @@ def run(args, out: str | None = None) -> list[dict]:
     floor_mem = peak_mem(lambda: floor_step(model, loss_fn, batch, params))
     for p in params:
         p.grad = None
+
     def limit_call():
         with frozen(params):
             return limit_step(model, loss_fn, batch)

@@ -223,7 +223,7 @@ class Extractor:
             self.check_every = -1  # nothing linear to compare with autograd (e.g. a probe's squared entries)
         self.forced = self._forced_modules(fallback)
         self.plan: selfcheck.Plan | None = None
-        self._read_cache: tuple | None = None  # (compressor, plan, modules it reads): `_read_modules`
+        self._read_cache: tuple | None = None  # (weakref to a compressor, plan, modules it reads): `_read_modules`
         self._batches = 0  # batches extracted so far, over every run
         self.timings: dict = {}  # seconds, and "cuda_graph": `graph_report()`
 
@@ -366,7 +366,7 @@ class Extractor:
     def _read_modules(self, comp) -> dict:
         """The planned modules whose parameters `comp` reads, each with the slots it reads (cached for
         the last compressor): only these are hooked, so a module none of whose coordinates dropout
-        keeps costs nothing, and the backward stops below the lowest one."""
+        keeps costs nothing, and the backward stops at the lowest one."""
         cached = self._read_cache  # (a weak reference: a compressor replaced by `use` is freed)
         if cached is None or cached[0]() is not comp or cached[1] is not self.plan:
             read = {}
