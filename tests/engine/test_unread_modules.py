@@ -85,8 +85,15 @@ def test_a_compressor_reading_no_hooked_module_gives_zero_rows_without_a_backwar
             return False
 
     comp = Nothing(layout.dim, [0, 1], layout)
-    got = Extractor(model, chain_loss, comp, self_check=False).run(data)
+    seen = []  # whether any layer's output was part of an autograd graph
+    for m in (model.first, model.second, model.third):
+        m.register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    ex = Extractor(model, chain_loss, comp, self_check=False)
+    ex.prepare(data[0])  # (the plan's own passes build a graph)
+    seen.clear()
+    got = ex.run(data)
     assert got.shape == (8, 2) and not got.any()
+    assert seen and not any(seen)
 
 
 @pytest.mark.parametrize("r", [1, 3, 20])
