@@ -4,9 +4,10 @@ For kept coordinates i = (row ri_i, column ci_i) of a weight matrix, the fused p
     out[b, tgt_i] += w_i · Σ_t R[b, t, ri_i] · C[b, t, ci_i]
 with R and C the layer's factors: `factors.Dense` (linear layers; a bias against a zero-stride
 ones factor), `factors.Unfold` (a convolution's input, taps read in place) or `factors.Normalized`
-(a norm layer's x̂, formed in the kernel as the layer rounds it). In PyTorch that is two gathers, a product, a sum and an index_add per layer: five kernels that
-write and re-read B·T·k values each (on ResNet-9 at r = 4,096 that traffic is what the fused step
-adds to the limit), and five launches (on bf16 transformers, host time). This kernel reads the
+(a norm layer's x̂, formed in the kernel as the layer rounds it). In PyTorch that is two gathers,
+a product, a sum and an index_add per layer: five kernels that write and re-read B·T·k values each
+(on ResNet-9 at r = 4,096 that traffic is what the fused step adds to the limit), and five launches
+(on bf16 transformers, host time). This kernel reads the
 kept entries where they lie, accumulates in float32 (float64 for float64 inputs) and adds straight
 into `out`: one launch, and only B·k values written.
 
@@ -94,7 +95,8 @@ def applies(out: torch.Tensor, rows, cols) -> bool:
 
 def reads(out: torch.Tensor, rows, cols) -> bool:
     """Whether the kernel reads these factors into `out` (given `enabled(out)`)."""
-    if type(rows) is not Dense or not (type(cols) in (Dense, Normalized) or (type(cols) is Unfold and cols.groups == 1)):
+    readable_cols = type(cols) in (Dense, Normalized) or (type(cols) is Unfold and cols.groups == 1)
+    if type(rows) is not Dense or not readable_cols:
         return False  # one-hot, grouped and other factors keep their own gathers
     if type(cols) is Normalized and cols.round_to not in (None, cols.x.dtype):
         return False  # the kernel rounds x̂ only to x's own dtype
