@@ -10,13 +10,18 @@ def gather_dot(out_ptr, s_ob, s_oc, tgt_ptr, w_ptr, ri_ptr, ci_ptr, K, T,
                # a norm layer's x̂ = (x - shift) · scale, shift and scale broadcast to x (shared strides)
                shift_ptr, scale_ptr, s_ab, s_at, s_an,
                HAS_W: tl.constexpr, UNFOLD: tl.constexpr, AFFINE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-               ROUND: tl.constexpr, ATOMIC: tl.constexpr, F64: tl.constexpr,
+               ROUND: tl.constexpr, ATOMIC: tl.constexpr, F64: tl.constexpr, ONES: tl.constexpr,
                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # B times a batch stride can pass 2**31
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = ks < K
     ri = tl.load(ri_ptr + ks, mask=kmask, other=0)
     ci = tl.load(ci_ptr + ks, mask=kmask, other=0)
+    if ONES:  # index -1: that factor is ones (a bias: the sum of the other factor over positions)
+        r_one = (ri < 0)[None, :]
+        c_one = (ci < 0)[None, :]
+        ri = tl.where(ri < 0, 0, ri)  # an address inside the factor, never read
+        ci = tl.where(ci < 0, 0, ci)
     if UNFOLD:
         ch = ci // KHW
         ky = (ci % KHW) // KW
@@ -50,7 +55,12 @@ def gather_dot(out_ptr, s_ob, s_oc, tgt_ptr, w_ptr, ri_ptr, ci_ptr, K, T,
                 else:
                     xhat = xhat.to(cv.dtype)
             cv = xhat
-        acc += rv.to(acc_t) * cv.to(acc_t)
+        rv = rv.to(acc_t)
+        cv = cv.to(acc_t)
+        if ONES:  # (past T the other factor was read as 0, so the product stays 0 there)
+            rv = tl.where(r_one, 1.0, rv)
+            cv = tl.where(c_one, 1.0, cv)
+        acc += rv * cv
     total = tl.sum(acc, axis=0)
     if HAS_W:
         total = total * tl.load(w_ptr + ks, mask=kmask, other=0.0).to(acc_t)

@@ -135,8 +135,10 @@ def _blocks(B: int, T: int, K: int, device) -> tuple[int, int]:
 
 
 def add(out: torch.Tensor, rows, cols, tgt: torch.Tensor, w: torch.Tensor | None, ri: torch.Tensor,
-        ci: torch.Tensor, atomic: bool) -> bool:
+        ci: torch.Tensor, atomic: bool, ones: bool = False) -> bool:
     """out[b, tgt] += w · Σ_t rows[b, t, ri] · cols[b, t, ci], for factors where `applies` holds.
+    With `ones`, an index of -1 reads that factor as ones: a bias's entries (Σ_t of the other factor)
+    go in the same launch as its weight's.
     False (out untouched) where the kernel cannot be built or launched here, for example with no C
     compiler for Triton's launcher in a slim container: it warns once and is off for the process,
     and the caller takes its PyTorch path."""
@@ -178,7 +180,8 @@ def add(out: torch.Tensor, rows, cols, tgt: torch.Tensor, w: torch.Tensor | None
                 R, *R.stride(), C, s_cb, s_ct, s_cn, *geometry, *affine,
                 HAS_W=w is not None, UNFOLD=type(cols) is Unfold, AFFINE=scale is not None,
                 HAS_SHIFT=shift is not None, ROUND=scale is not None and cols.round_to is not None,
-                ATOMIC=bool(atomic), F64=out.dtype == torch.float64, BLOCK_T=block_t, BLOCK_K=block_k)
+                ATOMIC=bool(atomic), F64=out.dtype == torch.float64, ONES=bool(ones),
+                BLOCK_T=block_t, BLOCK_K=block_k)
     except Exception as err:  # building or launching failed before the kernel ran: out is unchanged
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         _failed = f"{type(err).__name__}: {first}"[:300]

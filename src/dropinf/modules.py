@@ -97,21 +97,12 @@ class Handler:
         raise NotImplementedError
 
 
-def _vec(t: torch.Tensor) -> torch.Tensor:
-    """(B, ..., D) → (B, T, D) for vector-parameter contributions (a view where possible; the
-    dtype is kept: compressors select their coordinates first, then reduce in float32)."""
-    return t if t.dim() == 3 else t.reshape(t.shape[0], -1, t.shape[-1])
-
-
 class LinearHandler(Handler):
     types = (nn.Linear,)
 
     @staticmethod
     def emit(module, x, delta, slots, comp, out):
-        if "weight" in slots:
-            comp.add_outer(out, slots["weight"], Dense(delta), Dense(x))
-        if "bias" in slots:
-            comp.add_vector(out, slots["bias"], _vec(delta))
+        comp.add_layer(out, Dense(delta), Dense(x), outer=slots.get("weight"), row_sums=slots.get("bias"))
 
 
 class Conv1DHandler(Handler):
@@ -123,10 +114,7 @@ class Conv1DHandler(Handler):
 
     @staticmethod
     def emit(module, x, delta, slots, comp, out):
-        if "weight" in slots:
-            comp.add_outer(out, slots["weight"], Dense(x), Dense(delta))
-        if "bias" in slots:
-            comp.add_vector(out, slots["bias"], _vec(delta))
+        comp.add_layer(out, Dense(x), Dense(delta), outer=slots.get("weight"), col_sums=slots.get("bias"))
 
 
 class EmbeddingHandler(Handler):
@@ -284,10 +272,7 @@ class MultiheadAttentionHandler(Handler):
             grads = torch.autograd.grad(ctx, qkv, d_ctx, allow_unused=True)
         ctx = ctx.detach().transpose(0, 1)                      # (B, L, E)
         gq, gk, gv = [torch.zeros_like(t) if g is None else g.transpose(0, 1) for g, t in zip(grads, qkv)]
-        if "out_proj.weight" in slots:
-            comp.add_outer(out, slots["out_proj.weight"], Dense(d), Dense(ctx))
-        if "out_proj.bias" in slots:
-            comp.add_vector(out, slots["out_proj.bias"], d)
+        comp.add_layer(out, Dense(d), Dense(ctx), outer=slots.get("out_proj.weight"), row_sums=slots.get("out_proj.bias"))
         if "in_proj_weight" in slots:
             if saved["self"]:  # one input: stack the three gradients along the rows
                 rows, cols = torch.cat([gq, gk, gv], -1), x[0]
@@ -337,10 +322,12 @@ class ConvHandler(Handler):
     @staticmethod
     def emit(module, x, delta, slots, comp, out):
         d = delta.flatten(2).transpose(1, 2)  # (B, L, out_channels)
+        cols = Unfold(x, *_conv_geometry(module), groups=module.groups)
+        if module.groups == 1:
+            comp.add_layer(out, Dense(d), cols, outer=slots.get("weight"), row_sums=slots.get("bias"))
+            return
         if "weight" in slots:
-            cols = Unfold(x, *_conv_geometry(module), groups=module.groups)
-            rows = Dense(d) if module.groups == 1 else GroupRows(d, module.groups)
-            comp.add_outer(out, slots["weight"], rows, cols)
+            comp.add_outer(out, slots["weight"], GroupRows(d, module.groups), cols)
         if "bias" in slots:
             comp.add_vector(out, slots["bias"], d)
 
@@ -384,21 +371,18 @@ class LayerNormHandler(Handler):
     @staticmethod
     def emit(module, saved, delta, slots, comp, out):
         n = len(module.normalized_shape)
-        if "weight" in slots:
-            x = _by_channel(_kept_input(module, saved), n)
+        x = _by_channel(_kept_input(module, saved), n)
 
-            def stats():
-                # F.layer_norm's statistics: per row, in float32 for reduced-precision inputs (a
-                # transient float copy there; float32/64 inputs are read once, no copy)
-                var, mean = torch.var_mean(_cast(x, acc_dtype(x.dtype)), -1, correction=0, keepdim=True)
-                return mean, torch.rsqrt(var + module.eps)
+        def stats():
+            # F.layer_norm's statistics: per row, in float32 for reduced-precision inputs (a
+            # transient float copy there; float32/64 inputs are read once, no copy)
+            var, mean = torch.var_mean(_cast(x, acc_dtype(x.dtype)), -1, correction=0, keepdim=True)
+            return mean, torch.rsqrt(var + module.eps)
 
-            # x̂ on the kept channels only (a whole x̂ and δ·x̂ per layer are a large share of the fused
-            # backward in a model with many norms); rounded to x's dtype, as F.layer_norm does
-            comp.add_vector(out, slots["weight"],
-                            product_sums(Dense(_by_channel(delta, n)), Normalized(x, stats, round_to=x.dtype)))
-        if "bias" in slots:
-            comp.add_vector(out, slots["bias"], _by_channel(delta, n))
+        # x̂ on the kept channels only (a whole x̂ and δ·x̂ per layer are a large share of the fused
+        # backward in a model with many norms); rounded to x's dtype, as F.layer_norm does
+        comp.add_layer(out, Dense(_by_channel(delta, n)), Normalized(x, stats, round_to=x.dtype),
+                       diagonal=slots.get("weight"), row_sums=slots.get("bias"))
 
 
 class RMSNormHandler(Handler):
@@ -454,7 +438,7 @@ class RMSNormHandler(Handler):
         n = cls._channel_dims(module)
         x = _by_channel(_kept_input(module, saved), n)
         xhat = Normalized(x, lambda: (None, cls._inv_rms(module, x)[0]), round_to=x.dtype)
-        comp.add_vector(out, slots["weight"], product_sums(Dense(_by_channel(delta, n)), xhat))
+        comp.add_layer(out, Dense(_by_channel(delta, n)), xhat, diagonal=slots["weight"])
 
 
 class BatchNormHandler(Handler):
@@ -482,14 +466,12 @@ class BatchNormHandler(Handler):
 
         # (B, positions, channels) views, so that a compressor reads only the channels it keeps
         by_channel = (lambda t: t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2))
-        if "weight" in slots:
-            def stats():  # x̂ in the dtype that x - running_mean promotes to, as the layer computes it
-                dtype = torch.promote_types(x.dtype, module.running_mean.dtype)
-                return module.running_mean.to(dtype), torch.rsqrt(module.running_var + module.eps).to(dtype)
+        def stats():  # x̂ in the dtype that x - running_mean promotes to, as the layer computes it
+            dtype = torch.promote_types(x.dtype, module.running_mean.dtype)
+            return module.running_mean.to(dtype), torch.rsqrt(module.running_var + module.eps).to(dtype)
 
-            comp.add_vector(out, slots["weight"], product_sums(Dense(by_channel(delta)), Normalized(by_channel(x), stats)))
-        if "bias" in slots:
-            comp.add_vector(out, slots["bias"], by_channel(delta))
+        comp.add_layer(out, Dense(by_channel(delta)), Normalized(by_channel(x), stats),
+                       diagonal=slots.get("weight"), row_sums=slots.get("bias"))
 
 
 def handler_for(module: nn.Module) -> type[Handler] | None:

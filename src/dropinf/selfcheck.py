@@ -29,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
+from .compressors.base import add_layer_term, layer_terms
 from .errors import DropinfError, GradientCheckError
 from .modules import handler_for
 
@@ -454,10 +455,11 @@ class SlotRecorder:
     def __getattr__(self, key):
         return getattr(self.comp, key)
 
-    def _record(self, out, slot, add):
+    def _record(self, out, slot, add, into_out: bool = True):
         tmp = torch.zeros_like(out)
         add(tmp)
-        out += tmp
+        if into_out:
+            out += tmp
         n, cols = slot.name, self.comp.slot_columns(slot)
         if any(part.numel() and bool(part.ne(0).any()) for part in (tmp[:, :cols.start], tmp[:, cols.stop:])):
             self.outside.add(n)
@@ -471,6 +473,13 @@ class SlotRecorder:
 
     def add_vector(self, out, slot, values):
         self._record(out, slot, lambda t: self.comp.add_vector(t, slot, values))
+
+    def add_layer(self, out, rows, cols, **terms):
+        # the rows get the layer's own (fused) path, which the check of whole rows against the matrix
+        # path then judges; each tensor's record comes from its own call, so a failure names it
+        self.comp.add_layer(out, rows, cols, **terms)
+        for term, slot in layer_terms(**terms):
+            self._record(out, slot, lambda t: add_layer_term(self.comp, t, rows, cols, term, slot), into_out=False)
 
 
 def tolerance(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dropinf import modules
+from dropinf.compressors.base import Compressor
 from dropinf.factors import Dense, PositionSums, Unfold, position_sums
 
 GEOMETRIES = [  # kernel, stride, dilation, padding (top, bottom, left, right), groups
@@ -81,6 +82,8 @@ def test_batchnorm_sums_on_some_channels_equal_those_of_all():
     got = {}
 
     class Recorder:
+        add_layer = Compressor.add_layer  # a layer's tensors, one `add_vector` each
+
         def add_vector(self, out, slot, values):
             assert isinstance(values, PositionSums if slot == "w" else torch.Tensor)  # bias: δ itself
             got[slot] = values

@@ -37,25 +37,33 @@ def kernel_on():
 
 
 def reference(rows_full, cols_full, tgt, w, ri, ci, width):
-    """float64: out[b, tgt] += w · Σ_t R[b, t, ri] C[b, t, ci], by index_add on the CPU."""
-    R, C = rows_full.double().cpu(), cols_full.double().cpu()
+    """float64: out[b, tgt] += w · Σ_t R[b, t, ri] C[b, t, ci], by index_add on the CPU; an index of
+    -1 reads a column of ones appended to its factor (a bias in its weight's launch)."""
+    R, C = (torch.cat([f.double().cpu(), torch.ones(*f.shape[:2], 1, dtype=torch.float64)], -1)
+            for f in (rows_full, cols_full))
     vals = (R[:, :, ri.cpu()] * C[:, :, ci.cpu()]).sum(1)
     if w is not None:
         vals = vals * w.double().cpu()
     return torch.zeros(R.shape[0], width, dtype=torch.float64).index_add_(1, tgt.cpu(), vals)
 
 
-def kept(g, K, n_rows, n_cols, width, shared):
+def kept(g, K, n_rows, n_cols, width, shared, ones=False):
+    """K random kept entries; with `ones`, a third of them read the rows as ones (index -1) and a
+    third the columns, as a bias of either side does."""
     tgt = torch.randint(width, (K,), generator=g) if shared else torch.randperm(width, generator=g)[:K]
-    return (tgt.to(DEVICE), (torch.randn(K, generator=g)).to(DEVICE),
-            torch.randint(n_rows, (K,), generator=g).to(DEVICE), torch.randint(n_cols, (K,), generator=g).to(DEVICE))
+    ri, ci = torch.randint(n_rows, (K,), generator=g), torch.randint(n_cols, (K,), generator=g)
+    if ones:
+        side = torch.randint(3, (K,), generator=g)
+        ri, ci = ri.masked_fill(side == 1, -1), ci.masked_fill(side == 2, -1)
+    return tgt.to(DEVICE), (torch.randn(K, generator=g)).to(DEVICE), ri.to(DEVICE), ci.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 @pytest.mark.parametrize("shared,weighted", [(False, False), (True, True)])
-def test_dense_factors_equal_the_float64_reference(dtype, tol, layout, shared, weighted):
-    g = torch.Generator().manual_seed(hash((str(dtype), layout, shared)) % 2**31)
+@pytest.mark.parametrize("ones", [False, True])
+def test_dense_factors_equal_the_float64_reference(dtype, tol, layout, shared, weighted, ones):
+    g = torch.Generator().manual_seed(hash((str(dtype), layout, shared, ones)) % 2**31)
     B, T, n_rows, n_cols, K, width = 3, 37, 11, 9, 23, 29
     R = torch.randn(B, T, n_rows, generator=g).to(DEVICE, dtype)
     C = torch.randn(B, T, n_cols, generator=g).to(DEVICE, dtype)
@@ -63,14 +71,14 @@ def test_dense_factors_equal_the_float64_reference(dtype, tol, layout, shared, w
         R = R.transpose(1, 2).contiguous().transpose(1, 2)
     elif layout == "sliced":  # a view into a wider activation
         C = torch.randn(B, T, 2 * n_cols, generator=g).to(DEVICE, dtype)[:, :, 1::2]
-    tgt, w, ri, ci = kept(g, K, n_rows, n_cols, width, shared)
+    tgt, w, ri, ci = kept(g, K, n_rows, n_cols, width, shared, ones)
     w = w if weighted else None
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     out = torch.randn(B, width, generator=g, dtype=acc).to(DEVICE)
     start = out.clone()
     rows, cols = Dense(R), Dense(C)
     assert gather_dot.applies(out, rows, cols)
-    gather_dot.add(out, rows, cols, tgt, w, ri, ci, atomic=shared)
+    gather_dot.add(out, rows, cols, tgt, w, ri, ci, atomic=shared, ones=ones)
     want = start.double().cpu() + reference(R, C, tgt, w, ri, ci, width)
     err = ((out.double().cpu() - want).norm() / want.norm()).item()
     assert err < tol
@@ -88,7 +96,9 @@ GEOMETRIES = [  # kernel, stride, dilation, padding (top, bottom, left, right)
 @pytest.mark.parametrize("kernel,stride,dilation,padding", GEOMETRIES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_convolution_taps_equal_unfold_of_the_padded_input(kernel, stride, dilation, padding, layout, dtype, tol):
+@pytest.mark.parametrize("ones", [False, True])
+def test_convolution_taps_equal_unfold_of_the_padded_input(kernel, stride, dilation, padding, layout, dtype, tol,
+                                                           ones):
     g = torch.Generator().manual_seed(sum(kernel) + sum(padding))
     B, Cin, O = 2, 5, 4
     x = torch.randn(B, Cin, 7, 9, generator=g).to(DEVICE, dtype)
@@ -101,10 +111,10 @@ def test_convolution_taps_equal_unfold_of_the_padded_input(kernel, stride, dilat
     unfolded = F.unfold(F.pad(x.double().cpu(), (left, right, top, bottom)), kernel, dilation=dilation,
                         stride=stride).transpose(1, 2)  # (B, L, Cin·kh·kw), the slow reference
     width = 17
-    tgt, w, ri, ci = kept(g, 15, O, cols.width, width, shared=False)
+    tgt, w, ri, ci = kept(g, 15, O, cols.width, width, shared=False, ones=ones)
     out = torch.zeros(B, width, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEVICE)
     assert gather_dot.applies(out, rows, cols)
-    gather_dot.add(out, rows, cols, tgt, w, ri, ci, atomic=False)
+    gather_dot.add(out, rows, cols, tgt, w, ri, ci, atomic=False, ones=ones)
     want = reference(rows.x, unfolded, tgt, w, ri, ci, width)
     assert ((out.double().cpu() - want).norm() / want.norm()).item() < tol
 
@@ -112,7 +122,8 @@ def test_convolution_taps_equal_unfold_of_the_padded_input(kernel, stride, dilat
 @pytest.mark.parametrize("stats_kind", ["per_row", "per_row_no_shift", "per_channel"])
 @pytest.mark.parametrize("dtype,round_to", [(torch.float64, None), (torch.float32, "x"), (torch.bfloat16, "x"),
                                             (torch.bfloat16, None)])
-def test_norm_layer_columns_are_formed_as_the_layer_rounds_them(stats_kind, dtype, round_to):
+@pytest.mark.parametrize("ones", [False, True])
+def test_norm_layer_columns_are_formed_as_the_layer_rounds_them(stats_kind, dtype, round_to, ones):
     """x̂ = (x - shift)·scale in the statistics' dtype, rounded to x's dtype where the layer does:
     the kernel's sums equal float64 sums of the layer's own x̂ (`Normalized.values`)."""
     g = torch.Generator().manual_seed(len(stats_kind) + dtype.itemsize)
@@ -129,10 +140,12 @@ def test_norm_layer_columns_are_formed_as_the_layer_rounds_them(stats_kind, dtyp
     cols = Normalized(x, lambda: (calls.append(1), stats)[1], round_to=dtype if round_to else None)
     rows = Dense(R)
     tgt, w, local, _ = kept(g, K, n, n, width, shared=False)
+    # with ones: the layer's bias entries (Σ_t δ) in its weight's launch, as LayerNorm adds them
+    bias = local.masked_fill(torch.arange(K, device=DEVICE) % 2 == 1, -1) if ones else local
     out = torch.zeros(B, width, dtype=h, device=DEVICE)
     assert gather_dot.applies(out, rows, cols) and not calls  # statistics only when read
-    gather_dot.add(out, rows, cols, tgt, w, local, local, atomic=False)
-    want = reference(R, cols.values(), tgt, w, local, local, width)
+    gather_dot.add(out, rows, cols, tgt, w, local, bias, atomic=False, ones=ones)
+    want = reference(R, cols.values(), tgt, w, local, bias, width)
     tol = 1e-12 if dtype == torch.float64 else 1e-6
     assert ((out.double().cpu() - want).norm() / want.norm()).item() < tol
 
@@ -202,9 +215,11 @@ def test_extraction_through_the_kernel_equals_per_example_autograd(case, name, r
     kinds = set()
     real = gather_dot.add
 
-    def add(out, rows, cols, *a, **k):
+    def add(out, rows, cols, tgt, w, ri, ci, *a, **k):
         kinds.add("ones" if cols.x.stride() == (0, 0, 0) else type(cols).__name__)
-        return real(out, rows, cols, *a, **k)
+        if k.get("ones") and bool((ri < 0).any() or (ci < 0).any()):
+            kinds.add("ones")  # a bias in its weight's launch
+        return real(out, rows, cols, tgt, w, ri, ci, *a, **k)
 
     with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("ignore")
@@ -289,3 +304,33 @@ def test_a_kernel_that_cannot_be_built_warns_once_and_the_pytorch_path_takes_ove
     assert "failed (RuntimeError: Failed to find C compiler" in gather_dot.status(True)
     want = ex.compressor.compress(ref)
     assert ((got.double().cpu() - want.cpu()).norm() / want.norm().cpu()).item() < 1e-10
+
+
+def test_a_layers_weight_and_bias_take_one_launch():
+    """TextNet at r = dim (every tensor read): LayerNorm, Linear and HF Conv1D each add their weight
+    and bias in one launch (RMSNorm and the embedding have one tensor each; the head's Linear, one
+    launch too), and the rows still equal per-example autograd."""
+    seed = torch.seed() % 10_000
+    model = randomize(TextNet(), seed).to(DEVICE, torch.float64)
+    data = [{k: (v.to(DEVICE, torch.float64) if v.is_floating_point() else v.to(DEVICE)) for k, v in b.items()}
+            for b in text_batches(seed=seed)]
+    names = [n for n, _ in model.named_parameters()]
+    dim = sum(p.numel() for p in model.parameters())
+    launches = []
+    real = gather_dot.add
+
+    def add(out, rows, cols, *a, **k):
+        launches.append(k.get("ones", False))
+        return real(out, rows, cols, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gather_dot, "add", add)
+        ex = Extractor(model, text_loss, "dropout", r=dim, seed=seed, self_check=False)
+        got = ex.run(data)
+    # per batch: ln, fc, conv1d and head with their biases (4, `ones`), rms (1); the embedding's
+    # one-hot rows take their own gathers
+    assert sorted(launches[:5]) == [False, True, True, True, True], launches
+    assert len(launches) == 5 * len(data)
+    want = ex.compressor.compress(reference_grads(model, text_loss, data, names))
+    err = ((got.double().cpu() - want.double().cpu()).norm() / want.norm().cpu()).item()
+    assert err < 1e-10, f"seed {seed}"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dropinf import modules
+from dropinf.compressors.base import Compressor
 from dropinf.extraction import Extractor
 from dropinf.factors import PositionSums, position_sums
 
@@ -142,6 +143,8 @@ class Record:
 
     def __init__(self):
         self.values = {}
+
+    add_layer = Compressor.add_layer  # a layer's tensors, one `add_vector` each
 
     def add_vector(self, out, slot, values):
         self.values[slot] = values

@@ -162,6 +162,22 @@ def test_broken_handler_is_caught_naming_the_parameter(monkeypatch, how, what, n
     assert "conv1d.weight" not in str(err.value)  # the correct layers are not blamed
 
 
+@pytest.mark.parametrize("name,r", [("dropout", 40), ("sjlt", 8)])
+def test_a_wrong_layer_launch_is_caught_by_the_whole_rows(monkeypatch, name, r):
+    """`add_layer` adds a layer's tensors in one call (one kernel launch where dropout has it); the
+    per-tensor records come from separate calls, so a combined call that loses a bias must be
+    caught by the check of the whole rows against the matrix path."""
+    from dropinf.compressors.base import add_layer_terms, layer_terms
+
+    def loses_the_bias(self, out, rows, cols, **terms):
+        add_layer_terms(self, out, rows, cols, [t for t in layer_terms(**terms) if t[0] != "row_sums"])
+
+    model, loss, data = text_setup(4)
+    monkeypatch.setattr(dropinf.compressors.dropout.Dropout, "add_layer", loses_the_bias)
+    with pytest.raises(GradientCheckError, match="compressor matrix path"):
+        dropinf.extract(model, loss, data, name, r=r)
+
+
 def test_self_check_false_skips_it(monkeypatch):
     model, loss, data = text_setup(2)
     names = [n for n, _ in model.named_parameters()]

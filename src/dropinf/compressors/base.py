@@ -9,8 +9,11 @@ to `out_dim` columns. It has two paths that must agree:
   - `add_outer(out, slot, rows, cols)`: the parameter's gradient viewed as a matrix
     (`slot.matrix_shape`) is  g[b] = sum_t rows[b, t, :] (outer) cols[b, t, :];
   - `add_vector(out, slot, values)`: a vector parameter, g[b] = sum_t values[b, t, :] (values: a
-    tensor or `factors.PositionSums`, read through `factors.position_sums`).
-  Both add the compressed contribution into `out` (B, out_dim), float32.
+    tensor or `factors.PositionSums`, read through `factors.position_sums`);
+  - `add_layer(out, rows, cols, outer=, diagonal=, row_sums=, col_sums=)`: a layer's parameters that
+    share one pair of factors (a weight and its bias), in one call. By default it is one of the two
+    calls above per parameter; dropout's kernel adds them all in one launch.
+  All add the compressed contribution into `out` (B, out_dim), float32.
 Compressors are linear, so a parameter used by several modules (tied weights) or called several
 times simply accumulates contributions.
 
@@ -36,6 +39,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import DropinfError, InvalidValueError, ShapeError
+from ..factors import Dense, product_sums
 from ..layout import Layout, Slot, check_curvature
 
 COMPRESSORS: dict[str, type["Compressor"]] = {}
@@ -322,6 +326,14 @@ class Compressor:
     def add_vector(self, out: torch.Tensor, slot: Slot, values: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def add_layer(self, out: torch.Tensor, rows, cols, *, outer: Slot | None = None, diagonal: Slot | None = None,
+                  row_sums: Slot | None = None, col_sums: Slot | None = None) -> None:
+        """The parameters of one layer call whose gradients all come from one pair of factors:
+        `outer` g = Σ_t rows ⊗ cols (a weight); `diagonal` g = Σ_t rows · cols, column by column (a
+        norm layer's weight against x̂); `row_sums` g = Σ_t rows and `col_sums` g = Σ_t cols (a
+        bias: then that factor is `Dense`). Slots left None are not added."""
+        add_layer_terms(self, out, rows, cols, layer_terms(outer, diagonal, row_sums, col_sums))
+
     def require_layout(self) -> Layout:
         if self.layout is None:
             self.layout = Layout.from_shapes([("flat", (self.dim,))])
@@ -333,6 +345,33 @@ class Compressor:
         the per-seed compressors are built (default: unchanged). Every seed and both splits of a job
         are then built from the same returned options (e.g. data-dependent sampling weights)."""
         return dict(options)
+
+
+#: `add_layer`'s terms, in the order a layer's slots are added
+LAYER_TERMS = ("outer", "diagonal", "row_sums", "col_sums")
+
+
+def layer_terms(outer=None, diagonal=None, row_sums=None, col_sums=None) -> tuple[tuple[str, Slot], ...]:
+    """`add_layer`'s slots as ((term, slot), ...), without the ones left None."""
+    return tuple((k, s) for k, s in zip(LAYER_TERMS, (outer, diagonal, row_sums, col_sums)) if s is not None)
+
+
+def add_layer_term(comp, out: torch.Tensor, rows, cols, term: str, slot: Slot) -> None:
+    """One of `add_layer`'s terms through `add_outer` / `add_vector` (the reference for a fused one)."""
+    if term == "outer":
+        comp.add_outer(out, slot, rows, cols)
+    elif term == "diagonal":
+        comp.add_vector(out, slot, product_sums(rows, cols))
+    else:
+        factor = rows if term == "row_sums" else cols
+        if type(factor) is not Dense:
+            raise TypeError(f"add_layer: {term} needs a Dense factor, got {type(factor).__name__}")
+        comp.add_vector(out, slot, factor.x)
+
+
+def add_layer_terms(comp, out: torch.Tensor, rows, cols, terms) -> None:
+    for term, slot in terms:
+        add_layer_term(comp, out, rows, cols, term, slot)
 
 
 def compressor(name: str, dim: int, r: int, seed: int = 0, **opts) -> Compressor:

@@ -14,7 +14,7 @@ import torch
 from .. import gather_dot
 from ..factors import position_sums, vector_factors
 from ..layout import Slot
-from .base import Compressor
+from .base import Compressor, add_layer_terms, layer_terms
 
 # Above this many coordinates a full randperm would cost too much host memory (Pythia-1.4B has
 # 1.4e9); draws then come from a seeded stream, keeping first occurrences: still a uniformly
@@ -60,6 +60,7 @@ class Dropout(Compressor):
         self.indices = self._draw()
         self.chunk_elems = int(chunk_elems)
         self._plans: dict = {}
+        self._layer_plans: dict = {}
         self._chunk_cache: dict = {}
         self._reads: dict = {}
 
@@ -113,6 +114,36 @@ class Dropout(Compressor):
                                 (local // ncol).to(device), (local % ncol).to(device), local.to(device),
                                 tgt.unique().numel() < tgt.numel())
         return self._plans[key]
+
+    def _layer_plan(self, terms, device):
+        """`_plan` for several of a layer's slots at once, as the gather-dot kernel reads them: (output
+        columns, weights or None, rows' index, columns' index, whether output columns repeat). A term
+        summing one factor over positions (a bias) reads the other factor at index -1, as ones."""
+        key = (tuple((term, slot.name, slot.offset) for term, slot in terms), device)
+        if key not in self._layer_plans:
+            parts = []
+            for term, slot in terms:  # built on the host, so that no batch (and no graph capture) syncs
+                tgt, w, ri, ci, local, _ = self._plan(slot, torch.device("cpu"))
+                ones = torch.full_like(local, -1)
+                parts.append((tgt, w, *{"outer": (ri, ci), "diagonal": (local, local),
+                                        "row_sums": (local, ones), "col_sums": (ones, local)}[term]))
+            tgt, w, ri, ci = (list(p) for p in zip(*parts))
+            tgt = torch.cat(tgt)
+            self._layer_plans[key] = (tgt.to(device), None if w[0] is None else torch.cat(w).to(device),
+                                      torch.cat(ri).to(device), torch.cat(ci).to(device),
+                                      tgt.unique().numel() < tgt.numel())
+        return self._layer_plans[key]
+
+    def add_layer(self, out, rows, cols, *, outer=None, diagonal=None, row_sums=None, col_sums=None):
+        terms = layer_terms(outer, diagonal, row_sums, col_sums)
+        # several terms in one gather-dot launch: on a transformer, half the launches of a step (and,
+        # eager on bf16 models, that much host time); one term takes `add_outer`/`add_vector`'s path
+        if len(terms) > 1 and gather_dot.enabled(out) and gather_dot.reads(out, rows, cols):
+            tgt, w, ri, ci, shared = self._layer_plan(terms, out.device)
+            if not (shared and torch.are_deterministic_algorithms_enabled()) and \
+                    gather_dot.add(out, rows, cols, tgt, w, ri, ci, atomic=shared, ones=True):
+                return
+        add_layer_terms(self, out, rows, cols, terms)
 
     @staticmethod
     def _add(out, cols, w, vals):
