@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import warnings
 
@@ -27,6 +28,8 @@ import torch
 from .factors import Dense, Normalized, Unfold
 
 _MODES = ("auto", "off")
+#: the kernel's constexpr parameters, in its signature's order (after the runtime ones)
+_CONSTEXPRS = ("HAS_W", "UNFOLD", "AFFINE", "HAS_SHIFT", "ROUND", "ATOMIC", "F64", "ONES", "BLOCK_T", "BLOCK_K")
 _interpret = False  # set by `interpreted()`
 _failed: str | None = None  # why the kernel could not run in this process (then never tried again)
 
@@ -77,7 +80,10 @@ def status(on_cuda: bool) -> str:
         return "off: DROPINF_GATHER_DOT=off"
     if _failed is not None:
         return f"off: failed ({_failed})"
-    return f"triton {found[0].__version__}" if on_cuda else "off: not on CUDA"
+    if not on_cuda:
+        return "off: not on CUDA"
+    direct = "" if _direct["off"] is None else f" (each launch bound by Triton: {_direct['off']})"
+    return f"triton {found[0].__version__}{direct}"
 
 
 def enabled(out: torch.Tensor) -> bool:
@@ -108,8 +114,79 @@ def reads(out: torch.Tensor, rows, cols) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernel():
+    """The jitted kernel, specialized on its arguments' dtypes and its constexprs only (no value or
+    alignment hints, which its gathers cannot use): so a compiled kernel is known to fit a call from
+    those alone, and `_launch` can reuse it without Triton's per-call binding (see there)."""
     triton, source = _triton()
-    return triton.jit(source.gather_dot)  # interpreted where TRITON_INTERPRET=1 (tests on the CPU)
+    params = inspect.signature(source.gather_dot).parameters
+    runtime = [n for n, p in params.items() if p.annotation is not source.tl.constexpr]
+    # interpreted where TRITON_INTERPRET=1 (tests on the CPU)
+    return triton.jit(source.gather_dot, do_not_specialize=runtime, do_not_specialize_on_alignment=runtime)
+
+
+# Reusing a compiled kernel: Triton's launch binds and specializes every argument on each call, which
+# for this kernel's 36 arguments cost more host time than the five PyTorch ops it replaces (139 µs a
+# launch from a backward hook, Pythia-1.4B bf16 on an H200: eager bf16 steps are host-bound). After
+# one ordinary launch per signature (argument dtypes, 64-bit integers, constexprs), the same
+# compiled kernel is launched directly, once checked to write what the ordinary launch wrote.
+_compiled: dict = {}  # signature -> CompiledKernel, or None while unchecked or where it disagreed
+_direct = {"launches": 0, "checked": 0, "off": None}  # counts, and why direct launches are off
+
+
+def _signature(device_index: int, args, consts) -> tuple:
+    return (device_index, *consts,
+            *(a.dtype if type(a) is torch.Tensor else (type(a), not -2**31 <= a < 2**31) for a in args))
+
+
+def _launch_hooked(triton) -> bool:
+    """Whether a profiler hooks Triton's launches (then they go through Triton, which calls it)."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    return runtime is None or runtime.launch_enter_hook is not None
+
+
+def _launch(grid, args, consts: tuple, names: tuple, out: torch.Tensor) -> None:
+    kernel = _kernel()
+    if _interpret or _direct["off"] is not None or not out.is_cuda:
+        kernel[grid](*args, **dict(zip(names, consts)))
+        return
+    key = _signature(out.device.index, args, consts)
+    compiled = _compiled.get(key)
+    if compiled is not None and not _launch_hooked(_triton()[0]):
+        run = compiled.run  # (loads the module on first use)
+        run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(out.device.index), compiled.function,
+            compiled.packed_metadata, None, None, None, *args, *consts)
+        _direct["launches"] += 1
+        return
+    capturing = torch.cuda.is_current_stream_capturing()
+    before = None
+    if key not in _compiled and not capturing:  # out as it is, in its own strides (the launch passes them)
+        before = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device).copy_(out)
+    compiled = kernel[grid](*args, **dict(zip(names, consts)))
+    if before is None:
+        return
+    _compiled[key] = None  # (until checked)
+    try:
+        run = compiled.run
+        run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(out.device.index), compiled.function,
+            compiled.packed_metadata, None, None, None, *[before if a is out else a for a in args], *consts)
+    except Exception as err:  # another Triton's internals: the ordinary launch it is, for the process
+        _direct["off"] = f"{type(err).__name__}: {err}"[:200]
+        return
+    _direct["checked"] += 1
+    atomic = consts[names.index("ATOMIC")]  # atomics add in a varying order: equal to rounding
+    if torch.equal(before, out) if not atomic else \
+            torch.allclose(before, out, rtol=1e-5, atol=1e-5 * float(out.abs().max())):
+        _compiled[key] = compiled
+        return
+    _direct["off"] = "a direct launch disagreed with Triton's"
+    warnings.warn(f"dropinf: {_direct['off']} (Triton {triton_version()}); this process launches the gather-dot "
+                  "kernel through Triton only (same results, more host time per launch)", RuntimeWarning,
+                  stacklevel=3)
+
+
+def triton_version() -> str:
+    found = _triton()
+    return "not installed" if found is None else found[0].__version__
 
 
 def _next_pow2(n: int) -> int:
@@ -175,13 +252,11 @@ def add(out: torch.Tensor, rows, cols, tgt: torch.Tensor, w: torch.Tensor | None
     other = out.is_cuda and out.device.index is not None and out.device.index != torch.cuda.current_device()
     try:
         with torch.cuda.device(out.device) if other else contextlib.nullcontext():
-            _kernel()[grid](
-                out, out.stride(0), out.stride(1), tgt, w if w is not None else tgt, ri, ci, K, T,
-                R, *R.stride(), C, s_cb, s_ct, s_cn, *geometry, *affine,
-                HAS_W=w is not None, UNFOLD=type(cols) is Unfold, AFFINE=scale is not None,
-                HAS_SHIFT=shift is not None, ROUND=scale is not None and cols.round_to is not None,
-                ATOMIC=bool(atomic), F64=out.dtype == torch.float64, ONES=bool(ones),
-                BLOCK_T=block_t, BLOCK_K=block_k)
+            _launch(grid, (out, out.stride(0), out.stride(1), tgt, w if w is not None else tgt, ri, ci, K, T,
+                           R, *R.stride(), C, s_cb, s_ct, s_cn, *geometry, *affine),
+                    (w is not None, type(cols) is Unfold, scale is not None, shift is not None,
+                     scale is not None and cols.round_to is not None, bool(atomic), out.dtype == torch.float64,
+                     bool(ones), block_t, block_k), _CONSTEXPRS, out)
     except Exception as err:  # building or launching failed before the kernel ran: out is unchanged
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         _failed = f"{type(err).__name__}: {first}"[:300]

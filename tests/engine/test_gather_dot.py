@@ -334,3 +334,53 @@ def test_a_layers_weight_and_bias_take_one_launch():
     want = ex.compressor.compress(reference_grads(model, text_loss, data, names))
     err = ((got.double().cpu() - want.double().cpu()).norm() / want.norm().cpu()).item()
     assert err < 1e-10, f"seed {seed}"
+
+
+def test_the_constexprs_are_the_kernels_trailing_parameters_in_order():
+    """Direct launches pass the runtime arguments, then `_CONSTEXPRS`, by position."""
+    import inspect
+
+    from dropinf import _gather_dot_kernel as source
+
+    params = list(inspect.signature(source.gather_dot).parameters.values())
+    constexpr = [p.name for p in params if p.annotation is source.tl.constexpr]
+    assert tuple(constexpr) == gather_dot._CONSTEXPRS
+    assert [p.name for p in params[-len(constexpr):]] == constexpr
+
+
+@pytest.fixture
+def fresh_launches(monkeypatch):
+    monkeypatch.setattr(gather_dot, "_compiled", {})
+    monkeypatch.setattr(gather_dot, "_direct", {"launches": 0, "checked": 0, "off": None})
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="direct launches are of compiled kernels (DROPINF_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("shared", [False, True])
+def test_repeated_launches_reuse_the_compiled_kernel_and_equal_the_reference(fresh_launches, shared):
+    g = torch.Generator().manual_seed(11 + shared)
+    B, T, n_rows, n_cols, K, width = 4, 33, 12, 10, 40, 64
+    for step in range(4):  # fresh values each step, one signature: the first is checked, then direct
+        R = torch.randn(B, T, n_rows, generator=g).to(DEVICE, torch.bfloat16)
+        C = torch.randn(B, T, n_cols, generator=g).to(DEVICE, torch.bfloat16)
+        tgt, w, ri, ci = kept(g, K, n_rows, n_cols, width, shared, ones=True)
+        out = torch.zeros(B, width, device=DEVICE)
+        assert gather_dot.add(out, Dense(R), Dense(C), tgt, w, ri, ci, atomic=shared, ones=True)
+        want = reference(R, C, tgt, w, ri, ci, width)
+        assert ((out.double().cpu() - want).norm() / want.norm()).item() < 1e-5, step
+    assert gather_dot._direct == {"launches": 3, "checked": 1, "off": None}
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="direct launches are of compiled kernels (DROPINF_TEST_DEVICE=cuda)")
+def test_a_direct_launch_that_disagrees_turns_them_off_with_a_warning(fresh_launches):
+    g = torch.Generator().manual_seed(5)
+    R, C = (torch.randn(2, 9, 6, generator=g).to(DEVICE) for _ in range(2))
+    tgt, w, ri, ci = kept(g, 8, 6, 6, 16, shared=False)
+    out = torch.zeros(2, 16, device=DEVICE)
+    with pytest.MonkeyPatch.context() as mp, pytest.warns(RuntimeWarning, match="direct launch disagreed"):
+        mp.setattr(gather_dot.torch, "equal", lambda a, b: False)
+        gather_dot.add(out, Dense(R), Dense(C), tgt, w, ri, ci, atomic=False)
+    assert gather_dot._direct["off"] and "each launch bound by Triton" in gather_dot.status(True)
+    again = torch.zeros(2, 16, device=DEVICE)
+    gather_dot.add(again, Dense(R), Dense(C), tgt, w, ri, ci, atomic=False)  # through Triton, still right
+    torch.testing.assert_close(again.double().cpu(), reference(R, C, tgt, w, ri, ci, 16), rtol=1e-5, atol=1e-5)
+    assert gather_dot._direct["launches"] == 0
