@@ -141,7 +141,10 @@ def _signature(device_index: int, args, consts) -> tuple:
 def _launch_hooked(triton) -> bool:
     """Whether a profiler hooks Triton's launches (then they go through Triton, which calls it)."""
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    return runtime is None or runtime.launch_enter_hook is not None
+    if runtime is None:
+        return True
+    hook = runtime.launch_enter_hook  # None, or a chain of hooks (Triton 3.6: empty unless one is added)
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _launch(grid, args, consts: tuple, names: tuple, out: torch.Tensor) -> None:

@@ -384,3 +384,23 @@ def test_a_direct_launch_that_disagrees_turns_them_off_with_a_warning(fresh_laun
     gather_dot.add(again, Dense(R), Dense(C), tgt, w, ri, ci, atomic=False)  # through Triton, still right
     torch.testing.assert_close(again.double().cpu(), reference(R, C, tgt, w, ri, ci, 16), rtol=1e-5, atol=1e-5)
     assert gather_dot._direct["launches"] == 0
+
+
+def test_a_hook_on_triton_launches_sends_them_through_triton():
+    """A profiler that hooks Triton's launches (proton) sees every launch: none is made directly."""
+    import triton
+
+    chain = getattr(getattr(getattr(triton, "knobs", None), "runtime", None), "launch_enter_hook", None)
+    if not hasattr(chain, "add"):
+        pytest.skip("this Triton has no chain of launch hooks")
+    assert not gather_dot._launch_hooked(triton)
+
+    def hook(metadata):
+        pass
+
+    chain.add(hook)
+    try:
+        assert gather_dot._launch_hooked(triton)
+    finally:
+        chain.remove(hook)
+    assert not gather_dot._launch_hooked(triton)
