@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import os
 import warnings
 
@@ -114,28 +113,30 @@ def reads(out: torch.Tensor, rows, cols) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernel():
-    """The jitted kernel, specialized on its arguments' dtypes and its constexprs only (no value or
-    alignment hints, which its gathers cannot use): so a compiled kernel is known to fit a call from
-    those alone, and `_launch` can reuse it without Triton's per-call binding (see there)."""
     triton, source = _triton()
-    params = inspect.signature(source.gather_dot).parameters
-    runtime = [n for n, p in params.items() if p.annotation is not source.tl.constexpr]
-    # interpreted where TRITON_INTERPRET=1 (tests on the CPU)
-    return triton.jit(source.gather_dot, do_not_specialize=runtime, do_not_specialize_on_alignment=runtime)
+    return triton.jit(source.gather_dot)  # interpreted where TRITON_INTERPRET=1 (tests on the CPU)
 
 
 # Reusing a compiled kernel: Triton's launch binds and specializes every argument on each call, which
-# for this kernel's 36 arguments cost more host time than the five PyTorch ops it replaces (139 µs a
-# launch from a backward hook, Pythia-1.4B bf16 on an H200: eager bf16 steps are host-bound). After
-# one ordinary launch per signature (argument dtypes, 64-bit integers, constexprs), the same
-# compiled kernel is launched directly, once checked to write what the ordinary launch wrote.
-_compiled: dict = {}  # signature -> CompiledKernel, or None while unchecked or where it disagreed
+# for this kernel's 36 arguments cost more host time than the five PyTorch ops it replaces (120-150 µs
+# a launch from a backward hook, Pythia-1.4B bf16 on an H200: eager bf16 steps are host-bound). After
+# one ordinary launch per signature, the kernel Triton compiled for it is launched directly, once
+# checked to write what the ordinary launch wrote.
+_compiled: dict = {}  # signature -> CompiledKernel, or None while unchecked
 _direct = {"launches": 0, "checked": 0, "off": None}  # counts, and why direct launches are off
 
 
 def _signature(device_index: int, args, consts) -> tuple:
-    return (device_index, *consts,
-            *(a.dtype if type(a) is torch.Tensor else (type(a), not -2**31 <= a < 2**31) for a in args))
+    """What Triton specializes a compilation on, so that one signature is one compiled kernel: each
+    integer's width and whether it is 1 or a multiple of 16, each tensor's dtype and whether its
+    address is 16-byte aligned; and the constexprs and the device."""
+    key = [device_index, *consts]
+    for a in args:
+        if type(a) is torch.Tensor:
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            key.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31, a >= 2**63))
+    return tuple(key)
 
 
 def _launch_hooked(triton) -> bool:

@@ -404,3 +404,16 @@ def test_a_hook_on_triton_launches_sends_them_through_triton():
     finally:
         chain.remove(hook)
     assert not gather_dot._launch_hooked(triton)
+
+
+def test_a_signature_tells_apart_what_triton_specializes_on():
+    """One signature must be one compiled kernel: integers that are 1, multiples of 16 or 64-bit and
+    tensors of another dtype or misaligned address each make another."""
+    x = torch.zeros(64)
+    sig = lambda *args: gather_dot._signature(0, args, (True, 8))  # noqa: E731
+    assert sig(x, 7, 32) == sig(torch.ones(64), 5, 48)
+    assert sig(x, 1, 32) != sig(x, 7, 32) and sig(x, 7, 32) != sig(x, 7, 33)
+    assert sig(x, 7, 2**31) != sig(x, 7, 2**31 - 16) and sig(x, 7, -2**31 - 16) != sig(x, 7, -2**31)
+    assert sig(x[1:], 7, 32) != sig(x, 7, 32)  # 4 bytes past an aligned address
+    assert sig(x.double(), 7, 32) != sig(x, 7, 32)
+    assert gather_dot._signature(1, (x,), (True,)) != gather_dot._signature(0, (x,), (True,))
