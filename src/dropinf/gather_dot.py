@@ -118,7 +118,7 @@ def _kernel():
 
 
 # Reusing a compiled kernel: Triton's launch binds and specializes every argument on each call, which
-# for this kernel's 36 arguments cost more host time than the five PyTorch ops it replaces (120-150 µs
+# for this kernel's 35 runtime arguments cost more host time than the five PyTorch ops it replaces (120-150 µs
 # a launch from a backward hook, Pythia-1.4B bf16 on an H200: eager bf16 steps are host-bound). After
 # one ordinary launch per signature, the kernel Triton compiled for it is launched directly, once
 # checked to write what the ordinary launch wrote.

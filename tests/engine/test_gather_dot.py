@@ -290,6 +290,7 @@ def test_a_kernel_that_cannot_be_built_warns_once_and_the_pytorch_path_takes_ove
 
     monkeypatch.setattr(gather_dot, "_kernel", lambda: Unbuildable())
     monkeypatch.setattr(gather_dot, "_failed", None)
+    monkeypatch.setattr(gather_dot, "_compiled", {})  # a process where no launch has compiled it
     model, loss, batches = CASES["conv"]
     torch.manual_seed(0)
     net = randomize(model(), 0).to(DEVICE, torch.float64)
