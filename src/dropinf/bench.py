@@ -15,7 +15,9 @@ the coverage plan every extraction makes), as a fraction of a 2,000-example extr
 Rows are CSV with provenance; every timed row has `seconds` (per batch) and its ratios to the floor
 (`ratio_floor`) and to the limit (`ratio_limit`) of the same run. Eager fused paths also have
 `ratio_limit_paired`: the median over pairs of the path and the limit timed back to back (eager
-steps on bf16 models are host-bound, and host speed drifts within a run).
+steps on bf16 models are host-bound, and host speed drifts within a run), and from the same pairs
+`host_seconds_paired` / `limit_host_seconds_paired`, the host's time until the step returns, and
+`host_fraction_paired`, the path's host time over its device time (near 1: host-bound).
 """
 from __future__ import annotations
 
@@ -97,43 +99,54 @@ def build_arch(name: str, dtype: torch.dtype, device):
 # ---- timing -------------------------------------------------------------------------------------
 
 
+def timed_once(fn) -> tuple[float, float]:
+    """(seconds, host seconds) of one call of fn: on a GPU, the device's time by CUDA events and the
+    host's until fn returns (what it launched may still be running: a host time near the device's
+    says the call was host-bound); on the CPU, both the wall time."""
+    if torch.cuda.is_available():
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        s.record()
+        fn()
+        host = time.perf_counter() - t0
+        e.record()
+        torch.cuda.synchronize()
+        return s.elapsed_time(e) / 1e3, host
+    t0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    return wall, wall
+
+
 def cuda_time(fn, warmup=2, repeats=5) -> float:
     """Median seconds of fn() over `repeats`, after `warmup` calls (CUDA events on GPU)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed_once(fn)[0] for _ in range(repeats))
 
 
 def paired_ratio(fn, ref, warmup=2, repeats=5) -> dict:
     """fn timed against ref in `repeats` pairs run back to back: host-bound (eager) times drift
     within a run by more than the differences measured, and a ratio to a reference timed next to
     it cancels that drift. The median ratio and its range over the pairs (a host-bound step varies
-    from step to step), and the median seconds of each."""
+    from step to step), the median seconds of each, and their host seconds (`timed_once`): the
+    path's median share of host time in its own (1.0: the host is the bottleneck)."""
     for _ in range(warmup):
         ref()
         fn()
     pairs = []
     for _ in range(repeats):
-        r = cuda_time(ref, 0, 1)
-        pairs.append((cuda_time(fn, 0, 1), r))
-    ratios = [a / b for a, b in pairs]
+        r = timed_once(ref)
+        pairs.append((timed_once(fn), r))
+    ratios = [a[0] / b[0] for a, b in pairs]
     return {"ratio_limit_paired": statistics.median(ratios), "ratio_limit_paired_min": min(ratios),
-            "ratio_limit_paired_max": max(ratios), "limit_seconds_paired": statistics.median(b for _, b in pairs),
-            "seconds_paired": statistics.median(a for a, _ in pairs)}
+            "ratio_limit_paired_max": max(ratios),
+            "limit_seconds_paired": statistics.median(b[0] for _, b in pairs),
+            "seconds_paired": statistics.median(a[0] for a, _ in pairs),
+            "limit_host_seconds_paired": statistics.median(b[1] for _, b in pairs),
+            "host_seconds_paired": statistics.median(a[1] for a, _ in pairs),
+            "host_fraction_paired": statistics.median(a[1] / a[0] for a, _ in pairs)}
 
 
 def peak_mem(fn, reserved: bool = False):

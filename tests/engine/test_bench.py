@@ -1,7 +1,9 @@
 """The benchmark runs end to end on CPU (tiny GPT-2) and writes CSV rows with provenance."""
 import csv
+import time
 
 import pytest
+import torch
 
 from dropinf import bench
 
@@ -34,6 +36,7 @@ def test_bench_cpu_smoke(tmp_path):
         assert float(r["ms_per_example"]) == pytest.approx(1e3 * secs / 2, rel=1e-12)
     for name in ("fused_dropout_r8", "fused_sjlt", "fused_logra"):  # eager paths: also paired with the limit
         assert float(by_path[name]["ratio_limit_paired"]) > 0 and float(by_path[name]["limit_seconds_paired"]) > 0
+        assert 0 < float(by_path[name]["host_seconds_paired"]) and 0 < float(by_path[name]["host_fraction_paired"])
     assert float(by_path["floor_fwd_bwd"]["ratio_floor"]) == 1.0
     assert float(by_path["limit_fwd_activation_bwd"]["ratio_limit"]) == 1.0
     table = bench.markdown_table([str(out)])
@@ -105,13 +108,12 @@ def test_paired_ratio_times_each_pair_back_to_back_and_takes_the_median_ratio(mo
         clock["t"] += 1.0 * clock["slow"]
         clock["slow"] *= 1.5  # every call after this one is slower
 
-    def timed(f, warmup, repeats):
-        assert (warmup, repeats) == (0, 1)
+    def timed(f):
         t0 = clock["t"]
         f()
-        return clock["t"] - t0
+        return clock["t"] - t0, 0.25 * (clock["t"] - t0)  # (device, host) seconds: a quarter on the host
 
-    monkeypatch.setattr(bench, "cuda_time", timed)
+    monkeypatch.setattr(bench, "timed_once", timed)
     got = bench.paired_ratio(fn, ref, warmup=1, repeats=5)
     assert order == ["ref", "fn"] * 6  # one warm-up pair, then five timed pairs in turn
     # fn runs right after ref's slow-down: 2 x 1.5 in every pair, however slow both have become
@@ -120,3 +122,13 @@ def test_paired_ratio_times_each_pair_back_to_back_and_takes_the_median_ratio(mo
     # the warm-up pair leaves the pace at 1.5; timed pair k runs ref at 1.5^k, fn at 2·1.5^(k+1)
     assert got["seconds_paired"] == pytest.approx(2.0 * 1.5 ** 4)  # pair 3 of 5: the median
     assert got["limit_seconds_paired"] == pytest.approx(1.5 ** 3)
+    assert got["host_seconds_paired"] == pytest.approx(0.25 * 2.0 * 1.5 ** 4)
+    assert got["limit_host_seconds_paired"] == pytest.approx(0.25 * 1.5 ** 3)
+    assert got["host_fraction_paired"] == pytest.approx(0.25)
+
+
+def test_timed_once_gives_the_host_time_until_the_call_returns():
+    seconds, host = bench.timed_once(lambda: time.sleep(0.02))
+    assert host >= 0.02 and seconds >= 0.02
+    if not torch.cuda.is_available():
+        assert seconds == host  # on the CPU both are the wall time
