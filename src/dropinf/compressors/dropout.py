@@ -136,8 +136,8 @@ class Dropout(Compressor):
 
     def add_layer(self, out, rows, cols, *, outer=None, diagonal=None, row_sums=None, col_sums=None):
         terms = layer_terms(outer, diagonal, row_sums, col_sums)
-        # several terms in one gather-dot launch: on a transformer, half the launches of a step (and,
-        # eager on bf16 models, that much host time); one term takes `add_outer`/`add_vector`'s path
+        # a layer's kept weight and bias (or norm weight and bias) in one gather-dot launch, not two:
+        # eager on bf16 models every launch is host time; one term takes `add_outer`/`add_vector`'s path
         if len(terms) > 1 and gather_dot.enabled(out) and gather_dot.reads(out, rows, cols):
             tgt, w, ri, ci, shared = self._layer_plan(terms, out.device)
             if not (shared and torch.are_deterministic_algorithms_enabled()) and \
