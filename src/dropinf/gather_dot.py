@@ -117,11 +117,11 @@ def _kernel():
     return triton.jit(source.gather_dot)  # interpreted where TRITON_INTERPRET=1 (tests on the CPU)
 
 
-# Reusing a compiled kernel: Triton's launch binds and specializes every argument on each call, which
-# for this kernel's 35 runtime arguments cost more host time than the five PyTorch ops it replaces (120-150 µs
-# a launch from a backward hook, Pythia-1.4B bf16 on an H200: eager bf16 steps are host-bound). After
-# one ordinary launch per signature, the kernel Triton compiled for it is launched directly, once
-# checked to write what the ordinary launch wrote.
+# Reusing a compiled kernel: Triton's launch binds and specializes every argument on each call,
+# which for this kernel's 35 runtime arguments cost more host time than the five PyTorch ops it
+# replaces (measured at 120-150 µs a launch from a backward hook, Pythia-1.4B bf16 on an H200, where
+# eager steps are host-bound). After one ordinary launch per signature, the kernel Triton compiled
+# for it is launched directly, once checked to write what the ordinary launch wrote.
 _compiled: dict = {}  # signature -> CompiledKernel, or None while unchecked
 _direct = {"launches": 0, "checked": 0, "off": None}  # counts, and why direct launches are off
 
@@ -148,6 +148,13 @@ def _launch_hooked(triton) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def _run_direct(compiled, grid, args, consts, device_index: int) -> None:
+    """Launch a compiled kernel as Triton's launcher does, with no launch hooks or metadata."""
+    run = compiled.run  # (loads the module on first use)
+    run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(device_index), compiled.function,
+        compiled.packed_metadata, None, None, None, *args, *consts)
+
+
 def _launch(grid, args, consts: tuple, names: tuple, out: torch.Tensor) -> None:
     kernel = _kernel()
     if _interpret or _direct["off"] is not None or not out.is_cuda:
@@ -156,9 +163,7 @@ def _launch(grid, args, consts: tuple, names: tuple, out: torch.Tensor) -> None:
     key = _signature(out.device.index, args, consts)
     compiled = _compiled.get(key)
     if compiled is not None and not _launch_hooked(_triton()[0]):
-        run = compiled.run  # (loads the module on first use)
-        run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(out.device.index), compiled.function,
-            compiled.packed_metadata, None, None, None, *args, *consts)
+        _run_direct(compiled, grid, args, consts, out.device.index)
         _direct["launches"] += 1
         return
     capturing = torch.cuda.is_current_stream_capturing()
@@ -170,9 +175,7 @@ def _launch(grid, args, consts: tuple, names: tuple, out: torch.Tensor) -> None:
         return
     _compiled[key] = None  # (until checked)
     try:
-        run = compiled.run
-        run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(out.device.index), compiled.function,
-            compiled.packed_metadata, None, None, None, *[before if a is out else a for a in args], *consts)
+        _run_direct(compiled, grid, [before if a is out else a for a in args], consts, out.device.index)
     except Exception as err:  # another Triton's internals: the ordinary launch it is, for the process
         _direct["off"] = f"{type(err).__name__}: {err}"[:200]
         return
@@ -183,14 +186,9 @@ def _launch(grid, args, consts: tuple, names: tuple, out: torch.Tensor) -> None:
         _compiled[key] = compiled
         return
     _direct["off"] = "a direct launch disagreed with Triton's"
-    warnings.warn(f"dropinf: {_direct['off']} (Triton {triton_version()}); this process launches the gather-dot "
-                  "kernel through Triton only (same results, more host time per launch)", RuntimeWarning,
-                  stacklevel=3)
-
-
-def triton_version() -> str:
-    found = _triton()
-    return "not installed" if found is None else found[0].__version__
+    warnings.warn(f"dropinf: {_direct['off']} (Triton {_triton()[0].__version__}); this process launches the "
+                  "gather-dot kernel through Triton only (same results, more host time per launch)",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _next_pow2(n: int) -> int:
