@@ -589,12 +589,23 @@ def _paired_cell(row: dict) -> str:
     return cell
 
 
+def _host_cell(row: dict) -> str:
+    """The eager path's host time until a step returns over its device time, and the limit's next to
+    it (near 1: the step waits on the host; CSVs from before these columns: –)."""
+    try:
+        own = float(row["host_fraction_paired"])
+        limit = float(row["limit_host_seconds_paired"]) / float(row["limit_seconds_paired"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return "–"
+    return f"{own:.2f} ({limit:.2f})"
+
+
 def markdown_table(paths: list[str]) -> str:
     """README table from benchmark CSVs: ms/example, ratios to the floor and to the limit, peak memory
     (CSVs written before the limit existed have `ratio_to_floor` and no limit)."""
     lines = ["| architecture | dtype | device | path | r (out dim) | ms / example | × eager floor | × limit | "
-             "× limit, paired [range] | × graph floor | × graph limit | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "× limit, paired [range] | host / device, paired (limit's) | × graph floor | × graph limit | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         with open(path) as f:
             for row in csv.DictReader(f):
@@ -605,7 +616,7 @@ def markdown_table(paths: list[str]) -> str:
                 lines.append(f"| {row['arch']} (B={row['batch']}) | {row['dtype']} | {row.get('device') or '–'} | "
                              f"{row['path']} | {row['r'] or '–'} | "
                              f"{fmt('ms_per_example', '.3f')} | {fmt(floor_key, '.2f')} | "
-                             f"{fmt('ratio_limit', '.2f')} | {_paired_cell(row)} | "
+                             f"{fmt('ratio_limit', '.2f')} | {_paired_cell(row)} | {_host_cell(row)} | "
                              f"{fmt('ratio_to_graph_floor', '.2f')} | {fmt('ratio_to_graph_limit', '.2f')} | "
                              f"{fmt('peak_gib', '.2f')} |")
     return "\n".join(lines)

@@ -44,6 +44,12 @@ def test_bench_cpu_smoke(tmp_path):
     # the device each row was measured on (the benchmark takes a GPU where there is one)
     assert f"| {bench.provenance(None)['device']} | fused_dropout_r8 |" in table
     assert "× limit" in table
+    # each eager row's host share, and its limit's, from the same pairs (on the CPU host is device: 1.00)
+    row = next(line for line in table.splitlines() if "| fused_dropout_r8 |" in line)
+    own = float(by_path["fused_dropout_r8"]["host_fraction_paired"])
+    lim = float(by_path["fused_dropout_r8"]["limit_host_seconds_paired"]) / float(
+        by_path["fused_dropout_r8"]["limit_seconds_paired"])
+    assert f"| {own:.2f} ({lim:.2f}) |" in row
     assert sum(r["path"] == "self_check_dropout_r8" for r in rows) == 1  # one row per path
 
 
@@ -132,3 +138,10 @@ def test_timed_once_gives_the_host_time_until_the_call_returns():
     assert host >= 0.02 and seconds >= 0.02
     if not torch.cuda.is_available():
         assert seconds == host  # on the CPU both are the wall time
+
+
+def test_host_cell_reads_the_paired_host_columns_and_marks_csvs_without_them():
+    row = {"host_fraction_paired": "0.98", "limit_host_seconds_paired": "0.03", "limit_seconds_paired": "0.04"}
+    assert bench._host_cell(row) == "0.98 (0.75)"
+    assert bench._host_cell({"ratio_limit_paired": "1.1"}) == "–"  # a CSV from before the host columns
+    assert bench._host_cell({**row, "limit_seconds_paired": ""}) == "–"
